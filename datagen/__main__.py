@@ -1,0 +1,211 @@
+"""Command line: `python -m datagen {room3d,inspect,coco,show} --help`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+
+from .config import ConfigError, Room3DConfig, StoreConfig
+
+
+def _parse_split(text: str) -> tuple[str, int]:
+    name, sep, n = text.partition("=")
+    if not sep or not n.strip().lstrip("-").isdigit():
+        raise argparse.ArgumentTypeError(f"--split takes NAME=FRAMES, e.g. train=1000; got {text!r}")
+    return name.strip(), int(n)
+
+
+def _parse_color(text: str) -> tuple[float, float, float]:
+    """#rrggbb or r,g,b in [0, 1]."""
+    t = text.lstrip("#")
+    try:
+        if "," in t:
+            rgb = tuple(float(v) for v in t.split(","))
+        else:
+            rgb = tuple(int(t[i : i + 2], 16) / 255 for i in (0, 2, 4)) if len(t) == 6 else ()
+    except ValueError:
+        rgb = ()
+    if len(rgb) != 3:
+        raise argparse.ArgumentTypeError(f"a colour is #rrggbb or r,g,b with values in [0, 1]; got {text!r}")
+    return rgb
+
+
+def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
+    """One flag per dataclass field, its default the paper's value."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        t = hints[f.name]
+        args = typing.get_args(t)
+        help_default = f"default: {json.dumps(default) if not isinstance(default, tuple) else ' '.join(map(str, default))}"
+        if f.name.endswith("colors"):
+            p.add_argument(flag, nargs="+", type=_parse_color, metavar="COLOR", default=None,
+                           help=f"palette as #rrggbb or r,g,b (default: the paper's {len(default)} colours)")
+        elif typing.get_origin(t) is tuple and args and args[-1] is Ellipsis:
+            p.add_argument(flag, nargs="+", type=args[0], default=None, help=help_default)
+        elif typing.get_origin(t) is tuple:
+            p.add_argument(flag, nargs=len(args), type=args[0], metavar=("MIN", "MAX"), default=None, help=help_default)
+        else:
+            p.add_argument(flag, type=t, default=None, help=help_default)
+
+
+def _config_from_args(cls, ns) -> object:
+    kw = {}
+    for f in dataclasses.fields(cls):
+        v = getattr(ns, f.name)
+        if v is not None:
+            kw[f.name] = tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+    return cls(**kw)
+
+
+def cmd_room3d(ns) -> int:
+    from .room3d import generate
+
+    cfg = _config_from_args(Room3DConfig, ns).validate()
+    splits = dict(ns.split) if ns.split else StoreConfig().splits
+    if len(splits) != len(ns.split or splits):
+        raise ConfigError("a split is given twice; give each --split NAME=FRAMES once")
+    generate(ns.out, cfg, splits, ns.seed, shard_size=ns.shard_size, workers=ns.workers,
+             overwrite=ns.overwrite, progress=not ns.quiet)
+    print(f"wrote {ns.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_inspect(ns) -> int:
+    from .store import Store, validate_store
+
+    problems = validate_store(ns.store)
+    if problems:
+        print(f"{ns.store}: NOT a valid scene store", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 1
+    s = Store(ns.store)
+    summary = {
+        "path": ns.store,
+        "generator": s.attrs["generator"],
+        "generator_version": s.attrs.get("generator_version"),
+        "seed": s.attrs["seed"],
+        "image_size": s.attrs["image_size"],
+        "k_max": s.attrs["k_max"],
+        "categories": s.categories,
+        "splits": {},
+        "params": s.attrs["params"],
+    }
+    for split, n in s.splits.items():
+        g = s.split(split)
+        counts = g["n_objects"][:]
+        labels = g["labels"][:]
+        vis = g["visibility"][:]
+        per_cat = {c: int((labels == i).sum()) for i, c in enumerate(s.categories)}
+        summary["splits"][split] = {
+            "frames": int(n),
+            "objects_per_frame": {"min": int(counts.min()), "mean": round(float(counts.mean()), 3), "max": int(counts.max())},
+            "objects_per_category": per_cat,
+            "mean_visibility": round(float(vis[~(vis != vis)].mean()), 4) if (vis == vis).any() else None,
+            "arrays": {k: [list(g[k].shape), str(g[k].dtype)] for k in sorted(g.array_keys()) if not k.startswith("_")},
+        }
+    if ns.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"{summary['path']}: valid, complete {summary['generator']} store (generator {summary['generator_version']}, seed {summary['seed']})")
+    print(f"  images {summary['image_size'][0]}x{summary['image_size'][1]}, up to {summary['k_max']} objects, categories {', '.join(s.categories)}")
+    for split, d in summary["splits"].items():
+        o = d["objects_per_frame"]
+        print(f"  {split:>6}: {d['frames']} frames, objects/frame {o['min']}-{o['max']} (mean {o['mean']}), "
+              f"per category {d['objects_per_category']}, mean visibility {d['mean_visibility']}")
+    print("  params: " + json.dumps(summary["params"]))
+    return 0
+
+
+def cmd_coco(ns) -> int:
+    from .coco import to_coco
+    from .store import Store
+
+    text = json.dumps(to_coco(Store(ns.store), ns.split))
+    if ns.out:
+        with open(ns.out, "w") as fh:
+            fh.write(text)
+    else:
+        sys.stdout.write(text + "\n")
+    return 0
+
+
+def cmd_show(ns) -> int:
+    import numpy as np
+
+    from .show import contact_sheet
+    from .store import Store
+
+    s = Store(ns.store)
+    s.split(ns.split)  # names the splits there are when this one is not
+    n = s.splits[ns.split]
+    if ns.frames:
+        frames = ns.frames
+        bad = [f for f in frames if not 0 <= f < n]
+        if bad:
+            raise ConfigError(f"--frames {bad} are outside split {ns.split!r}, which has frames 0-{n - 1}")
+    else:
+        frames = sorted(np.random.default_rng(ns.seed).choice(n, min(ns.count, n), replace=False).tolist())
+    out = ns.out or f"{ns.store.rstrip('/').removesuffix('.zarr')}.{ns.split}.png"
+    contact_sheet(s, ns.split, frames, scale=ns.scale, columns=ns.columns).save(out)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m datagen", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("room3d", help="render a 3D-Room dataset (paper, appendix E) into a Zarr store",
+                       description="Render 3D-Room scenes with MuJoCo into a Zarr scene store. Rerunning the "
+                                   "same command finishes an interrupted store.")
+    r.add_argument("out", help="output store, e.g. results/data/room3d_small.zarr")
+    r.add_argument("--split", action="append", type=_parse_split, metavar="NAME=FRAMES",
+                   help="a split and its size; repeat (default: train=63000 val=7000 test=7000, the paper's)")
+    r.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
+    r.add_argument("--workers", type=int, default=1, help="rendering processes (default: 1)")
+    r.add_argument("--shard-size", type=int, default=StoreConfig.shard_size, help="frames per shard (default: %(default)s)")
+    r.add_argument("--overwrite", action="store_true", help="replace a complete store at OUT")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_flags(r, Room3DConfig)
+    r.set_defaults(func=cmd_room3d)
+
+    i = sub.add_parser("inspect", help="validate a store and print a summary")
+    i.add_argument("store")
+    i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    i.set_defaults(func=cmd_inspect)
+
+    c = sub.add_parser("coco", help="write one split's ground truth as COCO-style JSON")
+    c.add_argument("store")
+    c.add_argument("--split", required=True)
+    c.add_argument("--out", help="output file (default: stdout)")
+    c.set_defaults(func=cmd_coco)
+
+    s = sub.add_parser("show", help="write a PNG contact sheet of frames with their boxes")
+    s.add_argument("store")
+    s.add_argument("--split", default="train")
+    s.add_argument("--out", help="PNG path (default: beside the store, STORE.SPLIT.png)")
+    s.add_argument("--count", type=int, default=16, help="random frames to show (default: 16)")
+    s.add_argument("--frames", type=int, nargs="+", help="these frames instead of random ones")
+    s.add_argument("--seed", type=int, default=0, help="which random frames (default: 0)")
+    s.add_argument("--scale", type=int, default=2, help="pixel magnification (default: 2)")
+    s.add_argument("--columns", type=int, default=8)
+    s.set_defaults(func=cmd_show)
+
+    ns = p.parse_args(argv)
+    from .store import StoreError
+
+    try:
+        return ns.func(ns)
+    except (ConfigError, StoreError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Every generator parameter, in one place, with the paper's values as defaults.
+
+The dataclasses are filled from `params.yaml` (through the CLI flags the Snakemake rules pass) and are
+written whole into each store's root attributes, so a store says exactly how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+# Appendix E: "The possible objects are randomly sized spheres, cubes, and cylinders."
+SHAPES = ("sphere", "cube", "cylinder")
+
+# Appendix E: object colours from 8 ...
+OBJECT_COLORS = (
+    (0.86, 0.16, 0.16),  # red
+    (0.16, 0.70, 0.22),  # green
+    (0.18, 0.32, 0.90),  # blue
+    (0.95, 0.85, 0.15),  # yellow
+    (0.80, 0.25, 0.80),  # magenta
+    (0.15, 0.80, 0.85),  # cyan
+    (0.98, 0.55, 0.10),  # orange
+    (0.95, 0.95, 0.95),  # white
+)
+# ... and wall, floor and sky colours from 5.
+BACKGROUND_COLORS = (
+    (0.55, 0.55, 0.58),  # grey
+    (0.72, 0.62, 0.48),  # sand
+    (0.45, 0.58, 0.72),  # slate blue
+    (0.60, 0.70, 0.50),  # sage
+    (0.70, 0.50, 0.52),  # dusty rose
+)
+
+
+class ConfigError(ValueError):
+    """A parameter is invalid; the message names it and says how to fix it."""
+
+
+@dataclass
+class Room3DConfig:
+    """A 3D-Room scene (paper, appendix E). Lengths are in MuJoCo metres, angles in degrees."""
+
+    image_size: int = 128  # square frames, as in the paper
+    objects: tuple[int, int] = (4, 8)  # inclusive range; Small 4-8, Large 18-24
+    shapes: tuple[str, ...] = SHAPES
+    object_colors: tuple[tuple[float, float, float], ...] = OBJECT_COLORS
+    background_colors: tuple[tuple[float, float, float], ...] = BACKGROUND_COLORS
+    room_half_size: float = 3.0  # floor is a square of side 2 * room_half_size
+    wall_height: float = 0.6
+    wall_thickness: float = 0.1
+    size_min: float = 0.18  # radius of spheres and cylinders, half-edge of cubes
+    size_max: float = 0.38
+    gap: float = 0.04  # least free floor between two objects, so none interpenetrate
+    camera_distance: tuple[float, float] = (7.0, 9.0)
+    camera_elevation: tuple[float, float] = (-50.0, -30.0)  # below the horizon
+    camera_azimuth: tuple[float, float] = (0.0, 360.0)
+    camera_lookat_jitter: float = 0.6  # the camera aims at a random floor point this near the centre
+    fovy: float = 45.0
+    antialias_samples: int = 4  # MuJoCo offscreen multisampling
+    # Ground-truth rule: an object is counted when at least this many of its pixels are visible in the
+    # frame. Objects hidden behind others or outside the frame are left out of boxes and labels.
+    min_visible_pixels: int = 12
+    placement_tries: int = 200  # rejection-sampling tries per object before the scene is resampled
+
+    def validate(self) -> "Room3DConfig":
+        lo, hi = self.objects
+        if lo < 1 or hi < 1:
+            raise ConfigError(f"objects: counts must be at least 1, got {lo}-{hi}")
+        if lo > hi:
+            raise ConfigError(f"objects: min {lo} is above max {hi}; give MIN MAX with MIN <= MAX")
+        if hi > 254:
+            raise ConfigError(f"objects: max {hi} is above 254, the most a uint8 instance mask can hold")
+        if self.image_size < 8:
+            raise ConfigError(f"image_size: {self.image_size} is too small; use at least 8 (the paper: 128)")
+        if not self.shapes:
+            raise ConfigError("shapes: give at least one of " + ", ".join(SHAPES))
+        for s in self.shapes:
+            if s not in SHAPES:
+                raise ConfigError(f"shapes: unknown shape {s!r}; choose from {', '.join(SHAPES)}")
+        for name in ("size_min", "size_max", "room_half_size", "wall_height", "wall_thickness", "fovy"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}: must be above 0, got {getattr(self, name)}")
+        if self.size_min > self.size_max:
+            raise ConfigError(f"size_min {self.size_min} is above size_max {self.size_max}")
+        if self.gap < 0:
+            raise ConfigError(f"gap: must be 0 or more, got {self.gap}")
+        for name in ("object_colors", "background_colors"):
+            colors = getattr(self, name)
+            if not colors or any(len(c) != 3 or not all(0 <= v <= 1 for v in c) for c in colors):
+                raise ConfigError(f"{name}: give one or more RGB triples with values in [0, 1]")
+        for name in ("camera_distance", "camera_elevation", "camera_azimuth"):
+            a, b = getattr(self, name)
+            if a > b:
+                raise ConfigError(f"{name}: range {a}-{b} is reversed")
+        if not -90 < self.camera_elevation[0] <= self.camera_elevation[1] < 0:
+            raise ConfigError("camera_elevation: must lie in (-90, 0) so the camera looks down into the room")
+        if self.camera_distance[0] <= self.room_half_size * math.sqrt(2):
+            raise ConfigError(
+                f"camera_distance: {self.camera_distance[0]} puts the camera inside the room; "
+                f"use more than {self.room_half_size * math.sqrt(2):.2f} (room_half_size * sqrt 2)"
+            )
+        if self.min_visible_pixels < 1:
+            raise ConfigError("min_visible_pixels: must be at least 1")
+        self._check_floor_capacity()
+        return self
+
+    def _check_floor_capacity(self) -> None:
+        # Each object needs a disc of its footprint radius plus half the gap. Random sequential placement
+        # jams at about half the floor covered, so refuse counts whose expected footprint passes
+        # FLOOR_PACKING_LIMIT of the usable floor, before any work (rare crowded draws are resampled).
+        usable = 2 * (self.room_half_size - self.wall_thickness / 2 - self.bounding_radius_max - self.gap / 2)
+        if usable <= 0:
+            raise ConfigError("size_max is too large for the room; lower size_max or raise room_half_size")
+        a, b = self.size_min + self.gap / 2, self.size_max + self.gap / 2
+        mean_r2 = (a * a + a * b + b * b) / 3  # E[r^2] for r uniform on [a, b]
+        cube_share = sum(s == "cube" for s in self.shapes) / len(self.shapes)
+        mean_area = math.pi * mean_r2 * (1 + cube_share)  # a cube's footprint circle has 2x the area
+        have = FLOOR_PACKING_LIMIT * usable * usable
+        if self.objects[1] * mean_area > have:
+            raise ConfigError(
+                f"objects: {self.objects[1]} objects of size {self.size_min}-{self.size_max} do not fit on a "
+                f"floor of side {2 * self.room_half_size} (at most about {int(have / mean_area)}); lower the "
+                f"object max, lower size_min/size_max, or raise room_half_size"
+            )
+
+    @property
+    def bounding_radius_max(self) -> float:
+        # A cube turned about the vertical axis reaches sqrt(2) times its half-edge.
+        return self.size_max * (math.sqrt(2) if "cube" in self.shapes else 1.0)
+
+    def to_dict(self) -> dict:
+        return json_ready(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Room3DConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown room3d parameter(s) {sorted(unknown)}; known: {sorted(names)}")
+        kw = {k: tuplify(v) for k, v in d.items()}
+        return cls(**kw)
+
+
+# Random sequential addition of discs jams near 0.55 of the area; stay below it so sampling terminates.
+FLOOR_PACKING_LIMIT = 0.45
+
+
+@dataclass
+class StoreConfig:
+    """How frames are laid out on disk (see datagen/store.py)."""
+
+    shard_size: int = 256  # frames per shard file and per unit of (resumable) work
+    compressor_level: int = 3  # zstd level
+    splits: dict[str, int] = field(default_factory=lambda: {"train": 63000, "val": 7000, "test": 7000})
+
+    def validate(self) -> "StoreConfig":
+        if self.shard_size < 1:
+            raise ConfigError(f"shard_size: must be at least 1, got {self.shard_size}")
+        if not self.splits:
+            raise ConfigError("splits: give at least one split, e.g. --split train=1000")
+        for name, n in self.splits.items():
+            if not name.isidentifier():
+                raise ConfigError(f"split name {name!r}: use letters, digits and underscores")
+            if int(n) < 1:
+                raise ConfigError(f"split {name}: frame count must be at least 1, got {n}")
+        return self
+
+
+def tuplify(v):
+    """YAML and JSON give lists; the configs hold tuples so they compare and hash."""
+    if isinstance(v, list):
+        return tuple(tuplify(x) for x in v)
+    return v
+
+
+def json_ready(v):
+    if isinstance(v, (tuple, list)):
+        return [json_ready(x) for x in v]
+    if isinstance(v, dict):
+        return {k: json_ready(x) for k, x in v.items()}
+    return v

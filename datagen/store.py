@@ -1,0 +1,325 @@
+"""The Zarr v3 scene store: schema, shard-by-shard writer, validating reader.
+
+Layout (DESIGN.md, "Datasets"): one store per dataset, one group per split, arrays aligned on axis 0:
+
+    images      uint8   (N, H, W, 3)   RGB, top row first
+    boxes       float32 (N, K_max, 4)  x_min, y_min, x_max, y_max in pixels, NaN-padded
+    n_objects   int16   (N,)
+    labels      int16   (N, K_max)     category id (root attr `categories`), -1 padding
+    visibility  float32 (N, K_max)     visible pixels / pixels covered if unoccluded, NaN-padded
+    masks       uint8   (N, H, W)      0 background, k+1 for object k of `boxes`, 255 other objects
+    + generator-specific per-frame arrays
+    _shards_done uint8  (n_shards,)    1 once every array of that shard is written
+
+Images and masks are stored one frame per chunk inside shards of `shard_size` frames: one file per
+shard (few files for DVC and object stores) while a random frame is still one small decode.
+Per-frame scalars use whole-shard chunks. Each shard is written by exactly one job and marked done last,
+so a killed writer leaves unmarked shards that a rerun redoes, and the root attribute `complete` is only
+set once every shard of every split is marked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+SCHEMA = "space-pipeline/scene-store"
+SCHEMA_VERSION = 1
+BOX_CONVENTION = (
+    "x_min, y_min, x_max, y_max in pixels of the stored image; pixel (row i, column j) covers "
+    "[j, j+1) x [i, i+1), so a box around that one pixel is (j, i, j+1, i+1); NaN rows pad to K_max"
+)
+MASK_OTHER_OBJECT = 255  # pixels of objects that exist but are not counted as ground truth
+DONE = "_shards_done"
+
+# name: (dtype, per-frame shape given H, W, K, fill, frame-per-chunk)
+_CORE_ARRAYS = {
+    "images": ("uint8", lambda h, w, k: (h, w, 3), 0, True),
+    "boxes": ("float32", lambda h, w, k: (k, 4), np.nan, False),
+    "n_objects": ("int16", lambda h, w, k: (), 0, False),
+    "labels": ("int16", lambda h, w, k: (k,), -1, False),
+    "visibility": ("float32", lambda h, w, k: (k,), np.nan, False),
+}
+_MASKS = ("uint8", lambda h, w, k: (h, w), 0, True)
+
+
+class StoreError(Exception):
+    """A store is missing, incomplete, of another schema, or would be overwritten."""
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """What a generator is about to write; compared field by field when a run resumes."""
+
+    generator: str
+    generator_version: str
+    params: dict  # every generator parameter, JSON-ready
+    seed: int
+    splits: dict  # split name -> number of frames
+    image_size: tuple  # (H, W)
+    k_max: int
+    categories: tuple
+    shard_size: int
+    with_masks: bool
+    compressor_level: int = 3
+    extra_arrays: tuple = ()  # ((name, dtype, per-frame shape, fill), ...)
+
+    def identity(self) -> dict:
+        return {
+            "generator": self.generator,
+            "generator_version": self.generator_version,
+            "params": self.params,
+            "seed": self.seed,
+            "splits": dict(self.splits),
+            "image_size": list(self.image_size),
+            "k_max": self.k_max,
+            "shard_size": self.shard_size,
+        }
+
+
+def n_shards(n_frames: int, shard_size: int) -> int:
+    return -(-n_frames // shard_size)
+
+
+def _array_specs(spec: StoreSpec) -> dict:
+    h, w = spec.image_size
+    out = {name: (dt, shape(h, w, spec.k_max), fill, per_frame) for name, (dt, shape, fill, per_frame) in _CORE_ARRAYS.items()}
+    if spec.with_masks:
+        dt, shape, fill, per_frame = _MASKS
+        out["masks"] = (dt, shape(h, w, spec.k_max), fill, per_frame)
+    for name, dt, shape, fill in spec.extra_arrays:
+        out[name] = (dt, tuple(shape), fill, False)
+    return out
+
+
+class StoreWriter:
+    """Creates a store, or reopens one with the same identity to finish it."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self.root = zarr.open_group(self.path, mode="r+")
+        self.attrs = dict(self.root.attrs)
+
+    @classmethod
+    def create_or_resume(cls, path: str | Path, spec: StoreSpec, overwrite: bool = False) -> "StoreWriter":
+        path = Path(path)
+        if path.exists():
+            if not (path / "zarr.json").exists():
+                raise StoreError(
+                    f"{path} exists and is not a Zarr store; move it away or choose another output path"
+                )
+            attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+            if overwrite:
+                shutil.rmtree(path)
+            elif attrs.get("complete"):
+                raise StoreError(
+                    f"{path} is already a complete store; pass --overwrite to replace it, or choose another path"
+                )
+            elif attrs.get("schema") != SCHEMA:
+                raise StoreError(f"{path} is a Zarr store of another kind (schema {attrs.get('schema')!r}); not touching it")
+            else:
+                old = attrs.get("identity", {})
+                new = _jsonable(spec.identity())
+                diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+                if diff:
+                    raise StoreError(
+                        f"{path} is an unfinished store made with other parameters ({', '.join(diff)} differ); "
+                        f"rerun with the parameters it was started with, pass --overwrite, or choose another path"
+                    )
+                return cls(path)  # resume: same identity, unfinished shards will be redone
+        _create(path, spec)
+        return cls(path)
+
+    def shard_bounds(self, split: str, shard: int) -> tuple[int, int]:
+        size = self.attrs["identity"]["shard_size"]
+        n = self.attrs["identity"]["splits"][split]
+        return shard * size, min(n, (shard + 1) * size)
+
+    def pending(self, split: str) -> list[int]:
+        done = self.root[split][DONE][:]
+        return [int(i) for i in np.flatnonzero(done == 0)]
+
+    def write_shard(self, split: str, shard: int, arrays: dict) -> None:
+        """Write every array of one shard, then mark it done (the mark is the last write)."""
+        start, stop = self.shard_bounds(split, shard)
+        g = self.root[split]
+        names = set(arrays)
+        expected = {k for k in g.array_keys() if k != DONE}
+        if names != expected:
+            raise StoreError(f"shard {split}/{shard}: arrays {sorted(names)} do not match the store's {sorted(expected)}")
+        for name, value in arrays.items():
+            a = g[name]
+            if value.shape != (stop - start, *a.shape[1:]):
+                raise StoreError(f"shard {split}/{shard}: {name} has shape {value.shape}, expected {(stop - start, *a.shape[1:])}")
+            a[start:stop] = value
+        g[DONE][shard] = 1
+
+    def finish(self) -> None:
+        missing = {s: len(self.pending(s)) for s in self.attrs["identity"]["splits"]}
+        if any(missing.values()):
+            raise StoreError(f"cannot mark {self.path} complete: shards still missing {missing}")
+        self.root.attrs["complete"] = True
+
+
+def _create(path: Path, spec: StoreSpec) -> None:
+    root = zarr.open_group(str(path), mode="w")
+    # `complete` is False until finish(): a reader refuses the store while any shard is missing.
+    root.attrs.update(
+        _jsonable(
+            {
+                "schema": SCHEMA,
+                "schema_version": SCHEMA_VERSION,
+                "generator": spec.generator,
+                "generator_version": spec.generator_version,
+                "params": spec.params,
+                "seed": spec.seed,
+                "image_size": list(spec.image_size),
+                "k_max": spec.k_max,
+                "categories": list(spec.categories),
+                "box_convention": BOX_CONVENTION,
+                "mask_convention": f"0 background, k+1 object k of boxes, {MASK_OTHER_OBJECT} objects not counted",
+                "splits": dict(spec.splits),
+                "identity": spec.identity(),
+                "complete": False,
+            }
+        )
+    )
+    compressors = ZstdCodec(level=spec.compressor_level)
+    for split, n in spec.splits.items():
+        g = root.create_group(split)
+        g.attrs["n_frames"] = int(n)
+        s = min(spec.shard_size, n)
+        for name, (dtype, frame_shape, fill, per_frame) in _array_specs(spec).items():
+            shape = (n, *frame_shape)
+            shard_shape = (s, *frame_shape)
+            chunk_shape = (1, *frame_shape) if per_frame else shard_shape
+            g.create_array(
+                name,
+                shape=shape,
+                dtype=dtype,
+                chunks=chunk_shape,
+                shards=shard_shape if per_frame else None,
+                fill_value=fill,
+                compressors=compressors,
+            )
+        g.create_array(DONE, shape=(n_shards(n, spec.shard_size),), dtype="uint8", chunks=(1,), fill_value=0)
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def validate_store(path: str | Path) -> list[str]:
+    """Every way `path` falls short of a complete, readable store; empty when it is valid."""
+    path = Path(path)
+    if not path.exists():
+        return [f"{path} does not exist"]
+    if not (path / "zarr.json").exists():
+        return [f"{path} is not a Zarr v3 store (no zarr.json)"]
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except Exception as e:  # noqa: BLE001 - any failure to open is the problem to report
+        return [f"{path} cannot be opened as a Zarr group: {e}"]
+    a = dict(root.attrs)
+    problems = []
+    if a.get("schema") != SCHEMA:
+        return [f"schema is {a.get('schema')!r}, expected {SCHEMA!r}: not a store written by datagen"]
+    if a.get("schema_version") != SCHEMA_VERSION:
+        problems.append(
+            f"schema_version is {a.get('schema_version')}, this reader understands {SCHEMA_VERSION}; regenerate the store"
+        )
+    for key in ("generator", "params", "seed", "image_size", "k_max", "categories", "box_convention", "splits"):
+        if key not in a:
+            problems.append(f"root attribute {key!r} is missing")
+    if problems:
+        return problems
+    h, w = a["image_size"]
+    k = a["k_max"]
+    for split, n in a["splits"].items():
+        if split not in root:
+            problems.append(f"split {split!r} is listed in attrs but its group is missing")
+            continue
+        g = root[split]
+        keys = set(g.array_keys())
+        for name, (dtype, shape, _fill, _pf) in {**_CORE_ARRAYS}.items():
+            if name not in keys:
+                problems.append(f"{split}/{name} is missing")
+                continue
+            arr = g[name]
+            want = (n, *shape(h, w, k))
+            if arr.shape != want:
+                problems.append(f"{split}/{name} has shape {arr.shape}, expected {want}")
+            if str(arr.dtype) != dtype:
+                problems.append(f"{split}/{name} has dtype {arr.dtype}, expected {dtype}")
+        for name in keys - set(_CORE_ARRAYS) - {DONE}:
+            if g[name].shape[0] != n:
+                problems.append(f"{split}/{name} has {g[name].shape[0]} frames, expected {n}")
+        if DONE in keys:
+            done = g[DONE][:]
+            if not done.all():
+                problems.append(
+                    f"{split}: {int((done == 0).sum())} of {done.size} shards are not written; the job that made "
+                    f"it was interrupted: rerun the same command to finish it"
+                )
+    if not problems and not a.get("complete"):
+        problems.append("the store is not marked complete; rerun the command that made it to finish it")
+    return problems
+
+
+class Store:
+    """A validated, read-only scene store."""
+
+    def __init__(self, path: str | Path):
+        problems = validate_store(path)
+        if problems:
+            raise StoreError(f"{path} is not a valid scene store:\n  - " + "\n  - ".join(problems))
+        self.path = str(path)
+        self.root = zarr.open_group(self.path, mode="r")
+        self.attrs = dict(self.root.attrs)
+        self.categories = list(self.attrs["categories"])
+        self.splits = dict(self.attrs["splits"])
+
+    def split(self, name: str) -> zarr.Group:
+        if name not in self.splits:
+            raise StoreError(f"split {name!r} is not in {self.path}; it has {', '.join(self.splits)}")
+        return self.root[name]
+
+    def read(self, split: str, name: str, index) -> np.ndarray:
+        """Frames `index` (an int, a slice or a 1-D array of ints, any order) of one array."""
+        arr = self.split(split)[name]
+        if isinstance(index, (int, np.integer, slice)):
+            return arr[index]
+        return gather(arr, np.asarray(index))
+
+
+def gather(arr: zarr.Array, index: np.ndarray) -> np.ndarray:
+    """Read frames at arbitrary indices concurrently.
+
+    `oindex` on a sharded array reads one chunk after another; issuing every frame's read at once
+    lets zarr's event loop overlap the file reads (measured in bench/store_read.py).
+    """
+    from zarr.core.sync import sync
+
+    aa = arr._async_array
+
+    async def _all():
+        return await asyncio.gather(*(aa.getitem((int(i),)) for i in index))
+
+    if len(index) == 0:
+        return np.empty((0, *arr.shape[1:]), dtype=arr.dtype)
+    return np.stack(sync(_all()))
