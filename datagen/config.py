@@ -50,8 +50,8 @@ class Room3DConfig:
     room_half_size: float = 3.0  # floor is a square of side 2 * room_half_size
     wall_height: float = 0.6
     wall_thickness: float = 0.1
-    size_min: float = 0.18  # radius of spheres and cylinders, half-edge of cubes
-    size_max: float = 0.38
+    size_min: float = 0.15  # radius of spheres and cylinders, half-edge of cubes
+    size_max: float = 0.30
     gap: float = 0.04  # least free floor between two objects, so none interpenetrate
     camera_distance: tuple[float, float] = (7.0, 9.0)
     camera_elevation: tuple[float, float] = (-50.0, -30.0)  # below the horizon

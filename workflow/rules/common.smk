@@ -1,0 +1,44 @@
+# Configuration checks and helpers shared by every rule file. Everything here runs when the workflow is
+# parsed, so a bad params.yaml stops Snakemake before any job starts.
+
+import sys
+
+from snakemake.utils import validate
+
+validate(config, "../schemas/params.schema.yaml")  # types, ranges, unknown keys (named in the error)
+
+
+def _check_datasets():
+    """What a JSON schema cannot say (min <= max, objects that fit on the floor), from datagen itself."""
+    from datagen.config import ConfigError, Room3DConfig
+
+    for name, ds in config["datasets"].items():
+        if ds["generator"] == "room3d":
+            try:
+                Room3DConfig.from_dict({**ds.get("room3d", {}), "objects": ds["objects"]}).validate()
+            except ConfigError as e:
+                raise ValueError(f"params: datasets.{name}: {e}") from None
+
+
+_check_datasets()
+
+DATASETS = sorted(config["datasets"])
+
+
+def cli_flags(params: dict) -> str:
+    """{'size_max': 0.3, 'camera_distance': [7, 9]} -> '--size-max 0.3 --camera-distance 7 9'"""
+    out = []
+    for key, value in params.items():
+        flag = f"--{key.replace('_', '-')}"
+        if isinstance(value, (list, tuple)):
+            items = []
+            for v in value:  # colours are r,g,b triples
+                items.append(",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+            out.append(f"{flag} {' '.join(items)}")
+        else:
+            out.append(f"{flag} {value}")
+    return " ".join(out)
+
+
+def split_flags(splits: dict) -> str:
+    return " ".join(f"--split {k}={v}" for k, v in splits.items())
