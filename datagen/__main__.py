@@ -141,6 +141,9 @@ def cmd_show(ns) -> int:
     from .show import contact_sheet
     from .store import Store
 
+    for flag in ("count", "scale", "columns"):
+        if getattr(ns, flag) < 1:
+            raise ConfigError(f"--{flag}: must be at least 1, got {getattr(ns, flag)}")
     s = Store(ns.store)
     s.split(ns.split)  # names the splits there are when this one is not
     n = s.splits[ns.split]

@@ -38,6 +38,10 @@ class ConfigError(ValueError):
     """A parameter is invalid; the message names it and says how to fix it."""
 
 
+class GenerationError(ConfigError):
+    """Valid-looking parameters that cannot make the frames asked for (found by trying)."""
+
+
 @dataclass
 class Room3DConfig:
     """A 3D-Room scene (paper, appendix E). Lengths are in MuJoCo metres, angles in degrees."""
@@ -79,9 +83,17 @@ class Room3DConfig:
         for s in self.shapes:
             if s not in SHAPES:
                 raise ConfigError(f"shapes: unknown shape {s!r}; choose from {', '.join(SHAPES)}")
+        if len(set(self.shapes)) != len(self.shapes):
+            raise ConfigError(f"shapes: {list(self.shapes)} names a shape twice; give each shape once")
         for name in ("size_min", "size_max", "room_half_size", "wall_height", "wall_thickness", "fovy"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be above 0, got {getattr(self, name)}")
+        if not self.fovy < 180:
+            raise ConfigError(f"fovy: a perspective camera's field of view is below 180 degrees, got {self.fovy}")
+        if self.placement_tries < 1:
+            raise ConfigError(f"placement_tries: must be at least 1, got {self.placement_tries}")
+        if self.antialias_samples < 0:
+            raise ConfigError(f"antialias_samples: must be 0 or more, got {self.antialias_samples}")
         if self.size_min > self.size_max:
             raise ConfigError(f"size_min {self.size_min} is above size_max {self.size_max}")
         if self.gap < 0:
@@ -101,8 +113,11 @@ class Room3DConfig:
                 f"camera_distance: {self.camera_distance[0]} puts the camera inside the room; "
                 f"use more than {self.room_half_size * math.sqrt(2):.2f} (room_half_size * sqrt 2)"
             )
-        if self.min_visible_pixels < 1:
-            raise ConfigError("min_visible_pixels: must be at least 1")
+        if not 1 <= self.min_visible_pixels <= self.image_size**2:
+            raise ConfigError(
+                f"min_visible_pixels: must be between 1 and the frame's {self.image_size ** 2} pixels, "
+                f"got {self.min_visible_pixels}"
+            )
         self._check_floor_capacity()
         return self
 

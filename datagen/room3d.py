@@ -16,14 +16,11 @@ An object counts as ground truth when at least `min_visible_pixels` of its pixel
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from .config import Room3DConfig
-
-os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen; on a GPU machine EGL uses the GPU
+from .config import GenerationError, Room3DConfig
 
 N_FIXED = 11  # sky (5 panels), floor, 4 walls, ground outside: these come first in the model
 SKY_DISTANCE = 60.0
@@ -56,7 +53,7 @@ def sample_scene(cfg: Room3DConfig, rng: np.random.Generator) -> Scene:
         if scene is not None:
             break
     else:  # the capacity check in Room3DConfig.validate makes this very unlikely
-        raise RuntimeError(
+        raise GenerationError(
             f"could not place {n} objects without overlap in 20 attempts; lower the object count or size_max"
         )
     shapes, sizes, pos, yaws = scene
@@ -228,7 +225,7 @@ class Room3DRenderer:
             frame = self.frame(sample_scene(self.cfg, rng))
             if frame["n_objects"] >= self.cfg.objects[0]:
                 return frame
-        raise RuntimeError(
+        raise GenerationError(
             f"{MAX_REDRAWS} scenes in a row showed fewer than {self.cfg.objects[0]} visible objects; "
             "lower the object minimum or min_visible_pixels, or move the camera back (camera_distance)"
         )
@@ -494,6 +491,10 @@ def generate(out: str, cfg: Room3DConfig, splits: dict, seed: int, shard_size: i
         from .config import ConfigError
 
         raise ConfigError(f"workers: must be at least 1, got {workers}")
+    # One trial frame before anything is written: parameters that pass every check but cannot make
+    # the frames asked for (too small an image for min_visible_pixels, say) fail here, not mid-run.
+    with Room3DRenderer(cfg) as trial:
+        trial.sample_frame(frame_rng(seed, split_key(next(iter(splits))), 0))
     writer = StoreWriter.create_or_resume(out, store_spec(cfg, splits, seed, shard_size), overwrite=overwrite)
     tasks = [(split, shard) for split in splits for shard in writer.pending(split)]
     total = sum(writer.shard_bounds(s, i)[1] - writer.shard_bounds(s, i)[0] for s, i in tasks)

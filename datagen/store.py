@@ -115,14 +115,16 @@ class StoreWriter:
                     f"{path} exists and is not a Zarr store; move it away or choose another output path"
                 )
             attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+            if attrs.get("schema") != SCHEMA:
+                raise StoreError(
+                    f"{path} is a Zarr store of another kind (schema {attrs.get('schema')!r}); not touching it"
+                )
             if overwrite:
                 shutil.rmtree(path)
             elif attrs.get("complete"):
                 raise StoreError(
                     f"{path} is already a complete store; pass --overwrite to replace it, or choose another path"
                 )
-            elif attrs.get("schema") != SCHEMA:
-                raise StoreError(f"{path} is a Zarr store of another kind (schema {attrs.get('schema')!r}); not touching it")
             else:
                 old = attrs.get("identity", {})
                 new = _jsonable(spec.identity())
@@ -304,7 +306,10 @@ class Store:
         arr = self.split(split)[name]
         if isinstance(index, (int, np.integer, slice)):
             return arr[index]
-        return gather(arr, np.asarray(index))
+        index = np.asarray(index)
+        if index.ndim != 1 or not (index.size == 0 or np.issubdtype(index.dtype, np.integer)):
+            raise TypeError(f"index must be an int, a slice or a 1-D array of ints, got {index.dtype} {index.shape}")
+        return gather(arr, index)
 
 
 def gather(arr: zarr.Array, index: np.ndarray) -> np.ndarray:
