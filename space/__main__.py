@@ -1,8 +1,155 @@
-"""`python -m space`: the model and training are not implemented yet (issue 3)."""
+"""Command line: `python -m space {train,sample,show} --help`."""
 
+from __future__ import annotations
+
+import argparse
+import json
 import sys
 
+import yaml
+
+from .config import PRESETS, Config, ConfigError, merge
+
+
+def _parse_value(text: str):
+    """Values of --set are YAML: 8, 1e-4, true, [0.1, 0.01], {start: 0.1, end: 0.01}."""
+    return yaml.safe_load(text)
+
+
+def resolve_config(preset_name: str, config_file: str | None, sets: list[str]) -> Config:
+    if preset_name not in PRESETS:
+        raise ConfigError(f"unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}")
+    d = merge({}, PRESETS[preset_name])
+    if config_file:
+        with open(config_file) as fh:
+            d = merge(d, yaml.safe_load(fh) or {})
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or section not in ("model", "train"):
+            raise ConfigError(f"--set takes model.NAME=VALUE or train.NAME=VALUE, got {item!r}")
+        d = merge(d, {section: {name: _parse_value(value)}})
+    return Config.from_dict(d).validate()
+
+
+def cmd_train(ns) -> int:
+    from .train import train
+
+    cfg = resolve_config(ns.preset, ns.config, ns.set)
+    if ns.steps is not None:
+        cfg.train.steps = ns.steps
+    if ns.device is not None:
+        cfg.train.device = ns.device
+    cfg.validate()
+    last = train(cfg, ns.data, ns.out, progress=not ns.quiet)
+    print(json.dumps(last), file=sys.stderr)
+    if ns.summary:
+        with open(ns.summary, "w") as fh:
+            json.dump({"run": ns.out, "data": ns.data, **last}, fh, indent=2)
+    return 0
+
+
+def cmd_sample(ns) -> int:
+    from pathlib import Path
+
+    from PIL import Image
+
+    from .generate import sample_images
+    from .train import load_checkpoint
+
+    if ns.count < 1:
+        raise ConfigError(f"--count: must be at least 1, got {ns.count}")
+
+    state = load_checkpoint(Path(ns.run) / "checkpoints" / "last.pt")
+    cfg = Config.from_dict(state["config"])
+    images = sample_images(cfg, state["model"], ns.count, int(state["step"]), seed=ns.seed)
+    n = cfg.model.image_size
+    cols = min(8, ns.count)
+    rows = -(-ns.count // cols)
+    sheet = Image.new("RGB", (cols * n, rows * n))
+    for i, img in enumerate(images):
+        arr = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        sheet.paste(Image.fromarray(arr), ((i % cols) * n, (i // cols) * n))
+    sheet.save(ns.out)
+    print(f"wrote {ns.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_show(ns) -> int:
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .data import StoreDataset
+    from .model import SPACE
+    from .train import load_checkpoint
+    from .viz import COLUMNS, decomposition_grid
+
+    state = load_checkpoint(Path(ns.run) / "checkpoints" / "last.pt")
+    cfg = Config.from_dict(state["config"])
+    data = StoreDataset(ns.data, ns.split, image_size=cfg.model.image_size)
+    frames = ns.frames or list(range(min(ns.count, len(data))))
+    bad = [f for f in frames if not 0 <= f < len(data)]
+    if bad:
+        raise ConfigError(f"--frames {bad} are outside split {ns.split!r}, which has frames 0-{len(data) - 1}")
+    model = SPACE(cfg.model)
+    model.load_state_dict(state["model"])
+    model.eval()
+    x = data.__getitems__(np.asarray(frames))
+    with torch.no_grad():
+        out = model(x, int(state["step"]))
+    Image.fromarray(decomposition_grid(x, out, rows=len(frames))).save(ns.out)
+    print(f"wrote {ns.out} (columns: {COLUMNS})", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m space", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train SPACE on a scene store (resumes a run that has a checkpoint)",
+                       description="Train SPACE. Settings: a preset (the paper's), then --config YAML, then --set.")
+    t.add_argument("--data", required=True, help="scene store, e.g. results/data/room3d_small.zarr")
+    t.add_argument("--out", required=True, help="run directory (resumed if it holds a checkpoint)")
+    t.add_argument("--preset", default="room3d_large", help=f"one of {', '.join(PRESETS)} (default: %(default)s)")
+    t.add_argument("--config", help="YAML with model: and train: sections, over the preset")
+    t.add_argument("--set", action="append", metavar="SECTION.NAME=VALUE",
+                   help="override one setting, e.g. --set model.grid_size=8 --set train.batch_size=12")
+    t.add_argument("--steps", type=int, help="train to this global step (default: the config's)")
+    t.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--summary", help="write the last logged metrics here as JSON when training ends")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="generate scenes from the prior of a trained run (algorithm 3)")
+    s.add_argument("--run", required=True)
+    s.add_argument("--out", required=True, help="PNG path")
+    s.add_argument("--count", type=int, default=16)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_sample)
+
+    v = sub.add_parser("show", help="decomposition of store frames by a trained run, as a PNG grid")
+    v.add_argument("--run", required=True)
+    v.add_argument("--data", required=True)
+    v.add_argument("--split", default="test")
+    v.add_argument("--out", required=True, help="PNG path")
+    v.add_argument("--count", type=int, default=8, help="the first COUNT frames (default: 8)")
+    v.add_argument("--frames", type=int, nargs="+", help="these frames instead")
+    v.set_defaults(func=cmd_show)
+
+    ns = p.parse_args(argv)
+    from datagen.store import StoreError
+
+    from .train import CheckpointError, TrainingDiverged
+
+    try:
+        return ns.func(ns)
+    except (ConfigError, StoreError, CheckpointError, TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    print("python -m space: not implemented yet; training and evaluation land with issues 3 and 4. "
-          "Datasets: python -m datagen --help", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(main())

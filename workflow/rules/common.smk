@@ -23,6 +23,36 @@ def _check_datasets():
 _check_datasets()
 
 DATASETS = sorted(config["datasets"])
+EXPERIMENTS = sorted(k for k, e in config.get("experiments", {}).items() if e.get("enabled", True))
+
+
+def set_flags(overrides: dict) -> str:
+    """{'train.steps': 600} -> "--set 'train.steps=600'" (values as YAML, as the CLI reads them)."""
+    import json
+
+    return " ".join(f"--set '{k}={json.dumps(v)}'" for k, v in overrides.items())
+
+
+def _check_experiments():
+    """Each experiment names a dataset that exists, and its settings resolve (space's own checks)."""
+    from space.__main__ import resolve_config
+    from space.config import ConfigError
+
+    for name in EXPERIMENTS:
+        exp = config["experiments"][name]
+        if exp["dataset"] not in config["datasets"]:
+            raise ValueError(
+                f"params: experiments.{name}.dataset is {exp['dataset']!r}, which is not a key of datasets "
+                f"({', '.join(DATASETS)})"
+            )
+        sets = [f"{k}={v}" for k, v in exp.get("set", {}).items()]
+        try:
+            resolve_config(exp["preset"], None, sets)
+        except ConfigError as e:
+            raise ValueError(f"params: experiments.{name}: {e}") from None
+
+
+_check_experiments()
 
 
 def cli_flags(params: dict) -> str:

@@ -1,0 +1,122 @@
+"""One SPACE training step (forward, backward, clipping, both optimiser steps): latency, memory, FLOP rate.
+
+    python bench/step_latency.py --preset room3d_large --batch 16
+    python bench/step_latency.py --preset room3d_small --batch 4 --sparse-threshold 0.01
+
+Median of --steps timed steps after --warmup untimed ones, on random images (the step's cost does not
+depend on the pixels, only on the glimpse sizes, which start at the z_scale prior's). FLOPs are counted
+with torch.utils.flop_counter (convolutions and matrix products, forward and backward). Peak memory is the
+process's peak resident set (ru_maxrss), which includes the model and the interpreter. The last line
+printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from space.config import PRESETS, merge, Config  # noqa: E402
+from space.model import SPACE  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="room3d_large", choices=sorted(PRESETS))
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-channels-last", action="store_true", help="NCHW instead of channels_last")
+    p.add_argument("--sparse-threshold", type=float, default=0.0, help="skip glimpses below this z_pres probability")
+    ns = p.parse_args()
+
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    device = torch.device("cuda" if ns.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if ns.device == "auto" else ns.device))
+    cfg = Config.from_dict(merge(PRESETS[ns.preset], {"model": {"sparse_threshold": ns.sparse_threshold}})).validate()
+    torch.manual_seed(0)
+    model = SPACE(cfg.model).to(device)
+    fmt = torch.contiguous_format if ns.no_channels_last else torch.channels_last
+    model = model.to(memory_format=fmt)
+    fg, bg = model.param_groups()
+    opt_fg = torch.optim.RMSprop(fg, lr=cfg.train.fg_lr)
+    opt_bg = torch.optim.Adam(bg, lr=cfg.train.bg_lr)
+    n = cfg.model.image_size
+    x = torch.rand(ns.batch, 3, n, n, device=device).contiguous(memory_format=fmt)
+
+    def step():
+        out = model(x, 0)
+        opt_fg.zero_grad(set_to_none=True)
+        opt_bg.zero_grad(set_to_none=True)
+        out["terms"]["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(fg + bg, cfg.train.clip_norm)
+        opt_fg.step()
+        opt_bg.step()
+        return out
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(ns.warmup):
+        step()
+    sync()
+    times = []
+    glimpses = 0
+    for _ in range(ns.steps):
+        t = time.perf_counter()
+        out = step()
+        sync()
+        times.append(time.perf_counter() - t)
+        glimpses = out["fg"]["glimpses_decoded"]
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = model(x, 0)
+        out["terms"]["loss"].backward()
+    gflop = counter.get_total_flops() / 1e9
+    med = statistics.median(times)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    result = {
+        "preset": ns.preset,
+        "batch": ns.batch,
+        "grid": cfg.model.grid_size,
+        "K": cfg.model.n_components,
+        "image": n,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(),
+        "channels_last": not ns.no_channels_last,
+        "sparse_threshold": ns.sparse_threshold,
+        "glimpses_decoded": glimpses,
+        "median_s": round(med, 3),
+        "min_s": round(min(times), 3),
+        "max_s": round(max(times), 3),
+        "gflop_step": round(gflop, 1),
+        "gflops_per_s": round(gflop / med, 1),
+        "peak_rss_mib": round(peak_mib),
+        "peak_gpu_mib": None if gpu_peak is None else round(gpu_peak),
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+    }
+    print(f"{ns.preset} batch {ns.batch}: median {med:.2f} s/step ({min(times):.2f}-{max(times):.2f}), "
+          f"{gflop:.0f} GFLOP/step = {gflop / med:.1f} GFLOP/s, peak RSS {peak_mib:.0f} MiB")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""SPACE's configuration: one dataclass for the model, one for training, the paper's values as defaults.
+
+Appendix D.2's table for 3D-Room Large gives the defaults; `PRESETS` holds the paper's other settings
+(3D-Room Small with an 8x8 grid, joint Atari) and the CPU demo. Values the paper does not give are
+marked "not in the paper" where they are defined.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names it."""
+
+
+@dataclass
+class Anneal:
+    """A value annealed linearly from `start` to `end` between global steps `start_step` and `end_step`.
+
+    Appendix D.2 writes this (m -> n) : (p -> q).
+    """
+
+    start: float
+    end: float
+    start_step: int = 0
+    end_step: int = 0
+
+    def at(self, step: int) -> float:
+        if step <= self.start_step or self.end_step <= self.start_step:
+            return self.start if step <= self.start_step else self.end
+        if step >= self.end_step:
+            return self.end
+        t = (step - self.start_step) / (self.end_step - self.start_step)
+        return self.start + t * (self.end - self.start)
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 128
+    grid_size: int = 16  # H = W cells of the foreground (16x16 for 3D-Room Large, 8x8 for Small)
+    glimpse_size: int = 32
+    z_what_dim: int = 32
+    z_depth_dim: int = 1
+    z_mask_dim: int = 32  # background z^m
+    z_comp_dim: int = 32  # background z^c
+    n_components: int = 5  # K
+    lstm_hidden: int = 64
+    comp_prior_hidden: int = 64  # the MLP of p(z^c | z^m): two hidden layers of this size
+    fg_sigma: float = 0.15
+    bg_sigma: float = 0.15
+    tau: float = 2.0  # Gumbel-softmax (relaxed Bernoulli) temperature of z^pres
+    z_pres_prior: Anneal = field(default_factory=lambda: Anneal(0.1, 0.01, 4000, 10000))
+    z_scale_prior_mean: Anneal = field(default_factory=lambda: Anneal(-1.0, -2.0, 10000, 20000))
+    z_scale_prior_std: float = 0.1
+    z_shift_prior_mean: float = 0.0
+    z_shift_prior_std: float = 1.0
+    z_depth_prior_mean: float = 0.0
+    z_depth_prior_std: float = 1.0
+    # How far (in cells) a glimpse centre may move from its cell's centre: rescale(tanh(z_shift)).
+    # Not in the paper's tables; one cell lets an object on a cell border be caught by either cell.
+    shift_range: float = 1.0
+    # Depth weights w = softmax over glimpses of -depth_sharpness * sigmoid(z_depth), restricted to the
+    # glimpses covering a pixel (algorithm 1). The constant c is not in the paper.
+    depth_sharpness: float = 10.0
+    boundary_width: int = 6  # b of appendix C, in glimpse pixels
+    boundary_loss_weight: float = 1.0
+    fix_alpha_steps: int = 0  # N/A for 3D-Room; Atari: 2000
+    fix_alpha_value: float = 0.1
+    # Cells whose z^pres probability is below this skip their glimpse (sparse mode); 0 = exact model.
+    sparse_threshold: float = 0.0
+
+    def validate(self) -> "ModelConfig":
+        n = self.image_size
+        if n < 16 or n > 128 or n & (n - 1):
+            raise ConfigError(f"model.image_size: must be 16, 32, 64 or 128 (the paper: 128), got {n}")
+        g = self.grid_size
+        if g < 1 or g & (g - 1) or g > n // 4:
+            raise ConfigError(f"model.grid_size: must be a power of two at most image_size/4, got {g}")
+        if self.glimpse_size != 32:
+            raise ConfigError("model.glimpse_size: the paper's glimpse encoder and decoder are built for 32")
+        for name in ("fg_sigma", "bg_sigma", "tau", "z_scale_prior_std", "z_shift_prior_std",
+                     "z_depth_prior_std", "shift_range", "depth_sharpness"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"model.{name}: must be above 0, got {getattr(self, name)}")
+        if self.n_components < 1:
+            raise ConfigError(f"model.n_components: must be at least 1, got {self.n_components}")
+        if not 0 <= self.boundary_width < self.glimpse_size // 2:
+            raise ConfigError(f"model.boundary_width: must be in [0, {self.glimpse_size // 2}), got {self.boundary_width}")
+        for v in (self.z_pres_prior.start, self.z_pres_prior.end, self.fix_alpha_value):
+            if not 0 < v < 1:
+                raise ConfigError(f"model: z_pres_prior and fix_alpha_value must lie in (0, 1), got {v}")
+        if not 0 <= self.sparse_threshold < 1:
+            raise ConfigError(f"model.sparse_threshold: must lie in [0, 1), got {self.sparse_threshold}")
+        return self
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16  # paper: 12 to 16
+    steps: int = 160_000  # not in the paper
+    fg_lr: float = 1e-5  # RMSProp
+    bg_lr: float = 1e-3  # Adam
+    clip_norm: float = 1.0
+    bg_lr_zero_step: int = 0  # 3D-Room: the background learning rate is set to 0 from this step (0 = never)
+    checkpoint_every: int = 1000
+    log_every: int = 50  # CSV and TensorBoard scalars
+    image_every: int = 1000  # TensorBoard images
+    val_every: int = 2000  # validation MSE on a few batches (0 = never)
+    val_batches: int = 4
+    seed: int = 0
+    workers: int = 0  # DataLoader processes
+    device: str = "auto"  # auto: CUDA when present, else CPU
+    amp: bool = False  # bf16/fp16 autocast on GPU
+    threads: int = 0  # CPU threads for torch (0: all cores)
+    channels_last: bool = True  # NHWC convolutions: measured 1.1-1.4x faster on this CPU (bench/step_latency.py)
+
+    def validate(self) -> "TrainConfig":
+        for name in ("batch_size", "steps", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be at least 1, got {getattr(self, name)}")
+        for name in ("fg_lr", "bg_lr", "clip_norm"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"train.{name}: must be above 0, got {getattr(self, name)}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"train.device: auto, cpu, cuda or cuda:N, got {self.device!r}")
+        return self
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        self.train.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        unknown = set(d) - {"model", "train"}
+        if unknown:
+            raise ConfigError(f"unknown config section(s) {sorted(unknown)}; use model and train")
+        return cls(model=_fill(ModelConfig, d.get("model", {}), "model"),
+                   train=_fill(TrainConfig, d.get("train", {}), "train"))
+
+
+def _fill(cls, d: dict, where: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(fields)
+    if unknown:
+        raise ConfigError(f"unknown {where} setting(s) {sorted(unknown)}; known: {sorted(fields)}")
+    kw = {}
+    for k, v in d.items():
+        if isinstance(v, dict):  # an Anneal
+            try:
+                v = Anneal(**v)
+            except TypeError as e:
+                raise ConfigError(f"{where}.{k}: give start, end, start_step, end_step ({e})") from None
+        kw[k] = v
+    return cls(**kw)
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return Config.from_dict(PRESETS[name])
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+PRESETS: dict[str, dict] = {
+    # Appendix D.2, "3D Room Large": the defaults.
+    "room3d_large": {},
+    # 3D-Room Small: the same model with an 8x8 grid (D.3: a stride-2 last encoder layer).
+    "room3d_small": {"model": {"grid_size": 8}},
+    # Appendix D.2, "Joint Training on 10 Atari Games".
+    "atari": {
+        "model": {
+            "n_components": 3,
+            "fg_sigma": 0.20,
+            "bg_sigma": 0.10,
+            "tau": 2.5,
+            "z_pres_prior": {"start": 0.01, "end": 0.01, "start_step": 0, "end_step": 0},
+            "z_scale_prior_mean": {"start": -2.0, "end": -2.5, "start_step": 0, "end_step": 20000},
+            "fix_alpha_steps": 2000,
+            "fix_alpha_value": 0.1,
+        }
+    },
+    # The CPU demo: 64x64 3D-Room Small, a 4x4 grid, K=3, batch 8, faster schedules; learns on 2 cores in minutes.
+    "demo": {
+        "model": {
+            "image_size": 64,
+            "grid_size": 4,
+            "n_components": 3,
+            "z_pres_prior": {"start": 0.1, "end": 0.05, "start_step": 500, "end_step": 1500},
+            "z_scale_prior_mean": {"start": -1.5, "end": -2.0, "start_step": 500, "end_step": 1500},
+        },
+        "train": {"batch_size": 8, "steps": 3000, "fg_lr": 1e-4, "checkpoint_every": 250, "log_every": 25,
+                  "image_every": 250, "val_every": 500},
+    },
+}
+PRESETS = {k: merge({}, v) for k, v in PRESETS.items()}

@@ -1,0 +1,36 @@
+"""Scenes from the prior: the foreground prior of equation 3 and the background of algorithm 3."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import Config
+from .model import SPACE, composite, where_to_box
+
+
+@torch.no_grad()
+def sample_images(cfg: Config, state_dict: dict, count: int, step: int, seed: int = 0) -> torch.Tensor:
+    """`count` images (count, 3, N, N) in [0, 1] drawn from a trained model's priors at `step`."""
+    m = cfg.model
+    model = SPACE(m)
+    model.load_state_dict(state_dict)
+    model.eval()
+    torch.manual_seed(seed)
+    g, s, n = m.grid_size, m.glimpse_size, m.image_size
+    c = g * g
+    # Foreground (equation 3): z_pres ~ Bern(rho); z_where, z_depth, z_what from their Gaussian priors.
+    z_pres = torch.bernoulli(torch.full((count, c), m.z_pres_prior.at(step)))  # (count, C), hard
+    z_scale = m.z_scale_prior_mean.at(step) + m.z_scale_prior_std * torch.randn(count, g, g, 2)
+    z_shift = m.z_shift_prior_mean + m.z_shift_prior_std * torch.randn(count, g, g, 2)
+    z_depth = m.z_depth_prior_mean + m.z_depth_prior_std * torch.randn(count, c)
+    z_what = torch.randn(count * c, m.z_what_dim)
+    centre, size = where_to_box(z_scale, z_shift, g, m.shift_range)
+    alpha_att, o_att = model.fg.glimpse_decoder(z_what)  # (count*C, 1, S, S), (count*C, 3, S, S)
+    maps = torch.cat([alpha_att, o_att, model.fg.band.expand(count * c, 1, s, s)], 1).view(count, c, 5, s, s)
+    depth = m.depth_sharpness * torch.sigmoid(z_depth)
+    weight = torch.exp(-(depth - depth.min(1, keepdim=True).values))
+    alpha, mu_fg, _ = composite(maps, z_pres, weight, centre.reshape(count, c, 2), size.reshape(count, c, 2), n)
+    # Background (algorithm 3).
+    pi, mu_bg = model.bg.generate(count)
+    background = (pi * mu_bg).sum(1)
+    return alpha * mu_fg + (1 - alpha) * background

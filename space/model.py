@@ -1,0 +1,573 @@
+"""SPACE (Lin et al., ICLR 2020), read top to bottom: foreground, background, the ELBO.
+
+Shapes use B batch, G grid cells per side (G*G = cells), N image side, S glimpse side, K background
+components. Latent names follow the paper: z_pres, z_where = (z_scale, z_shift), z_depth, z_what for
+each foreground cell; z_m (mask) and z_c (component) for each background component.
+
+Speed: the footnote on O(hw x HW) rendering. The straightforward way pastes every glimpse onto the whole
+canvas (a full-image warp per cell). Here each glimpse is warped only onto the window of the canvas it
+can touch and scatter-added into place, which computes the same composite (tested against
+`composite_full`, the straightforward version kept for that purpose).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+LOG_2PI = math.log(2 * math.pi)
+EPS = 1e-6
+
+
+# --------------------------------------------------------------------------------------- building blocks
+
+
+# Activations run in place on the normalisation's output: neither norm's backward needs its output, so
+# this keeps one tensor per layer fewer alive for the backward pass (memory is the glimpses' bottleneck).
+
+
+def conv_gn(cin, cout, k, stride=1, padding=0, groups=8):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding), nn.GroupNorm(groups, cout), nn.CELU(inplace=True))
+
+
+def conv_bn(cin, cout, k, stride=1, padding=0):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding), nn.BatchNorm2d(cout), nn.ELU(inplace=True))
+
+
+def conv_sub(cin, cout, scale, groups):
+    """ConvSub(n) of appendix D.3: a stride-1 (1x1) convolution and PixelShuffle(n)."""
+    return nn.Sequential(nn.Conv2d(cin, cout * scale * scale, 1), nn.PixelShuffle(scale),
+                         nn.GroupNorm(groups, cout), nn.CELU(inplace=True))
+
+
+def gaussian_kl(mu, sigma, prior_mu, prior_sigma):
+    """KL(N(mu, sigma) || N(prior_mu, prior_sigma)), elementwise."""
+    var_ratio = (sigma / prior_sigma) ** 2
+    return 0.5 * (var_ratio + ((mu - prior_mu) / prior_sigma) ** 2 - 1 - torch.log(var_ratio))
+
+
+def bernoulli_kl(q, p):
+    """KL(Bern(q) || Bern(p)), elementwise; q a tensor, p a float or tensor."""
+    q = q.clamp(EPS, 1 - EPS)
+    p = torch.as_tensor(p, dtype=q.dtype, device=q.device).clamp(EPS, 1 - EPS)
+    return q * (torch.log(q) - torch.log(p)) + (1 - q) * (torch.log1p(-q) - torch.log1p(-p))
+
+
+def normal_params(h, dim):
+    """Split a head's output into mean and softplus standard deviation (appendix D.3)."""
+    mu, s = h.split(dim, dim=-1)
+    return mu, F.softplus(s) + 1e-4
+
+
+# ------------------------------------------------------------------------------------------ foreground
+
+
+class FgImageEncoder(nn.Module):
+    """Image (B, 3, N, N) -> cell features (B, 128, G, G). Stride 2 layers: log2(N / G)."""
+
+    def __init__(self, image_size: int, grid_size: int):
+        super().__init__()
+        downs = int(math.log2(image_size // grid_size))
+        if not 2 <= downs <= 5:
+            raise ValueError(f"image_size / grid_size must be 4 to 32, got {image_size // grid_size}")
+        # The first three layers halve (4x4, stride 2); with an 8x8 grid the 3x3 layer after them halves too.
+        s = [2 if i < downs else 1 for i in range(3)] + [2 if downs > 4 else 1, 2 if downs > 3 else 1]
+        k = [4 if st == 2 else 3 for st in s[:3]]
+        self.net = nn.Sequential(
+            conv_gn(3, 16, k[0], s[0], 1, 4),
+            conv_gn(16, 32, k[1], s[1], 1, 8),
+            conv_gn(32, 64, k[2], s[2], 1, 8),
+            conv_gn(64, 128, 3, s[3], 1, 16),
+            conv_gn(128, 256, 3, s[4], 1, 16),
+            conv_gn(256, 128, 1, 1, 0, 16),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class GlimpseEncoder(nn.Module):
+    """Glimpse (M, 3, 32, 32) -> z_what mean and std, (M, D) each."""
+
+    def __init__(self, z_what_dim: int):
+        super().__init__()
+        self.dim = z_what_dim
+        self.net = nn.Sequential(
+            conv_gn(3, 16, 3, 1, 1, 4),  # 32
+            conv_gn(16, 32, 4, 2, 1, 8),  # 16
+            conv_gn(32, 32, 3, 1, 1, 4),  # 16
+            conv_gn(32, 64, 4, 1, 0, 8),  # 13
+            conv_gn(64, 128, 4, 2, 1, 8),  # 6
+            conv_gn(128, 256, 4, 1, 0, 16),  # 3
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(256 * 3 * 3, 2 * z_what_dim)
+
+    def forward(self, glimpse):
+        return normal_params(self.head(self.net(glimpse)), self.dim)
+
+
+class GlimpseDecoder(nn.Module):
+    """z_what (M, D) -> glimpse mask alpha_att (M, 1, 32, 32) and appearance o_att (M, 3, 32, 32)."""
+
+    def __init__(self, z_what_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            conv_gn(z_what_dim, 256, 1, 1, 0, 16),  # 1x1
+            conv_sub(256, 128, 2, 16), conv_gn(128, 128, 3, 1, 1, 16),  # 2x2
+            conv_sub(128, 128, 2, 16), conv_gn(128, 128, 3, 1, 1, 16),  # 4x4
+            conv_sub(128, 64, 2, 8), conv_gn(64, 64, 3, 1, 1, 8),  # 8x8
+            conv_sub(64, 32, 2, 8), conv_gn(32, 32, 3, 1, 1, 8),  # 16x16
+            conv_sub(32, 16, 2, 4), conv_gn(16, 16, 3, 1, 1, 4),  # 32x32
+            nn.Conv2d(16, 4, 3, 1, 1),
+        )
+
+    def forward(self, z_what):
+        out = torch.sigmoid(self.net(z_what[:, :, None, None]))
+        return out[:, :1], out[:, 1:]
+
+
+def where_to_box(z_scale, z_shift, grid_size: int, shift_range: float):
+    """z_where (.., G, G, 2) each -> glimpse centre and side as fractions of the image, (.., G, G, 2) each.
+
+    Algorithm 1: z_where = [sigmoid(z_scale), rescale(tanh(z_shift))]; the centre moves up to
+    `shift_range` cells from its cell's centre. Last axis is (x, y).
+    """
+    g = grid_size
+    idx = torch.arange(g, device=z_shift.device, dtype=z_shift.dtype)
+    cell_x = idx.view(1, g).expand(g, g)  # column
+    cell_y = idx.view(g, 1).expand(g, g)  # row
+    cell = torch.stack([cell_x, cell_y], -1)  # (G, G, 2)
+    centre = (cell + 0.5 + shift_range * torch.tanh(z_shift)) / g
+    return centre, torch.sigmoid(z_scale)
+
+
+def glimpse_theta(centre, size):
+    """Affine maps from glimpse coordinates to image coordinates, both in [-1, 1]: (M, 2, 3)."""
+    m = centre.shape[0]
+    theta = centre.new_zeros(m, 2, 3)
+    theta[:, 0, 0] = size[:, 0]
+    theta[:, 1, 1] = size[:, 1]
+    theta[:, :, 2] = 2 * centre - 1
+    return theta
+
+
+def extract_glimpses(x, centre, size, glimpse_size: int):
+    """Spatial transformer read: image (B, 3, N, N), boxes (B, C, 2) -> glimpses (B*C, 3, S, S).
+
+    All of an image's glimpse grids are stacked into one sampling grid, so the image is never copied
+    per cell.
+    """
+    b, c = centre.shape[:2]
+    s = glimpse_size
+    theta = glimpse_theta(centre.reshape(-1, 2), size.reshape(-1, 2))
+    grid = F.affine_grid(theta, (b * c, 3, s, s), align_corners=False)  # (B*C, S, S, 2)
+    grid = grid.view(b, c * s, s, 2)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B, 3, C*S, S)
+    return out.view(b, 3, c, s, s).transpose(1, 2).reshape(b * c, 3, s, s)
+
+
+def boundary_band(glimpse_size: int, width: int, device=None):
+    """Appendix C's kernel, as a penalty: 1 in the band of `width` pixels along the glimpse's border."""
+    band = torch.ones(glimpse_size, glimpse_size, device=device)
+    if width > 0:
+        band[width:-width, width:-width] = 0
+    else:
+        band.zero_()
+    return band
+
+
+def _window_grid(centre, size, n: int, glimpse_size: int):
+    """For each glimpse, the canvas window it can touch and where each window pixel falls in the glimpse.
+
+    centre, size: (M, 2) fractions of the image. Returns the window's top-left pixel (M, 2) (x, y),
+    its side P (an int, the same for all), and the glimpse coordinates of every window pixel centre
+    (M, P, P, 2) for grid_sample.
+    """
+    # A glimpse pixel's bilinear footprint reaches one glimpse pixel past the outermost centres:
+    # half-extent in canvas pixels = size * N / 2 * (1 + 1 / S).
+    half = size * (n / 2) * (1 + 1 / glimpse_size)
+    lo = torch.floor(centre * n - half - 0.5)
+    hi = torch.ceil(centre * n + half - 0.5)
+    p = int((hi - lo).max().item()) + 1
+    p = min(p, n + 2)
+    offs = torch.arange(p, device=centre.device, dtype=centre.dtype)
+    # Canvas pixel centres in [-1, 1], then into glimpse coordinates: u = (x - (2c - 1)) / s.
+    px = (lo[:, 0:1] + offs + 0.5) * (2 / n) - 1  # (M, P)
+    py = (lo[:, 1:2] + offs + 0.5) * (2 / n) - 1
+    gx = (px - (2 * centre[:, 0:1] - 1)) / size[:, 0:1]
+    gy = (py - (2 * centre[:, 1:2] - 1)) / size[:, 1:2]
+    grid = torch.stack([gx[:, None, :].expand(-1, p, p), gy[:, :, None].expand(-1, p, p)], -1)
+    return lo.long(), p, grid
+
+
+def composite(maps, z_pres, depth_weight, centre, size, n: int):
+    """Depth-weighted compositing of glimpses into the foreground (algorithm 1, last lines), windowed.
+
+    maps: (B, C, 5, S, S) glimpse-space alpha_att, o_att (3), boundary band; z_pres, depth_weight (B, C);
+    centre, size (B, C, 2). Returns alpha (B, 1, N, N), mu_fg (B, 3, N, N) and the boundary-loss map
+    summed per image (B,).
+
+    Per pixel, glimpse i has alpha_hat_i = alpha_att_i * z_pres_i and importance
+    alpha_hat_i * depth_weight_i; w_i = importance_i / sum_j importance_j, alpha = sum_i w_i alpha_hat_i,
+    mu_fg = sum_i w_i alpha_hat_i o_att_i.
+    """
+    b, c, _, s, _ = maps.shape
+    m = b * c
+    lo, p, grid = _window_grid(centre.reshape(m, 2), size.reshape(m, 2), n, s)
+    win = F.grid_sample(maps.reshape(m, 5, s, s), grid, mode="bilinear", padding_mode="zeros",
+                        align_corners=False)  # (M, 5, P, P)
+    alpha_hat = win[:, :1] * z_pres.reshape(m, 1, 1, 1)
+    imp = alpha_hat * depth_weight.reshape(m, 1, 1, 1)
+    sums = torch.cat([imp, imp * alpha_hat, imp * alpha_hat * win[:, 1:4]], 1)  # (M, 5, P, P)
+
+    # Flat canvas index of every window pixel; pixels off the canvas go to a spill slot n*n.
+    offs = torch.arange(p, device=maps.device)
+    xs = lo[:, 0:1] + offs  # (M, P)
+    ys = lo[:, 1:2] + offs
+    inside = ((xs >= 0) & (xs < n))[:, None, :] & ((ys >= 0) & (ys < n))[:, :, None]  # (M, P, P)
+    flat = torch.where(inside, ys[:, :, None] * n + xs[:, None, :], n * n)  # (M, P, P)
+    flat = flat.view(b, 1, c * p * p)
+    canvas = sums.new_zeros(b, 5, n * n + 1)
+    canvas.scatter_add_(2, flat.expand(b, 5, -1), sums.view(b, c, 5, p * p).transpose(1, 2).reshape(b, 5, c * p * p))
+    canvas = canvas[:, :, : n * n].view(b, 5, n, n)
+    denom = canvas[:, :1] + EPS
+    alpha = canvas[:, 1:2] / denom
+    mu_fg = canvas[:, 2:5] / denom
+
+    # Boundary loss (appendix C): each present glimpse's band, placed on the canvas, times the global
+    # foreground mask alpha, summed over the canvas.
+    alpha_at = torch.gather(torch.cat([alpha.view(b, n * n), alpha.new_zeros(b, 1)], 1), 1, flat.view(b, -1))
+    band = win[:, 4] * z_pres.reshape(m, 1, 1)  # (M, P, P)
+    boundary = (band.view(b, -1) * alpha_at).sum(1)
+    return alpha, mu_fg, boundary
+
+
+def composite_full(maps, z_pres, depth_weight, centre, size, n: int):
+    """The straightforward composite: every glimpse warped onto the whole canvas. Reference for tests."""
+    b, c, _, s, _ = maps.shape
+    m = b * c
+    # Inverse of glimpse_theta: canvas coordinates -> glimpse coordinates.
+    sz = size.reshape(m, 2)
+    cen = centre.reshape(m, 2)
+    theta = sz.new_zeros(m, 2, 3)
+    theta[:, 0, 0] = 1 / sz[:, 0]
+    theta[:, 1, 1] = 1 / sz[:, 1]
+    theta[:, :, 2] = -(2 * cen - 1) / sz
+    grid = F.affine_grid(theta, (m, 5, n, n), align_corners=False)
+    full = F.grid_sample(maps.reshape(m, 5, s, s), grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False).view(b, c, 5, n, n)
+    alpha_hat = full[:, :, :1] * z_pres[:, :, None, None, None]
+    imp = alpha_hat * depth_weight[:, :, None, None, None]
+    denom = imp.sum(1) + EPS
+    alpha = (imp * alpha_hat).sum(1) / denom
+    mu_fg = (imp * alpha_hat * full[:, :, 1:4]).sum(1) / denom
+    boundary = (full[:, :, 4:5] * z_pres[:, :, None, None, None] * alpha[:, None]).sum((1, 2, 3, 4))
+    return alpha, mu_fg, boundary
+
+
+class Foreground(nn.Module):
+    """Algorithm 1: all cells inferred in parallel (equation 7)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = FgImageEncoder(cfg.image_size, cfg.grid_size)
+        self.z_pres_net = nn.Conv2d(128, 1, 1)
+        self.z_depth_net = nn.Conv2d(128, 2 * cfg.z_depth_dim, 1)
+        self.z_scale_net = nn.Conv2d(128, 4, 1)
+        self.z_shift_net = nn.Conv2d(128, 4, 1)
+        self.glimpse_encoder = GlimpseEncoder(cfg.z_what_dim)
+        self.glimpse_decoder = GlimpseDecoder(cfg.z_what_dim)
+        self.register_buffer("band", boundary_band(cfg.glimpse_size, cfg.boundary_width), persistent=False)
+        # Start glimpses at the size the z_scale prior expects rather than half the image: the posterior
+        # begins near its prior and the compositing windows start small.
+        with torch.no_grad():
+            self.z_scale_net.bias[:2].fill_(cfg.z_scale_prior_mean.start)
+
+    def forward(self, x, z_scale_prior_mean: float, z_pres_prior: float):
+        cfg = self.cfg
+        b, g, s = x.shape[0], cfg.grid_size, cfg.glimpse_size
+        c = g * g
+        e = self.encoder(x)  # (B, 128, G, G)
+        cells = lambda t: t.permute(0, 2, 3, 1)  # noqa: E731  (B, ch, G, G) -> (B, G, G, ch)
+
+        # z_pres: relaxed Bernoulli (binary Gumbel-softmax) with temperature tau; hard samples for display.
+        pres_logit = cells(self.z_pres_net(e))[..., 0]  # (B, G, G)
+        pres_prob = torch.sigmoid(pres_logit)
+        if self.training:
+            u = torch.rand_like(pres_logit).clamp(EPS, 1 - EPS)
+            z_pres = torch.sigmoid((pres_logit + torch.log(u) - torch.log1p(-u)) / cfg.tau)
+        else:
+            z_pres = pres_prob
+        depth_mu, depth_sigma = normal_params(cells(self.z_depth_net(e)), cfg.z_depth_dim)  # (B, G, G, 1)
+        scale_mu, scale_sigma = normal_params(cells(self.z_scale_net(e)), 2)  # (B, G, G, 2)
+        shift_mu, shift_sigma = normal_params(cells(self.z_shift_net(e)), 2)
+        rs = (lambda mu, sd: mu + sd * torch.randn_like(sd)) if self.training else (lambda mu, sd: mu)
+        z_depth = rs(depth_mu, depth_sigma)
+        z_scale = rs(scale_mu, scale_sigma)
+        z_shift = rs(shift_mu, shift_sigma)
+        centre, size = where_to_box(z_scale, z_shift, g, cfg.shift_range)  # (B, G, G, 2) each
+
+        # Glimpses of every cell (or, in sparse mode, of the cells likely to hold an object).
+        centre_f, size_f = centre.reshape(b, c, 2), size.reshape(b, c, 2)
+        keep = None
+        if cfg.sparse_threshold > 0:
+            keep = (pres_prob.reshape(-1) >= cfg.sparse_threshold).nonzero().squeeze(1)  # (M',)
+        glimpses = extract_glimpses(x, centre_f, size_f, s)  # (B*C, 3, S, S)
+        if keep is not None:
+            glimpses = glimpses[keep]
+        what_mu, what_sigma = self.glimpse_encoder(glimpses)  # (M, D)
+        z_what = rs(what_mu, what_sigma)
+        alpha_att, o_att = self.glimpse_decoder(z_what)  # (M, 1, S, S), (M, 3, S, S)
+        maps = torch.cat([alpha_att, o_att, self.band.expand(alpha_att.shape[0], 1, s, s)], 1)  # (M, 5, S, S)
+        if keep is not None:
+            full = maps.new_zeros(b * c, 5, s, s)
+            maps = full.index_copy(0, keep, maps)
+
+        # Depth weights exp(-c * sigmoid(z_depth)), shifted per image so they cannot all underflow.
+        depth = cfg.depth_sharpness * torch.sigmoid(z_depth[..., 0]).reshape(b, c)  # (B, C)
+        depth_weight = torch.exp(-(depth - depth.min(1, keepdim=True).values))
+        alpha, mu_fg, boundary = composite(maps.view(b, c, 5, s, s), z_pres.reshape(b, c), depth_weight,
+                                           centre_f, size_f, cfg.image_size)
+
+        # KL terms (appendix B), per cell; z_where, z_depth, z_what weighted by the z_pres sample.
+        kl_pres = bernoulli_kl(pres_prob, z_pres_prior)  # (B, G, G)
+        kl_scale = gaussian_kl(scale_mu, scale_sigma, z_scale_prior_mean, cfg.z_scale_prior_std).sum(-1)
+        kl_shift = gaussian_kl(shift_mu, shift_sigma, cfg.z_shift_prior_mean, cfg.z_shift_prior_std).sum(-1)
+        kl_depth = gaussian_kl(depth_mu, depth_sigma, cfg.z_depth_prior_mean, cfg.z_depth_prior_std).sum(-1)
+        kl_what_kept = gaussian_kl(what_mu, what_sigma, 0.0, 1.0).sum(-1)  # (M,)
+        if keep is not None:
+            kl_what = kl_what_kept.new_zeros(b * c).index_copy(0, keep, kl_what_kept)
+        else:
+            kl_what = kl_what_kept
+        kl_what = kl_what.view(b, g, g)
+        zp = z_pres
+        return {
+            "alpha": alpha,  # (B, 1, N, N)
+            "mu_fg": mu_fg,  # (B, 3, N, N)
+            "boundary": boundary,  # (B,)
+            "kl_pres": kl_pres.sum((1, 2)),
+            "kl_where": (zp * (kl_scale + kl_shift)).sum((1, 2)),
+            "kl_depth": (zp * kl_depth).sum((1, 2)),
+            "kl_what": (zp * kl_what).sum((1, 2)),
+            "z_pres": z_pres,  # (B, G, G) relaxed sample
+            "z_pres_prob": pres_prob,  # (B, G, G)
+            "centre": centre,  # (B, G, G, 2) fraction of the image, (x, y)
+            "size": size,  # (B, G, G, 2)
+            "z_depth": z_depth,
+            "glimpses_decoded": int(maps.shape[0] if keep is None else keep.numel()),
+        }
+
+
+# ------------------------------------------------------------------------------------------ background
+
+
+class MaskDecoder(nn.Module):
+    """z_m (M, Dm) -> mask logits (M, 1, N, N), sub-pixel upsampling from 1x1 (appendix D.3)."""
+
+    def __init__(self, z_dim: int, image_size: int):
+        super().__init__()
+        # The paper's 128 = 4 * 2 * 4 * 4; smaller images halve the leading factors.
+        factors = [4, 2, 4, 4]
+        while math.prod(factors) > image_size:
+            if factors[0] > 2:
+                factors[0] //= 2
+            else:
+                factors.pop(0)
+        if math.prod(factors) != image_size:
+            raise ValueError(f"image_size {image_size} is not reachable by the mask decoder's upsampling")
+        chans = [256, 128, 64, 16][-len(factors):]
+        groups = {256: 16, 128: 16, 64: 8, 16: 4}
+        layers = [conv_gn(z_dim, 256, 1, 1, 0, 16)]
+        cin = 256
+        for f, ch in zip(factors, chans):
+            layers += [conv_sub(cin, ch, f, groups[ch]), conv_gn(ch, ch, 3, 1, 1, groups[ch])]
+            cin = ch
+        layers.append(nn.Conv2d(cin, 1, 3, 1, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.net(z[:, :, None, None])
+
+
+class CompDecoder(nn.Module):
+    """Spatial broadcast decoder: z_c (M, Dc) -> component mean image (M, 3, N, N)."""
+
+    def __init__(self, z_dim: int, image_size: int):
+        super().__init__()
+        self.n = image_size
+        self.net = nn.Sequential(
+            conv_bn(z_dim + 2, 32, 3), conv_bn(32, 32, 3), conv_bn(32, 32, 3), nn.Conv2d(32, 3, 3)
+        )
+        side = image_size + 8  # four unpadded 3x3 convolutions take 8 pixels off
+        lin = torch.linspace(-1, 1, side)
+        yy, xx = torch.meshgrid(lin, lin, indexing="ij")
+        self.register_buffer("coords", torch.stack([xx, yy])[None], persistent=False)  # (1, 2, N+8, N+8)
+
+    def forward(self, z):
+        m = z.shape[0]
+        side = self.coords.shape[-1]
+        tiled = z[:, :, None, None].expand(m, z.shape[1], side, side)
+        return torch.sigmoid(self.net(torch.cat([tiled, self.coords.expand(m, -1, -1, -1)], 1)))
+
+
+def _enc_bn(cin, chans, image_size):
+    layers, c = [], cin
+    for ch in chans:
+        layers.append(conv_bn(c, ch, 3, 2, 1))
+        c = ch
+    side = image_size // 2 ** len(chans)
+    return nn.Sequential(*layers, nn.Flatten()), c * side * side
+
+
+class Background(nn.Module):
+    """Algorithms 2 (inference) and 3 (generation): K components, GENESIS-style."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, dm, dc = cfg.lstm_hidden, cfg.z_mask_dim, cfg.z_comp_dim
+        self.image_encoder, flat = _enc_bn(3, [64, 64, 64, 64], cfg.image_size)
+        self.image_fc = nn.Sequential(nn.Linear(flat, 64), nn.ELU())
+        self.lstm = nn.LSTMCell(dm + 64, h)
+        self.predict_mask = nn.Linear(h, 2 * dm)
+        self.prior_lstm = nn.LSTMCell(dm, h)
+        self.predict_mask_prior = nn.Linear(h, 2 * dm)
+        self.mask_decoder = MaskDecoder(dm, cfg.image_size)
+        self.comp_encoder, flat_c = _enc_bn(4, [32, 32, 64, 64], cfg.image_size)
+        self.comp_head = nn.Linear(flat_c, 2 * dc)
+        hc = cfg.comp_prior_hidden
+        self.predict_comp = nn.Sequential(nn.Linear(dm, hc), nn.ELU(), nn.Linear(hc, hc), nn.ELU(), nn.Linear(hc, 2 * dc))
+        self.comp_decoder = CompDecoder(dc, cfg.image_size)
+
+    @staticmethod
+    def stick_breaking(logits):
+        """Mask logits (B, K, 1, N, N) -> log pi (B, K, 1, N, N); the last component takes the rest."""
+        log_m = F.logsigmoid(logits)
+        log_not_m = F.logsigmoid(-logits)
+        scope = torch.cumsum(log_not_m, 1) - log_not_m  # log prod_{j<k} (1 - m_j)
+        log_pi = torch.cat([log_m[:, :-1] + scope[:, :-1], scope[:, -1:]], 1)
+        return log_pi
+
+    def forward(self, x):
+        cfg = self.cfg
+        b, k, n = x.shape[0], cfg.n_components, cfg.image_size
+        dm, dc, hd = cfg.z_mask_dim, cfg.z_comp_dim, cfg.lstm_hidden
+        e = self.image_fc(self.image_encoder(x))  # (B, 64)
+        z_prev = x.new_zeros(b, dm)
+        state = (x.new_zeros(b, hd), x.new_zeros(b, hd))
+        prior_state = (x.new_zeros(b, hd), x.new_zeros(b, hd))
+        z_m, kl_m = [], []
+        for _ in range(k):  # the only sequential part: z^m_k depends on z^m_<k
+            prior_state = self.prior_lstm(z_prev, prior_state)
+            p_mu, p_sigma = normal_params(self.predict_mask_prior(prior_state[0]), dm)
+            state = self.lstm(torch.cat([z_prev, e], 1), state)
+            q_mu, q_sigma = normal_params(self.predict_mask(state[0]), dm)
+            z = q_mu + q_sigma * torch.randn_like(q_sigma) if self.training else q_mu
+            kl_m.append(gaussian_kl(q_mu, q_sigma, p_mu, p_sigma).sum(1))
+            z_m.append(z)
+            z_prev = z
+        z_m = torch.stack(z_m, 1)  # (B, K, Dm)
+        logits = self.mask_decoder(z_m.view(b * k, dm)).view(b, k, 1, n, n)
+        log_pi = self.stick_breaking(logits)  # (B, K, 1, N, N)
+        pi = log_pi.exp()
+        enc_in = torch.cat([pi, x[:, None].expand(b, k, 3, n, n)], 2).view(b * k, 4, n, n)
+        c_mu, c_sigma = normal_params(self.comp_head(self.comp_encoder(enc_in)), dc)  # (B*K, Dc)
+        z_c = c_mu + c_sigma * torch.randn_like(c_sigma) if self.training else c_mu
+        pc_mu, pc_sigma = normal_params(self.predict_comp(z_m.view(b * k, dm)), dc)
+        kl_c = gaussian_kl(c_mu, c_sigma, pc_mu, pc_sigma).sum(1).view(b, k)
+        mu_bg = self.comp_decoder(z_c).view(b, k, 3, n, n)
+        return {
+            "log_pi": log_pi,  # (B, K, 1, N, N)
+            "mu_bg": mu_bg,  # (B, K, 3, N, N)
+            "kl_bg_mask": torch.stack(kl_m, 1).sum(1),  # (B,)
+            "kl_bg_comp": kl_c.sum(1),
+        }
+
+    @torch.no_grad()
+    def generate(self, b: int, device=None):
+        """Algorithm 3: background components from the prior."""
+        cfg = self.cfg
+        k, n, dm, dc, hd = cfg.n_components, cfg.image_size, cfg.z_mask_dim, cfg.z_comp_dim, cfg.lstm_hidden
+        z_prev = torch.zeros(b, dm, device=device)
+        state = (torch.zeros(b, hd, device=device), torch.zeros(b, hd, device=device))
+        z_m = []
+        for _ in range(k):
+            state = self.prior_lstm(z_prev, state)
+            mu, sigma = normal_params(self.predict_mask_prior(state[0]), dm)
+            z_prev = mu + sigma * torch.randn_like(sigma)
+            z_m.append(z_prev)
+        z_m = torch.stack(z_m, 1)
+        log_pi = self.stick_breaking(self.mask_decoder(z_m.view(b * k, dm)).view(b, k, 1, n, n))
+        mu, sigma = normal_params(self.predict_comp(z_m.view(b * k, dm)), dc)
+        mu_bg = self.comp_decoder(mu + sigma * torch.randn_like(sigma)).view(b, k, 3, n, n)
+        return log_pi.exp(), mu_bg
+
+
+# ------------------------------------------------------------------------------------------------ SPACE
+
+
+class SPACE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.fg = Foreground(cfg)
+        self.bg = Background(cfg)
+
+    def forward(self, x, step: int = 0):
+        """x (B, 3, N, N) in [0, 1] -> the loss and everything needed to look at the decomposition."""
+        cfg = self.cfg
+        fg = self.fg(x, cfg.z_scale_prior_mean.at(step), cfg.z_pres_prior.at(step))
+        bg = self.bg(x)
+        alpha = fg["alpha"].clamp(EPS, 1 - EPS)  # (B, 1, N, N)
+        if step < cfg.fix_alpha_steps:  # appendix D.2: a fixed alpha lets both modules start learning
+            alpha = torch.full_like(alpha, cfg.fix_alpha_value)
+
+        # Equation 1, per pixel, in log space: alpha N(x; mu_fg, s_fg) + (1 - alpha) sum_k pi_k N(x; mu_k, s_bg).
+        def log_normal(mu, sigma):  # summed over RGB
+            return (-0.5 * ((x.unsqueeze(1) - mu) / sigma) ** 2 - math.log(sigma) - 0.5 * LOG_2PI).sum(2, keepdim=True)
+
+        log_fg = torch.log(alpha) + log_normal(fg["mu_fg"][:, None], cfg.fg_sigma)[:, 0]  # (B, 1, N, N)
+        log_bg = torch.log1p(-alpha)[:, None] + bg["log_pi"] + log_normal(bg["mu_bg"], cfg.bg_sigma)  # (B, K, 1, N, N)
+        log_lik = torch.logsumexp(torch.cat([log_fg[:, None], log_bg], 1), 1).sum((1, 2, 3))  # (B,)
+
+        kl = fg["kl_pres"] + fg["kl_where"] + fg["kl_depth"] + fg["kl_what"] + bg["kl_bg_mask"] + bg["kl_bg_comp"]
+        elbo = log_lik - kl  # equation 6
+        # Appendix C minimises the mean of the boundary-loss map over the canvas.
+        boundary = cfg.boundary_loss_weight * fg["boundary"] / cfg.image_size**2
+        loss = (-elbo + boundary).mean()
+
+        pi = bg["log_pi"].exp()
+        bg_image = (pi * bg["mu_bg"]).sum(1)  # (B, 3, N, N)
+        recon = fg["alpha"] * fg["mu_fg"] + (1 - fg["alpha"]) * bg_image
+        terms = {
+            "loss": loss,
+            "elbo": elbo.mean(),
+            "log_lik": log_lik.mean(),
+            "kl_pres": fg["kl_pres"].mean(),
+            "kl_where": fg["kl_where"].mean(),
+            "kl_depth": fg["kl_depth"].mean(),
+            "kl_what": fg["kl_what"].mean(),
+            "kl_bg_mask": bg["kl_bg_mask"].mean(),
+            "kl_bg_comp": bg["kl_bg_comp"].mean(),
+            "boundary_loss": boundary.mean(),
+        }
+        return {
+            "terms": terms,
+            "recon": recon,
+            "mse": ((recon - x) ** 2).mean((1, 2, 3)),  # (B,) per pixel and channel
+            "fg": fg,
+            "bg": bg,
+            "bg_image": bg_image,
+            "pi": pi,
+        }
+
+    def param_groups(self):
+        """Foreground parameters (RMSProp) and background parameters (Adam), appendix D.2."""
+        return list(self.fg.parameters()), list(self.bg.parameters())
