@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -32,6 +33,7 @@ TINY = {
             "room3d": {"image_size": 64},
         },
     },
+    "experiments": {},
 }
 
 
@@ -94,6 +96,9 @@ def test_demo_config_and_full_default_dry_runs_resolve():
         (lambda p: p["datasets"]["room3d_small"]["room3d"].update(shapes=["sphere", "pyramid"]), "pyramid"),
         (lambda p: p["datasets"]["room3d_large"].update(objects=[200, 250]), "do not fit"),
         (lambda p: p["datagen"].update(workers=0), "workers"),
+        (lambda p: p.update(experiments={"x": {"dataset": "nope", "preset": "demo"}}), "experiments.x.dataset"),
+        (lambda p: p.update(experiments={"x": {"dataset": "room3d_small", "preset": "demo",
+                                               "set": {"train.stepz": 3}}}), "stepz"),
     ],
 )
 def test_bad_params_are_refused_before_any_job(tmp_path, mutate, named):
@@ -127,3 +132,20 @@ def test_dvc_repro_then_changing_one_object_range_regenerates_only_that_dataset(
     counts = Store(proj / "results/data/room3d_large.zarr").split("train")["n_objects"][:]
     assert counts.min() >= 10 and counts.max() <= 12
     assert "up to date" in run("dvc status", proj).stdout
+
+
+def test_snakemake_train_all_trains_each_experiment(tmp_path):
+    params = yaml.safe_load(yaml.safe_dump(TINY))
+    params["experiments"] = {
+        "tiny": {
+            "dataset": "room3d_small",
+            "preset": "demo",
+            "set": {"train.steps": 2, "train.batch_size": 2, "train.log_every": 1, "train.val_every": 0},
+        }
+    }
+    proj = project_copy(tmp_path, params)
+    run(["snakemake", "--cores", "2", "train_all"], proj)
+    summary = json.loads((proj / "results/runs/tiny/train.json").read_text())
+    assert summary["step"] == 2 and summary["loss"] == summary["loss"]  # finite, not NaN
+    assert (proj / "results/runs/tiny/checkpoints/last.pt").exists()
+    assert (proj / "logs/train/tiny.log").exists()
