@@ -192,10 +192,10 @@ def _window_grid(centre, size, n: int, glimpse_size: int):
     # A glimpse pixel's bilinear footprint reaches one glimpse pixel past the outermost centres:
     # half-extent in canvas pixels = size * N / 2 * (1 + 1 / S).
     half = size * (n / 2) * (1 + 1 / glimpse_size)
-    lo = torch.floor(centre * n - half - 0.5)
-    hi = torch.ceil(centre * n + half - 0.5)
+    # Only the part on the canvas matters: clip to it, so no window is wider than the canvas.
+    lo = torch.floor(centre * n - half - 0.5).clamp(0, n - 1)
+    hi = torch.ceil(centre * n + half - 0.5).clamp(0, n - 1)
     p = int((hi - lo).max().item()) + 1
-    p = min(p, n + 2)
     offs = torch.arange(p, device=centre.device, dtype=centre.dtype)
     # Canvas pixel centres in [-1, 1], then into glimpse coordinates: u = (x - (2c - 1)) / s.
     px = (lo[:, 0:1] + offs + 0.5) * (2 / n) - 1  # (M, P)

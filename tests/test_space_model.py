@@ -1,0 +1,617 @@
+"""The SPACE model (space/model.py, space/config.py) against independent facts.
+
+Shapes through every module, the KL terms against torch.distributions, gradients reaching every
+parameter, the windowed compositor against the full-canvas one and against hand-computed canvases,
+the spatial-transformer read, appendix C's boundary loss, GENESIS stick-breaking, z_where's box
+geometry, the annealing schedules and the paper's hyperparameters (appendix D.2).
+
+Everything runs on tiny settings (32x32 or 64x64 images, a 4x4 grid, K=2, batches of 2) so the file
+takes seconds on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Normal, kl_divergence
+
+from space.config import PRESETS, Anneal, Config, ConfigError, ModelConfig, preset
+from space.model import (
+    SPACE,
+    Background,
+    CompDecoder,
+    FgImageEncoder,
+    GlimpseDecoder,
+    GlimpseEncoder,
+    MaskDecoder,
+    bernoulli_kl,
+    boundary_band,
+    composite,
+    composite_full,
+    extract_glimpses,
+    gaussian_kl,
+    where_to_box,
+)
+
+torch.set_num_threads(2)
+
+S = 32  # the paper's glimpse side
+
+# Compositor tolerance: composite and composite_full do the same arithmetic in another order, so in
+# float64 they agree to round-off; we allow 1e-9 absolute + 1e-7 relative (float32 would be ~1e-5).
+CMP_TOL = dict(rtol=1e-7, atol=1e-9)
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    base = dict(image_size=32, grid_size=4, n_components=2)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("n,g", [(64, 4), (64, 8), (128, 8), (128, 16), (32, 4), (32, 8)])
+def test_fg_image_encoder_gives_one_feature_per_cell(n, g):
+    enc = FgImageEncoder(n, g)
+    out = enc(torch.rand(2, 3, n, n))
+    assert out.shape == (2, 128, g, g)
+
+
+@pytest.mark.parametrize("n,g", [(64, 64), (64, 32), (128, 2)])
+def test_fg_image_encoder_refuses_unreachable_grids(n, g):
+    with pytest.raises(ValueError, match="image_size / grid_size"):
+        FgImageEncoder(n, g)
+
+
+def test_glimpse_encoder_and_decoder_shapes_and_ranges():
+    torch.manual_seed(0)
+    enc, dec = GlimpseEncoder(32), GlimpseDecoder(32)
+    mu, sigma = enc(torch.rand(5, 3, S, S))
+    assert mu.shape == sigma.shape == (5, 32)
+    assert (sigma > 0).all()  # softplus
+    alpha, o = dec(torch.randn(5, 32))
+    assert alpha.shape == (5, 1, S, S) and o.shape == (5, 3, S, S)
+    assert ((alpha >= 0) & (alpha <= 1)).all() and ((o >= 0) & (o <= 1)).all()  # sigmoid
+
+
+def test_extract_glimpses_shape():
+    x = torch.rand(2, 3, 64, 64)
+    centre, size = torch.rand(2, 7, 2), torch.rand(2, 7, 2)
+    assert extract_glimpses(x, centre, size, S).shape == (14, 3, S, S)
+
+
+def test_composite_shapes():
+    b, c, n = 2, 5, 48
+    alpha, mu, boundary = composite(torch.rand(b, c, 5, S, S), torch.rand(b, c), torch.rand(b, c),
+                                    torch.rand(b, c, 2), torch.rand(b, c, 2) * 0.5, n)
+    assert alpha.shape == (b, 1, n, n) and mu.shape == (b, 3, n, n) and boundary.shape == (b,)
+
+
+@pytest.mark.parametrize("n", [32, 64, 128])
+def test_mask_decoder_reaches_image_size(n):
+    dec = MaskDecoder(32, n)
+    assert dec(torch.randn(3, 32)).shape == (3, 1, n, n)
+
+
+def test_mask_decoder_refuses_sizes_it_cannot_reach():
+    with pytest.raises(ValueError, match="not reachable"):
+        MaskDecoder(32, 48)
+
+
+@pytest.mark.parametrize("n", [32, 64])
+def test_comp_decoder_shape_and_range(n):
+    dec = CompDecoder(32, n)
+    out = dec(torch.randn(3, 32))
+    assert out.shape == (3, 3, n, n)
+    assert ((out >= 0) & (out <= 1)).all()
+
+
+@pytest.mark.parametrize("n,k", [(32, 2), (64, 3)])
+def test_background_shapes_and_mixing_weights_sum_to_one(n, k):
+    torch.manual_seed(1)
+    bg = Background(tiny_cfg(image_size=n, n_components=k))
+    out = bg(torch.rand(2, 3, n, n))
+    assert out["log_pi"].shape == (2, k, 1, n, n)
+    assert out["mu_bg"].shape == (2, k, 3, n, n)
+    assert out["kl_bg_mask"].shape == out["kl_bg_comp"].shape == (2,)
+    # pi is a distribution over components at every pixel: logsumexp_k log pi_k == 0.
+    lse = torch.logsumexp(out["log_pi"], 1)
+    assert lse.abs().max() < 1e-5
+    assert (out["kl_bg_mask"] >= 0).all() and (out["kl_bg_comp"] >= 0).all()
+    pi, mu = bg.generate(2)
+    assert pi.shape == (2, k, 1, n, n) and mu.shape == (2, k, 3, n, n)
+    assert torch.allclose(pi.sum(1), torch.ones(()), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def space_out():
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    model = SPACE(cfg)
+    x = torch.rand(2, 3, 32, 32)
+    out = model(x, step=0)
+    return cfg, model, x, out
+
+
+def test_space_forward_shapes(space_out):
+    cfg, _, x, out = space_out
+    g, n = cfg.grid_size, cfg.image_size
+    assert out["recon"].shape == x.shape
+    assert out["mse"].shape == (2,)
+    assert out["bg_image"].shape == x.shape
+    assert out["pi"].shape == (2, cfg.n_components, 1, n, n)
+    for k in ("z_pres", "z_pres_prob"):
+        assert out["fg"][k].shape == (2, g, g)
+    assert out["fg"]["centre"].shape == out["fg"]["size"].shape == (2, g, g, 2)
+    assert out["fg"]["glimpses_decoded"] == 2 * g * g
+    names = {"loss", "elbo", "log_lik", "kl_pres", "kl_where", "kl_depth", "kl_what", "kl_bg_mask",
+             "kl_bg_comp", "boundary_loss"}
+    assert set(out["terms"]) == names
+    for k, v in out["terms"].items():
+        assert v.dim() == 0, k
+        assert torch.isfinite(v), k
+
+
+def test_space_terms_add_up(space_out):
+    """loss = -ELBO + boundary loss; ELBO = log-likelihood - all KL terms (equation 6); mse is the recon's."""
+    _, _, x, out = space_out
+    t = {k: float(v.detach()) for k, v in out["terms"].items()}
+    kl = sum(t[k] for k in ("kl_pres", "kl_where", "kl_depth", "kl_what", "kl_bg_mask", "kl_bg_comp"))
+    assert t["elbo"] == pytest.approx(t["log_lik"] - kl, rel=1e-5)
+    assert t["loss"] == pytest.approx(-t["elbo"] + t["boundary_loss"], rel=1e-5)
+    for k in ("kl_pres", "kl_where", "kl_depth", "kl_what", "kl_bg_mask", "kl_bg_comp", "boundary_loss"):
+        assert t[k] >= 0, k
+    mse = ((out["recon"] - x) ** 2).mean((1, 2, 3))
+    assert torch.allclose(out["mse"], mse)
+
+
+def test_space_eval_is_deterministic():
+    torch.manual_seed(3)
+    model = SPACE(tiny_cfg()).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    assert torch.equal(a["recon"], b["recon"])
+    assert torch.equal(a["fg"]["z_pres"], a["fg"]["z_pres_prob"])  # eval: z_pres is its probability
+
+
+def test_fixed_alpha_replaces_the_foreground_mask_early():
+    """Appendix D.2 (Atari): for step < fix_alpha_steps the likelihood uses alpha = fix_alpha_value."""
+    torch.manual_seed(4)
+    x = torch.rand(2, 3, 32, 32)
+    model = SPACE(tiny_cfg(fix_alpha_steps=10, fix_alpha_value=0.1)).eval()
+    with torch.no_grad():
+        early, late = model(x, step=0), model(x, step=10)
+        out = early
+        cfg = model.cfg
+        # Equation 1 by hand with alpha = 0.1 everywhere.
+        def log_n(mu, s):
+            return torch.distributions.Normal(mu, s).log_prob(x[:, None] if mu.dim() == 5 else x).sum(-3)
+        lf = math.log(0.1) + log_n(out["fg"]["mu_fg"], cfg.fg_sigma)  # (B, N, N)
+        lb = math.log(0.9) + out["bg"]["log_pi"][:, :, 0] + log_n(out["bg"]["mu_bg"], cfg.bg_sigma)
+        ll = torch.logsumexp(torch.cat([lf[:, None], lb], 1), 1).sum((1, 2)).mean()
+    assert float(early["terms"]["log_lik"]) == pytest.approx(float(ll), rel=1e-4)
+    assert float(late["terms"]["log_lik"]) != pytest.approx(float(ll), rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ KL terms
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    shape = (4, 5, 3)
+    mu, pm = torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
+    sd = torch.rand(shape, generator=g, dtype=torch.float64) * 2 + 0.05
+    ps = torch.rand(shape, generator=g, dtype=torch.float64) * 2 + 0.05
+    ref = kl_divergence(Normal(mu, sd), Normal(pm, ps))
+    assert torch.allclose(gaussian_kl(mu, sd, pm, ps), ref, rtol=1e-10, atol=1e-12)
+    # A float prior broadcasts, as the model uses it (z_scale prior mean -1, std 0.1).
+    ref = kl_divergence(Normal(mu, sd), Normal(torch.full_like(mu, -1.0), torch.full_like(mu, 0.1)))
+    assert torch.allclose(gaussian_kl(mu, sd, -1.0, 0.1), ref, rtol=1e-10, atol=1e-12)
+    assert gaussian_kl(mu, sd, mu, sd).abs().max() < 1e-12
+
+
+def test_bernoulli_kl_matches_torch_distributions():
+    g = torch.Generator().manual_seed(1)
+    q = torch.rand(6, 4, 4, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    p = torch.rand(6, 4, 4, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    ref = kl_divergence(Bernoulli(probs=q), Bernoulli(probs=p))
+    assert torch.allclose(bernoulli_kl(q, p), ref, rtol=1e-8, atol=1e-10)
+    # Float prior (the z_pres prior probability) broadcast over every cell.
+    ref = kl_divergence(Bernoulli(probs=q), Bernoulli(probs=torch.full_like(q, 0.01)))
+    out = bernoulli_kl(q, 0.01)
+    assert out.shape == q.shape
+    assert torch.allclose(out, ref, rtol=1e-8, atol=1e-10)
+    assert (bernoulli_kl(q, q)).abs().max() < 1e-10
+
+
+def test_bernoulli_kl_is_finite_at_the_ends():
+    q = torch.tensor([0.0, 1.0, 0.5])
+    out = bernoulli_kl(q, 0.01)
+    assert torch.isfinite(out).all()
+    # KL(Bern(0) || Bern(p)) = -log(1 - p), KL(Bern(1) || Bern(p)) = -log p, up to the EPS clamp of q.
+    assert float(out[0]) == pytest.approx(-math.log(0.99), abs=1e-4)
+    assert float(out[1]) == pytest.approx(-math.log(0.01), abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ gradients
+
+
+def _bias_before_batchnorm(model: torch.nn.Module) -> set[str]:
+    """Biases of convolutions that feed a BatchNorm: in training mode BN subtracts each channel's batch
+    mean, so their gradient is zero in exact arithmetic (round-off only). Not a bug, just dead weight."""
+    names = set()
+    for mod_name, mod in model.named_modules():
+        kids = list(mod.named_children())
+        for (a, ma), (_, mb) in zip(kids, kids[1:]):
+            if isinstance(ma, torch.nn.Conv2d) and isinstance(mb, torch.nn.BatchNorm2d) and ma.bias is not None:
+                names.add(f"{mod_name}.{a}.bias" if mod_name else f"{a}.bias")
+    return names
+
+
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    model = SPACE(tiny_cfg())
+    x = torch.rand(2, 3, 32, 32)
+    model(x)["terms"]["loss"].backward()
+    exempt = _bias_before_batchnorm(model)
+    assert exempt, "expected the background's conv+BN layers"
+    dead = []
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} gets no gradient"
+        assert torch.isfinite(p.grad).all(), name
+        if name not in exempt and not (p.grad != 0).any():
+            dead.append(name)
+    assert not dead, f"zero gradient: {dead}"
+
+
+# ---------------------------------------------------------------------------------------- compositing
+
+
+def _random_scene(seed, b, c, size_lo, size_hi, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.rand(b, c, 5, S, S, generator=g, dtype=dtype)
+    z_pres = torch.rand(b, c, generator=g, dtype=dtype)
+    z_pres[0, 0] = 0.0  # an absent glimpse
+    depth_w = torch.exp(-10 * torch.rand(b, c, generator=g, dtype=dtype))
+    centre = torch.rand(b, c, 2, generator=g, dtype=dtype) * 1.4 - 0.2  # some partly or wholly off the canvas
+    size = torch.rand(b, c, 2, generator=g, dtype=dtype) * (size_hi - size_lo) + size_lo
+    return maps, z_pres, depth_w, centre, size
+
+
+@pytest.mark.parametrize("n", [32, 64, 128])
+@pytest.mark.parametrize("sizes", [(0.01, 0.05), (0.02, 0.9), (0.5, 0.96)], ids=["tiny", "mixed", "large"])
+def test_composite_equals_full_canvas_version(n, sizes):
+    maps, z_pres, depth_w, centre, size = _random_scene(n + int(sizes[1] * 100), 2, 9, *sizes)
+    for a, b in zip(composite(maps, z_pres, depth_w, centre, size, n),
+                    composite_full(maps, z_pres, depth_w, centre, size, n)):
+        assert torch.allclose(a, b, **CMP_TOL), float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("n,cx,sz", [(128, 0.3, 0.99), (64, 0.1, 0.999)])
+def test_composite_equals_full_canvas_version_for_near_full_size_glimpses(n, cx, sz):
+    """size = sigmoid(z_scale) may come close to 1; then the glimpse spans nearly the whole canvas."""
+    maps = torch.ones(1, 1, 5, S, S, dtype=torch.float64)
+    one = torch.ones(1, 1, dtype=torch.float64)
+    centre = torch.tensor([[[cx, 0.5]]], dtype=torch.float64)
+    size = torch.full((1, 1, 2), sz, dtype=torch.float64)
+    a = composite(maps, one, one, centre, size, n)[0]
+    b = composite_full(maps, one, one, centre, size, n)[0]
+    assert torch.allclose(a, b, **CMP_TOL), float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("n", [32, 64])
+def test_composite_gradients_equal_full_canvas_version(n):
+    maps, z_pres, depth_w, centre, size = _random_scene(7, 2, 6, 0.05, 0.9)
+    z_pres = z_pres.clamp_min(0.05)  # a z_pres of 0 makes d/dmaps zero in both: keep it informative
+    w = [torch.randn(2, 1, n, n, dtype=torch.float64), torch.randn(2, 3, n, n, dtype=torch.float64),
+         torch.randn(2, dtype=torch.float64)]
+    grads = []
+    for fn in (composite, composite_full):
+        m = maps.clone().requires_grad_()
+        zp = z_pres.clone().requires_grad_()
+        dw = depth_w.clone().requires_grad_()
+        outs = fn(m, zp, dw, centre, size, n)
+        sum((o * wi).sum() for o, wi in zip(outs, w)).backward()
+        grads.append((m.grad, zp.grad, dw.grad))
+    for ga, gb, name in zip(*grads, ("maps", "z_pres", "depth_weight")):
+        assert ga.abs().max() > 0, name
+        assert torch.allclose(ga, gb, rtol=1e-6, atol=1e-9), (name, float((ga - gb).abs().max()))
+
+
+@pytest.mark.parametrize("n,c0,s", [(64, (0.5, 0.5), 0.5), (64, (0.3, 0.6), 0.37), (32, (0.8, 0.2), 0.25)])
+def test_single_constant_glimpse_paints_its_square(n, c0, s):
+    """A glimpse of mask 1 and colour c, size s at centre c0 covers the canvas square
+    [c0 - s/2, c0 + s/2]: alpha ~ 1 and mu_fg = c inside, 0 well outside."""
+    colour = torch.tensor([0.2, 0.5, 0.9])
+    maps = torch.zeros(1, 1, 5, S, S)
+    maps[0, 0, 0] = 1
+    maps[0, 0, 1:4] = colour[:, None, None]
+    centre = torch.tensor([[c0]])
+    size = torch.full((1, 1, 2), s)
+    alpha, mu, _ = composite(maps, torch.ones(1, 1), torch.ones(1, 1), centre, size, n)
+    pix = (torch.arange(n) + 0.5) / n  # pixel centres
+    # Bilinear sampling with zero padding softens half a glimpse pixel at each edge: stay one glimpse
+    # pixel (s / S of the image) plus one canvas pixel away from the square's border.
+    margin = s / S + 1 / n
+    def inside(c):
+        return (pix > c - s / 2 + margin) & (pix < c + s / 2 - margin)
+    def outside(c):
+        return (pix < c - s / 2 - margin) | (pix > c + s / 2 + margin)
+    ins = inside(c0[1])[:, None] & inside(c0[0])[None, :]  # rows are y, columns x
+    out = outside(c0[1])[:, None] | outside(c0[0])[None, :]
+    assert ins.sum() > 0 and out.sum() > 0
+    a = alpha[0, 0]
+    assert torch.allclose(a[ins], torch.ones(()), atol=1e-5)
+    assert a[out].abs().max() == 0
+    assert torch.allclose(mu[0][:, ins], colour[:, None].expand(3, int(ins.sum())), atol=1e-5)
+    assert mu[0][:, out].abs().max() == 0
+
+
+def test_composite_front_glimpse_wins_by_depth():
+    """Two overlapping opaque glimpses: the one with the larger depth weight (nearer) dominates."""
+    n = 32
+    maps = torch.zeros(1, 2, 5, S, S)
+    maps[0, :, 0] = 1
+    maps[0, 0, 1] = 1.0  # red
+    maps[0, 1, 3] = 1.0  # blue
+    centre = torch.tensor([[[0.5, 0.5], [0.5, 0.5]]])
+    size = torch.full((1, 2, 2), 0.5)
+    _, mu, _ = composite(maps, torch.ones(1, 2), torch.tensor([[1.0, math.exp(-8)]]), centre, size, n)
+    c = mu[0, :, 16, 16]
+    assert c[0] > 0.99 and c[2] < 0.01
+
+
+# ------------------------------------------------------------------------------------------- extraction
+
+
+def _coordinate_image(b, n):
+    """Channel 0: x of the pixel centre (fraction of the image), channel 1: y, channel 2: image index."""
+    pix = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    x = torch.empty(b, 3, n, n, dtype=torch.float64)
+    x[:, 0] = pix[None, None, :]
+    x[:, 1] = pix[None, :, None]
+    x[:, 2] = torch.arange(b, dtype=torch.float64)[:, None, None] + 1
+    return x
+
+
+def test_extract_glimpses_reads_the_expected_quadrants():
+    n = 64
+    x = _coordinate_image(2, n)
+    # Size 0.5 glimpses at quadrant centres: with S=32 and N=64 each glimpse pixel is a canvas pixel.
+    centre = torch.tensor([[[0.25, 0.25], [0.75, 0.25]], [[0.25, 0.75], [0.75, 0.75]]], dtype=torch.float64)
+    size = torch.full((2, 2, 2), 0.5, dtype=torch.float64)
+    g = extract_glimpses(x, centre, size, S)
+    assert g.shape == (4, 3, S, S)
+    h = n // 2
+    expected = [x[0, :, :h, :h], x[0, :, :h, h:], x[1, :, h:, :h], x[1, :, h:, h:]]  # (B, C) order
+    for i, e in enumerate(expected):
+        assert torch.allclose(g[i], e, atol=1e-12), i
+
+
+def test_extract_glimpses_interpolates_an_off_grid_box():
+    n = 64
+    x = _coordinate_image(1, n)
+    cx, cy, sx, sy = 0.6, 0.7, 0.3, 0.2
+    g = extract_glimpses(x, torch.tensor([[[cx, cy]]], dtype=torch.float64),
+                         torch.tensor([[[sx, sy]]], dtype=torch.float64), S)[0]
+    u = (torch.arange(S, dtype=torch.float64) + 0.5) / S - 0.5  # glimpse pixel centres in [-0.5, 0.5]
+    # Bilinear interpolation of a linear function is exact (the box stays half a pixel inside).
+    assert torch.allclose(g[0], (cx + sx * u)[None, :].expand(S, S), atol=1e-9)
+    assert torch.allclose(g[1], (cy + sy * u)[:, None].expand(S, S), atol=1e-9)
+    assert torch.allclose(g[2], torch.ones((), dtype=torch.float64), atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------- boundary loss
+
+
+def _band(width):
+    band = torch.ones(S, S)
+    band[width:S - width, width:S - width] = 0
+    return band
+
+
+def test_boundary_band_is_the_border_of_width_b():
+    for b in (0, 1, 6, 15):
+        expected = _band(b) if b else torch.zeros(S, S)
+        assert torch.equal(boundary_band(S, b), expected), b
+
+
+def _boundary(mask, centre, size, n, z_pres=1.0, fn=composite):
+    maps = torch.zeros(1, 1, 5, S, S, dtype=torch.float64)
+    maps[0, 0, 0] = mask
+    maps[0, 0, 1:4] = 0.5
+    maps[0, 0, 4] = _band(6)
+    return fn(maps, torch.tensor([[z_pres]], dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64),
+              torch.tensor([[centre]], dtype=torch.float64), torch.tensor([[[size, size]]], dtype=torch.float64),
+              n)[2][0]
+
+
+@pytest.mark.parametrize("fn", [composite, composite_full])
+def test_boundary_loss_zero_inside_positive_across_the_band(fn):
+    b = 6
+    # Aligned: N=64, size 0.5 -> one glimpse pixel per canvas pixel, no interpolation.
+    inner = torch.zeros(S, S)
+    inner[b:S - b, b:S - b] = 1  # mask exactly the interior
+    assert float(_boundary(inner, (0.5, 0.5), 0.5, 64, fn=fn)) == pytest.approx(0, abs=1e-9)
+    crossing = torch.zeros(S, S)
+    crossing[b - 1:S - b + 1, b - 1:S - b + 1] = 1  # one ring into the band: 4 * (S - 2b + 1) pixels
+    assert float(_boundary(crossing, (0.5, 0.5), 0.5, 64, fn=fn)) == pytest.approx(4 * (S - 2 * b + 1), rel=1e-6)
+    # Any placement: bilinear sampling blurs by one glimpse pixel, so keep one more pixel of margin.
+    inner2 = torch.zeros(S, S)
+    inner2[b + 1:S - b - 1, b + 1:S - b - 1] = 1
+    full = torch.ones(S, S)
+    for centre, size, n in [((0.37, 0.61), 0.43, 64), ((0.1, 0.9), 0.3, 32), ((0.52, 0.48), 0.21, 128)]:
+        assert float(_boundary(inner2, centre, size, n, fn=fn)) == pytest.approx(0, abs=1e-9)
+        assert float(_boundary(crossing, centre, size, n, fn=fn)) > 1.0
+        assert float(_boundary(full, centre, size, n, fn=fn)) > float(_boundary(crossing, centre, size, n, fn=fn))
+        # z_pres = 0: the glimpse is absent, its band costs nothing.
+        assert float(_boundary(full, centre, size, n, z_pres=0.0, fn=fn)) == 0
+
+
+# ------------------------------------------------------------------------------------- stick-breaking
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_stick_breaking_matches_direct_products(k):
+    g = torch.Generator().manual_seed(k)
+    logits = torch.randn(2, k, 1, 6, 6, generator=g, dtype=torch.float64) * 3
+    m = torch.sigmoid(logits)
+    pi = torch.empty_like(m)
+    rest = torch.ones_like(m[:, 0])
+    for j in range(k):
+        pi[:, j] = m[:, j] * rest if j < k - 1 else rest
+        rest = rest * (1 - m[:, j])
+    log_pi = Background.stick_breaking(logits)
+    assert log_pi.shape == logits.shape
+    assert torch.allclose(log_pi.exp(), pi, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(log_pi.exp().sum(1), torch.ones((), dtype=torch.float64), atol=1e-12)
+
+
+def test_stick_breaking_stays_finite_for_extreme_logits():
+    logits = torch.tensor([60.0, -60.0, 60.0, 0.0]).view(1, 4, 1, 1, 1)
+    log_pi = Background.stick_breaking(logits)
+    assert torch.isfinite(log_pi).all()
+    assert float(log_pi.exp().sum()) == pytest.approx(1, abs=1e-6)
+    assert float(log_pi[0, 0].exp()) == pytest.approx(1, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- where_to_box
+
+
+@pytest.mark.parametrize("g", [1, 4, 8])
+def test_where_to_box_zero_shift_is_the_cell_centre(g):
+    z = torch.zeros(2, g, g, 2)
+    centre, size = where_to_box(z, z, g, 1.0)
+    for i in range(g):  # row
+        for j in range(g):  # column
+            assert centre[0, i, j].tolist() == pytest.approx([(j + 0.5) / g, (i + 0.5) / g])
+    assert torch.allclose(size, torch.full_like(size, 0.5))
+
+
+@pytest.mark.parametrize("shift_range", [0.5, 1.0, 2.0])
+def test_where_to_box_shift_bounded_by_shift_range_cells(shift_range):
+    g = 4
+    zero = torch.zeros(1, g, g, 2)
+    cell, _ = where_to_box(zero, zero, g, shift_range)
+    gen = torch.Generator().manual_seed(0)
+    z_shift = torch.randn(3, g, g, 2, generator=gen) * 5
+    z_scale = torch.randn(3, g, g, 2, generator=gen) * 3
+    centre, size = where_to_box(z_scale, z_shift, g, shift_range)
+    assert torch.allclose(centre - cell, shift_range * torch.tanh(z_shift) / g, atol=1e-6)
+    assert ((centre - cell).abs() <= shift_range / g + 1e-6).all()
+    assert torch.allclose(size, torch.sigmoid(z_scale))
+    # Saturated shifts reach exactly shift_range cells.
+    big = torch.full((1, g, g, 2), 50.0)
+    c_hi, _ = where_to_box(zero, big, g, shift_range)
+    c_lo, _ = where_to_box(zero, -big, g, shift_range)
+    assert torch.allclose(c_hi - cell, torch.full_like(cell, shift_range / g))
+    assert torch.allclose(c_lo - cell, torch.full_like(cell, -shift_range / g))
+
+
+def test_model_centre_and_size_come_from_where_to_box(space_out):
+    """The boxes SPACE reports lie within shift_range cells of their cell centres, sizes in (0, 1)."""
+    cfg, _, _, out = space_out
+    g = cfg.grid_size
+    zero = torch.zeros(1, g, g, 2)
+    cell, _ = where_to_box(zero, zero, g, cfg.shift_range)
+    assert ((out["fg"]["centre"] - cell).abs() <= cfg.shift_range / g + 1e-6).all()
+    assert ((out["fg"]["size"] > 0) & (out["fg"]["size"] < 1)).all()
+
+
+# ------------------------------------------------------------------------------ annealing and presets
+
+
+def test_anneal_at_end_points_and_between():
+    a = Anneal(0.1, 0.01, 4000, 10000)
+    assert a.at(0) == 0.1
+    assert a.at(4000) == 0.1
+    assert a.at(7000) == pytest.approx(0.055)
+    assert a.at(5500) == pytest.approx(0.1 + 0.25 * (0.01 - 0.1))
+    assert a.at(10000) == pytest.approx(0.01)
+    assert a.at(10**6) == pytest.approx(0.01)
+    # Monotone between the end points.
+    vals = [a.at(s) for s in range(0, 12000, 500)]
+    assert all(x >= y for x, y in zip(vals, vals[1:]))
+    # Rising schedule, and a constant one (m -> m) : (0 -> 0).
+    r = Anneal(-1.0, -2.0, 10000, 20000)
+    assert r.at(15000) == pytest.approx(-1.5)
+    c = Anneal(0.01, 0.01, 0, 0)
+    assert c.at(0) == c.at(5) == c.at(10**5) == 0.01
+    # A step schedule (start_step == end_step): start up to the step, end after it.
+    s = Anneal(1.0, 2.0, 100, 100)
+    assert s.at(100) == 1.0 and s.at(101) == 2.0
+
+
+def test_room3d_large_preset_has_appendix_d2_values():
+    m = preset("room3d_large").model
+    t = preset("room3d_large").train
+    assert (m.z_pres_prior.start, m.z_pres_prior.end, m.z_pres_prior.start_step, m.z_pres_prior.end_step) == \
+        (0.1, 0.01, 4000, 10000)
+    sp = m.z_scale_prior_mean
+    assert (sp.start, sp.end, sp.start_step, sp.end_step) == (-1.0, -2.0, 10000, 20000)
+    assert m.z_scale_prior_std == 0.1
+    assert (m.z_shift_prior_mean, m.z_shift_prior_std) == (0.0, 1.0)
+    assert (m.z_depth_prior_mean, m.z_depth_prior_std) == (0.0, 1.0)
+    assert m.fg_sigma == 0.15 and m.bg_sigma == 0.15
+    assert m.n_components == 5 and m.tau == 2.0
+    assert m.fix_alpha_steps == 0  # N/A for 3D-Room
+    # D.3 and C
+    assert m.image_size == 128 and m.grid_size == 16 and m.glimpse_size == 32
+    assert (m.z_what_dim, m.z_mask_dim, m.z_comp_dim, m.z_depth_dim) == (32, 32, 32, 1)
+    assert m.lstm_hidden == 64 and m.comp_prior_hidden == 64
+    assert m.boundary_width == 6
+    # D.2 optimisation
+    assert t.fg_lr == 1e-5 and t.bg_lr == 1e-3 and t.clip_norm == 1.0
+    assert 12 <= t.batch_size <= 16
+
+
+def test_room3d_small_preset_is_large_with_an_8x8_grid():
+    small, large = preset("room3d_small").to_dict(), preset("room3d_large").to_dict()
+    assert small["model"].pop("grid_size") == 8
+    large["model"].pop("grid_size")
+    assert small == large
+
+
+def test_atari_preset_has_appendix_d2_values():
+    m = preset("atari").model
+    assert m.n_components == 3 and m.tau == 2.5
+    assert m.fg_sigma == 0.2 and m.bg_sigma == 0.1
+    assert m.fix_alpha_steps == 2000 and m.fix_alpha_value == 0.1
+    for step in (0, 1000, 50000):
+        assert m.z_pres_prior.at(step) == pytest.approx(0.01)
+    assert m.z_scale_prior_mean.at(0) == -2.0
+    assert m.z_scale_prior_mean.at(10000) == pytest.approx(-2.25)
+    assert m.z_scale_prior_mean.at(20000) == pytest.approx(-2.5)
+    assert m.z_scale_prior_std == 0.1
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_validates_and_round_trips(name):
+    cfg = preset(name).validate()
+    assert Config.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+
+
+def test_unknown_preset_and_setting_are_named():
+    with pytest.raises(ConfigError, match="nope"):
+        preset("nope")
+    with pytest.raises(ConfigError, match="grid_sise"):
+        Config.from_dict({"model": {"grid_sise": 4}})
+
+
+@pytest.mark.parametrize("kw,word", [
+    (dict(image_size=48), "image_size"),
+    (dict(grid_size=3), "grid_size"),
+    (dict(image_size=32, grid_size=16), "grid_size"),
+    (dict(glimpse_size=16), "glimpse_size"),
+    (dict(tau=0), "tau"),
+    (dict(n_components=0), "n_components"),
+    (dict(boundary_width=16), "boundary_width"),
+    (dict(fix_alpha_value=1.0), "fix_alpha_value"),
+])
+def test_model_config_refusals_name_the_setting(kw, word):
+    with pytest.raises(ConfigError, match=word):
+        ModelConfig(**kw).validate()
