@@ -269,7 +269,7 @@ def train(cfg: Config, data: str, out: str, progress: bool = True, stop_after: i
 
         if is_main and (step % t_cfg.log_every == 0 or step == steps):
             last = {k: float(v.detach()) for k, v in terms.items()}
-            last.update(step=step, wall_s=round(time.perf_counter() - t0, 3), mse=float(out["mse"].mean()),
+            last.update(step=step, wall_s=round(time.perf_counter() - t0, 3), mse=float(out["mse"].detach().mean()),
                         grad_norm=float(grad_norm), fg_lr=t_cfg.fg_lr, bg_lr=bg_lr,
                         glimpses=out["fg"]["glimpses_decoded"])
             log.write(last)
