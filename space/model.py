@@ -289,6 +289,8 @@ class Foreground(nn.Module):
         # begins near its prior and the compositing windows start small.
         with torch.no_grad():
             self.z_scale_net.bias[:2].fill_(cfg.z_scale_prior_mean.start)
+            # and with the prior's spread: softplus(b) = z_scale_prior_std
+            self.z_scale_net.bias[2:].fill_(math.log(math.expm1(cfg.z_scale_prior_std)))
 
     def forward(self, x, z_scale_prior_mean: float, z_pres_prior: float):
         cfg = self.cfg

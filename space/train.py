@@ -137,12 +137,16 @@ def check_finite(terms: dict, step: int) -> None:
 
 
 @torch.no_grad()
-def validation_mse(model, loader_iter, batches: int, device, step: int) -> float:
+def validation_mse(model, val_set: StoreDataset, batch_size: int, batches: int, seed: int, device, step: int) -> float:
+    """Reconstruction MSE on the same `batches` fixed validation batches every time, so the curve compares
+    across steps and a resumed run scores what an uninterrupted one would."""
+    sampler = StepBatchSampler(len(val_set), min(batch_size, len(val_set)), seed)
+    channels_last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
     model.eval()
     total, n = 0.0, 0
-    for _ in range(batches):
-        x = next(loader_iter).to(device)
-        if next(model.parameters()).is_contiguous(memory_format=torch.channels_last):
+    for k in range(batches):
+        x = val_set.__getitems__(sampler.batch(k)).to(device)
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out = model(x, step)
         total += float(out["mse"].sum())
@@ -210,12 +214,6 @@ def train(cfg: Config, data: str, out: str, progress: bool = True, stop_after: i
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=t_cfg.workers,
                                          collate_fn=collate_batch, generator=torch.Generator(),
                                          pin_memory=device.type == "cuda", persistent_workers=t_cfg.workers > 0)
-    val_iter = None
-    if val_set is not None and is_main:
-        val_sampler = StepBatchSampler(len(val_set), min(t_cfg.batch_size, len(val_set)), t_cfg.seed + 1)
-        val_iter = iter(torch.utils.data.DataLoader(val_set, batch_sampler=val_sampler, collate_fn=collate_batch,
-                                                    generator=torch.Generator()))
-
     log = CsvLog(run / "metrics.csv", CSV_FIELDS, start) if is_main else None
     val_log = CsvLog(run / "val.csv", ("step", "wall_s", "val_mse"), start) if is_main else None
     tb = _tensorboard(run / "tb") if is_main else None
@@ -277,8 +275,8 @@ def train(cfg: Config, data: str, out: str, progress: bool = True, stop_after: i
             if tb is not None:
                 for k in (*TERMS, "mse", "grad_norm"):
                     tb.add_scalar(f"train/{k}", last[k], step)
-        if is_main and val_iter is not None and (step % t_cfg.val_every == 0 or step == steps):
-            v = validation_mse(model, val_iter, t_cfg.val_batches, device, step)
+        if is_main and val_set is not None and (step % t_cfg.val_every == 0 or step == steps):
+            v = validation_mse(model, val_set, t_cfg.batch_size, t_cfg.val_batches, t_cfg.seed + 1, device, step)
             val_log.write({"step": step, "wall_s": round(time.perf_counter() - t0, 3), "val_mse": v})
             if tb is not None:
                 tb.add_scalar("val/mse", v, step)
