@@ -31,7 +31,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -44,25 +43,13 @@ import time
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
+from benchlib import machine  # noqa: E402  (bench/ is on sys.path when a script runs)
+
 PRESETS = {"small": (4, 8), "large": (18, 24)}
 PAPER_SPLITS = {"train": 63000, "val": 7000, "test": 7000}
 PAPER_FRAMES = sum(PAPER_SPLITS.values())
 REQ_SCENES_PER_S = 80.0
 REQ_DATASET_MINUTES = 20.0
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpus": os.cpu_count(), "cpu_model": cpu, "python": platform.python_version(),
-            "loadavg_1m": os.getloadavg()[0]}
 
 
 def cpu_ticks() -> tuple[int, int, int]:

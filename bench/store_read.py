@@ -31,7 +31,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -39,24 +38,12 @@ import time
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
+from benchlib import machine  # noqa: E402  (bench/ is on sys.path when a script runs)
+
 import numpy as np  # noqa: E402
 
 REQ_IMAGES_PER_S = 1000.0
 FRAME_ARRAYS = ("images", "masks", "boxes", "labels", "n_objects", "visibility")
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpus": os.cpu_count(), "cpu_model": cpu, "python": platform.python_version(),
-            "loadavg_1m": os.getloadavg()[0]}
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -267,7 +254,6 @@ class BatchedFrameDataset(FrameDataset):
 
 def time_dataloader(path, split, name, batch, workers, batched, seconds, seed, mp_context, torch_threads=None):
     import torch
-    from torch.utils.data import DataLoader
 
     old_threads = torch.get_num_threads()
     if torch_threads:

@@ -197,7 +197,8 @@ PRESETS: dict[str, dict] = {
             "fix_alpha_value": 0.1,
         }
     },
-    # The CPU demo: 64x64 3D-Room Small, a 4x4 grid, K=3, batch 8, faster schedules; learns on 2 cores in minutes.
+    # The CPU demo: 64x64 3D-Room Small, a 4x4 grid, K=3, batch 8, faster schedules: about 0.4 s a step on
+    # 2 cores. Not yet tuned to switch the foreground on within its 600 demo steps (see BENCHMARKS.md).
     "demo": {
         "model": {
             "image_size": 64,
