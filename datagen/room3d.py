@@ -493,24 +493,27 @@ def generate(out: str, cfg: Room3DConfig, splits: dict, seed: int, shard_size: i
         raise ConfigError(f"workers: must be at least 1, got {workers}")
     # One trial frame before anything is written: parameters that pass every check but cannot make
     # the frames asked for (too small an image for min_visible_pixels, say) fail here, not mid-run.
-    with Room3DRenderer(cfg) as trial:
-        trial.sample_frame(frame_rng(seed, split_key(next(iter(splits))), 0))
-    writer = StoreWriter.create_or_resume(out, store_spec(cfg, splits, seed, shard_size), overwrite=overwrite)
-    tasks = [(split, shard) for split in splits for shard in writer.pending(split)]
-    total = sum(writer.shard_bounds(s, i)[1] - writer.shard_bounds(s, i)[0] for s, i in tasks)
-    bar = tqdm(total=total, unit="frame", desc=f"room3d {out}", disable=not progress, smoothing=0.05)
-    if workers == 1:
-        _init_worker(cfg.to_dict(), out, seed)
-        try:
+    # With one worker the same renderer then renders the store.
+    renderer = Room3DRenderer(cfg)
+    try:
+        renderer.sample_frame(frame_rng(seed, split_key(next(iter(splits))), 0))
+        writer = StoreWriter.create_or_resume(out, store_spec(cfg, splits, seed, shard_size), overwrite=overwrite)
+        tasks = [(split, shard) for split in splits for shard in writer.pending(split)]
+        total = sum(writer.shard_bounds(s, i)[1] - writer.shard_bounds(s, i)[0] for s, i in tasks)
+        bar = tqdm(total=total, unit="frame", desc=f"room3d {out}", disable=not progress, smoothing=0.05)
+        if workers == 1:
+            _WORKER.update(renderer=renderer, writer=writer, seed=seed)
             for t in tasks:
                 bar.update(_work(t))
-        finally:
-            _WORKER.pop("renderer").close()
-    else:
-        # spawn: each worker needs its own GL context, which must not be inherited through fork
-        with mp.get_context("spawn").Pool(workers, _init_worker, (cfg.to_dict(), out, seed)) as pool:
-            for n in pool.imap_unordered(_work, tasks):
-                bar.update(n)
+        else:
+            renderer.close()
+            # spawn: each worker needs its own GL context, which must not be inherited through fork
+            with mp.get_context("spawn").Pool(workers, _init_worker, (cfg.to_dict(), out, seed)) as pool:
+                for n in pool.imap_unordered(_work, tasks):
+                    bar.update(n)
+    finally:
+        _WORKER.clear()
+        renderer.close()
     bar.close()
     writer.finish()
     return out
