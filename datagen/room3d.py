@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import GenerationError, Room3DConfig
+from .store import MASK_OTHER_OBJECT
 
 N_FIXED = 11  # sky (5 panels), floor, 4 walls, ground outside: these come first in the model
 SKY_DISTANCE = 60.0
@@ -234,12 +235,12 @@ class Room3DRenderer:
         """One frame with its ground truth, in the store's per-frame layout (see datagen/store.py)."""
         cfg = self.cfg
         image, seg, gids, cam = self.render(scene)
-        n = cfg.image_size
         k_max = cfg.objects[1]
         boxes = np.full((k_max, 4), np.nan, np.float32)
         labels = np.full(k_max, -1, np.int16)
         vis = np.full(k_max, np.nan, np.float32)
-        mask = np.zeros((n, n), np.uint8)
+        # Mask id of each object (k+1 if counted, MASK_OTHER_OBJECT if not); the last slot is background.
+        mask_id = np.zeros(len(gids) + 1, np.uint8)
         # Geom id -> object index (or -1), to turn the segmentation into per-object pixel counts.
         lut = np.full(self.model.ngeom + 1, -1, np.int64)
         lut[gids] = np.arange(len(gids))
@@ -250,17 +251,17 @@ class Room3DRenderer:
             box = cam.project_box(cfg.shapes[scene.shapes[i]], scene.sizes[i], scene.positions[i], scene.yaws[i])
             visible = counts[i]
             if box is None or visible < cfg.min_visible_pixels:
-                mask[obj_of_pixel == i] = 255
+                mask_id[i] = MASK_OTHER_OBJECT
                 continue
             full = cam.covered_pixels(box, cfg.shapes[scene.shapes[i]], scene.sizes[i], scene.positions[i], scene.yaws[i])
             boxes[k] = box
             labels[k] = scene.shapes[i]
             vis[k] = min(1.0, visible / max(full, 1))
-            mask[obj_of_pixel == i] = k + 1
+            mask_id[i] = k + 1
             k += 1
         return {
             "images": image,
-            "masks": mask,
+            "masks": mask_id[obj_of_pixel],  # (N, N); obj_of_pixel == -1 picks the background slot
             "boxes": boxes,
             "labels": labels,
             "visibility": vis,

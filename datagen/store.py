@@ -258,7 +258,7 @@ def validate_store(path: str | Path) -> list[str]:
             continue
         g = root[split]
         keys = set(g.array_keys())
-        for name, (dtype, shape, _fill, _pf) in {**_CORE_ARRAYS}.items():
+        for name, (dtype, shape, _fill, _pf) in _CORE_ARRAYS.items():
             if name not in keys:
                 problems.append(f"{split}/{name} is missing")
                 continue

@@ -11,8 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 
-class ConfigError(ValueError):
-    """A setting is invalid; the message names it."""
+from datagen.config import ConfigError  # noqa: F401  one error type for every bad setting in the project
 
 
 @dataclass
