@@ -35,8 +35,41 @@ def conv_gn(cin, cout, k, stride=1, padding=0, groups=8):
     return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding), nn.GroupNorm(groups, cout), nn.CELU(inplace=True))
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training statistics span every data-parallel rank, on CPU (gloo) as on GPU.
+
+    Under DDP each rank holds a slice of the global batch; normalising each slice by its own statistics
+    would make N ranks train a different model from one process with N times the batch. The sums are
+    all-reduced with the autograd-aware collective, so the backward pass is synchronised too.
+    (torch.nn.SyncBatchNorm does the same on GPUs only.)
+    """
+
+    def forward(self, x):
+        import torch.distributed as dist
+
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        c = x.shape[1]
+        xf = x.float()
+        count = xf.new_full((1,), x.numel() // c)
+        stats = all_reduce(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))  # (2C + 1,)
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)  # biased: what BatchNorm normalises by
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
+            self.running_mean.mul_(1 - m).add_(m * mean.detach())
+            self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
+        shape = (1, c, 1, 1)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return (y * self.weight.view(shape) + self.bias.view(shape)).to(x.dtype)
+
+
 def conv_bn(cin, cout, k, stride=1, padding=0):
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding), nn.BatchNorm2d(cout), nn.ELU(inplace=True))
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding), BatchNorm2d(cout), nn.ELU(inplace=True))
 
 
 def conv_sub(cin, cout, scale, groups):

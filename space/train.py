@@ -265,9 +265,17 @@ def train(cfg: Config, data: str, out: str, progress: bool = True, stop_after: i
         step += 1
         bar.update(1)
 
+        if step % t_cfg.log_every == 0 or step == steps:
+            logged = torch.stack([*(v.detach().float() for v in terms.values()), out["mse"].detach().mean()])
+            if world > 1:  # every rank joins: the log shows the global batch's means, not rank 0's slice
+                import torch.distributed as dist
+
+                dist.all_reduce(logged)
+                logged /= world
+            logged = logged.tolist()
         if is_main and (step % t_cfg.log_every == 0 or step == steps):
-            last = {k: float(v.detach()) for k, v in terms.items()}
-            last.update(step=step, wall_s=round(time.perf_counter() - t0, 3), mse=float(out["mse"].detach().mean()),
+            last = dict(zip(terms, logged[:-1]))
+            last.update(step=step, wall_s=round(time.perf_counter() - t0, 3), mse=logged[-1],
                         grad_norm=float(grad_norm), fg_lr=t_cfg.fg_lr, bg_lr=bg_lr,
                         glimpses=out["fg"]["glimpses_decoded"])
             log.write(last)
