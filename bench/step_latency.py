@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-channels-last", action="store_true", help="NCHW instead of channels_last")
     p.add_argument("--sparse-threshold", type=float, default=0.0, help="skip glimpses below this z_pres probability")
+    p.add_argument("--checkpoint-images", type=int, default=0,
+                   help="activation checkpointing: images per recomputed foreground chunk (train.checkpoint_images; 0 = off)")
     ns = p.parse_args()
 
     if ns.threads:
@@ -50,6 +52,7 @@ def main() -> None:
     model = SPACE(cfg.model).to(device)
     fmt = torch.contiguous_format if ns.no_channels_last else torch.channels_last
     model = model.to(memory_format=fmt)
+    model.set_checkpoint_images(ns.checkpoint_images)
     fg, bg = model.param_groups()
     opt_fg = torch.optim.RMSprop(fg, lr=cfg.train.fg_lr)
     opt_bg = torch.optim.Adam(bg, lr=cfg.train.bg_lr)
@@ -82,16 +85,21 @@ def main() -> None:
         times.append(time.perf_counter() - t)
         glimpses = out["fg"]["glimpses_decoded"]
 
+    # Peak memory of the training steps themselves, before the FLOP count below (which keeps every
+    # activation) can raise it.
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+
     from torch.utils.flop_counter import FlopCounterMode
 
+    # The model's FLOPs, without the forward work that checkpointing repeats in the backward pass.
+    model.set_checkpoint_images(0)
     counter = FlopCounterMode(display=False)
     with counter:
         out = model(x, 0)
         out["terms"]["loss"].backward()
     gflop = counter.get_total_flops() / 1e9
     med = statistics.median(times)
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     result = {
         "preset": ns.preset,
         "batch": ns.batch,
@@ -102,6 +110,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "channels_last": not ns.no_channels_last,
         "sparse_threshold": ns.sparse_threshold,
+        "checkpoint_images": ns.checkpoint_images,
         "glimpses_decoded": glimpses,
         "median_s": round(med, 3),
         "min_s": round(min(times), 3),

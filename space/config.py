@@ -67,6 +67,11 @@ class ModelConfig:
     boundary_loss_weight: float = 1.0
     fix_alpha_steps: int = 0  # N/A for 3D-Room; Atari: 2000
     fix_alpha_value: float = 0.1
+    # The foreground mean of equation 1. "premultiplied": algorithm 1's mu_fg = sum(w * alpha_hat * o_att),
+    # the paper's. "normalised": sum(w * o_att), the glimpses' colour not darkened by alpha_hat, so the
+    # foreground component can explain an object's colour before its mask and z_pres have grown; the demo
+    # uses it (with "premultiplied" its foreground stays off over a short run, BENCHMARKS.md).
+    fg_mean: str = "premultiplied"
     # Cells whose z^pres probability is below this skip their glimpse (sparse mode); 0 = exact model.
     sparse_threshold: float = 0.0
 
@@ -90,6 +95,8 @@ class ModelConfig:
         for v in (self.z_pres_prior.start, self.z_pres_prior.end, self.fix_alpha_value):
             if not 0 < v < 1:
                 raise ConfigError(f"model: z_pres_prior and fix_alpha_value must lie in (0, 1), got {v}")
+        if self.fg_mean not in ("premultiplied", "normalised"):
+            raise ConfigError(f"model.fg_mean: premultiplied (the paper's) or normalised, got {self.fg_mean!r}")
         if not 0 <= self.sparse_threshold < 1:
             raise ConfigError(f"model.sparse_threshold: must lie in [0, 1), got {self.sparse_threshold}")
         return self
@@ -114,11 +121,16 @@ class TrainConfig:
     amp: bool = False  # bf16/fp16 autocast on GPU
     threads: int = 0  # CPU threads for torch (0: all cores)
     channels_last: bool = True  # NHWC convolutions: measured 1.1-1.4x faster on this CPU (bench/step_latency.py)
+    # Activation checkpointing: the foreground runs in chunks of this many images and recomputes their
+    # activations in the backward pass instead of storing them (0 = off). Less memory, more time.
+    checkpoint_images: int = 0
 
     def validate(self) -> "TrainConfig":
         for name in ("batch_size", "steps", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be at least 1, got {getattr(self, name)}")
+        if self.checkpoint_images < 0:
+            raise ConfigError(f"train.checkpoint_images: must be 0 (off) or more, got {self.checkpoint_images}")
         for name in ("fg_lr", "bg_lr", "clip_norm"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"train.{name}: must be above 0, got {getattr(self, name)}")
@@ -156,13 +168,45 @@ def _fill(cls, d: dict, where: str):
         raise ConfigError(f"unknown {where} setting(s) {sorted(unknown)}; known: {sorted(fields)}")
     kw = {}
     for k, v in d.items():
-        if isinstance(v, dict):  # an Anneal
+        kind = fields[k].type  # the annotation's text: "float", "int", "bool", "str" or "Anneal"
+        if kind == "Anneal":
+            if isinstance(v, Anneal):
+                kw[k] = v
+                continue
+            if not isinstance(v, dict):
+                raise ConfigError(f"{where}.{k}: give {{start, end, start_step, end_step}}, got {v!r}")
             try:
-                v = Anneal(**v)
+                v = Anneal(**{name: _typed(f"{where}.{k}.{name}", x, "int" if name.endswith("step") else "float")
+                              for name, x in v.items()})
             except TypeError as e:
                 raise ConfigError(f"{where}.{k}: give start, end, start_step, end_step ({e})") from None
-        kw[k] = v
+            kw[k] = v
+        else:
+            kw[k] = _typed(f"{where}.{k}", v, kind)
     return cls(**kw)
+
+
+def _typed(key: str, v, kind: str):
+    """Check (and for numbers written as text, such as YAML's 1e-4, convert) a setting's value."""
+    if kind == "bool":
+        if isinstance(v, bool):
+            return v
+    elif kind == "str":
+        if isinstance(v, str):
+            return v
+    elif kind in ("int", "float") and not isinstance(v, bool):
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+        if isinstance(v, (int, float)):
+            if kind == "float":
+                return float(v)
+            if float(v).is_integer():
+                return int(v)
+    raise ConfigError(f"{key}: expected {'a number' if kind == 'float' else 'an integer' if kind == 'int' else kind}, "
+                      f"got {v!r}")
 
 
 def preset(name: str) -> Config:

@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 
@@ -239,7 +240,7 @@ def _window_grid(centre, size, n: int, glimpse_size: int):
     return lo.long(), p, grid
 
 
-def composite(maps, z_pres, depth_weight, centre, size, n: int):
+def composite(maps, z_pres, depth_weight, centre, size, n: int, premultiplied: bool = True):
     """Depth-weighted compositing of glimpses into the foreground (algorithm 1, last lines), windowed.
 
     maps: (B, C, 5, S, S) glimpse-space alpha_att, o_att (3), boundary band; z_pres, depth_weight (B, C);
@@ -248,7 +249,8 @@ def composite(maps, z_pres, depth_weight, centre, size, n: int):
 
     Per pixel, glimpse i has alpha_hat_i = alpha_att_i * z_pres_i and importance
     alpha_hat_i * depth_weight_i; w_i = importance_i / sum_j importance_j, alpha = sum_i w_i alpha_hat_i,
-    mu_fg = sum_i w_i alpha_hat_i o_att_i.
+    mu_fg = sum_i w_i alpha_hat_i o_att_i (algorithm 1: y_att premultiplied by alpha_hat), or with
+    `premultiplied=False` mu_fg = sum_i w_i o_att_i, the colour without the darkening by alpha_hat.
     """
     b, c, _, s, _ = maps.shape
     m = b * c
@@ -257,7 +259,8 @@ def composite(maps, z_pres, depth_weight, centre, size, n: int):
                         align_corners=False)  # (M, 5, P, P)
     alpha_hat = win[:, :1] * z_pres.reshape(m, 1, 1, 1)
     imp = alpha_hat * depth_weight.reshape(m, 1, 1, 1)
-    sums = torch.cat([imp, imp * alpha_hat, imp * alpha_hat * win[:, 1:4]], 1)  # (M, 5, P, P)
+    colour = alpha_hat * win[:, 1:4] if premultiplied else win[:, 1:4]
+    sums = torch.cat([imp, imp * alpha_hat, imp * colour], 1)  # (M, 5, P, P)
 
     # Flat canvas index of every window pixel; pixels off the canvas go to a spill slot n*n.
     offs = torch.arange(p, device=maps.device)
@@ -281,7 +284,7 @@ def composite(maps, z_pres, depth_weight, centre, size, n: int):
     return alpha, mu_fg, boundary
 
 
-def composite_full(maps, z_pres, depth_weight, centre, size, n: int):
+def composite_full(maps, z_pres, depth_weight, centre, size, n: int, premultiplied: bool = True):
     """The straightforward composite: every glimpse warped onto the whole canvas. Reference for tests."""
     b, c, _, s, _ = maps.shape
     m = b * c
@@ -299,7 +302,7 @@ def composite_full(maps, z_pres, depth_weight, centre, size, n: int):
     imp = alpha_hat * depth_weight[:, :, None, None, None]
     denom = imp.sum(1) + EPS
     alpha = (imp * alpha_hat).sum(1) / denom
-    mu_fg = (imp * alpha_hat * full[:, :, 1:4]).sum(1) / denom
+    mu_fg = (imp * (alpha_hat if premultiplied else 1) * full[:, :, 1:4]).sum(1) / denom
     boundary = (full[:, :, 4:5] * z_pres[:, :, None, None, None] * alpha[:, None]).sum((1, 2, 3, 4))
     return alpha, mu_fg, boundary
 
@@ -318,6 +321,7 @@ class Foreground(nn.Module):
         self.glimpse_encoder = GlimpseEncoder(cfg.z_what_dim)
         self.glimpse_decoder = GlimpseDecoder(cfg.z_what_dim)
         self.register_buffer("band", boundary_band(cfg.glimpse_size, cfg.boundary_width), persistent=False)
+        self.checkpoint_images = 0  # images per activation-checkpointed chunk (0: keep every activation)
         # Start glimpses at the size the z_scale prior expects rather than half the image: the posterior
         # begins near its prior and the compositing windows start small.
         with torch.no_grad():
@@ -326,6 +330,20 @@ class Foreground(nn.Module):
             self.z_scale_net.bias[2:].fill_(math.log(math.expm1(cfg.z_scale_prior_std)))
 
     def forward(self, x, z_scale_prior_mean: float, z_pres_prior: float):
+        """x (B, 3, N, N) -> the foreground's outputs, a dict of per-image tensors (batch first)."""
+        chunk = self.checkpoint_images
+        if not (chunk and torch.is_grad_enabled() and x.shape[0] > chunk):
+            return self.infer(x, z_scale_prior_mean, z_pres_prior)
+        # Activation checkpointing: every foreground layer works per image, so the batch runs in chunks
+        # whose activations are dropped after the forward pass and recomputed, one chunk at a time, in the
+        # backward pass (with the same random draws: checkpoint restores the RNG state).
+        parts = [checkpoint(self.infer, xc, z_scale_prior_mean, z_pres_prior, use_reentrant=False)
+                 for xc in x.split(chunk)]
+        return {k: sum(p[k] for p in parts) if k == "glimpses_decoded" else torch.cat([p[k] for p in parts])
+                for k in parts[0]}
+
+    def infer(self, x, z_scale_prior_mean: float, z_pres_prior: float):
+        """Algorithm 1 on a batch (or a chunk of one)."""
         cfg = self.cfg
         b, g, s = x.shape[0], cfg.grid_size, cfg.glimpse_size
         c = g * g
@@ -357,10 +375,16 @@ class Foreground(nn.Module):
         glimpses = extract_glimpses(x, centre_f, size_f, s)  # (B*C, 3, S, S)
         if keep is not None:
             glimpses = glimpses[keep]
-        what_mu, what_sigma = self.glimpse_encoder(glimpses)  # (M, D)
-        z_what = rs(what_mu, what_sigma)
-        alpha_att, o_att = self.glimpse_decoder(z_what)  # (M, 1, S, S), (M, 3, S, S)
-        maps = torch.cat([alpha_att, o_att, self.band.expand(alpha_att.shape[0], 1, s, s)], 1)  # (M, 5, S, S)
+        m = glimpses.shape[0]
+        if m:
+            what_mu, what_sigma = self.glimpse_encoder(glimpses)  # (M, D)
+            z_what = rs(what_mu, what_sigma)
+            alpha_att, o_att = self.glimpse_decoder(z_what)  # (M, 1, S, S), (M, 3, S, S)
+            att = torch.cat([alpha_att, o_att], 1)  # (M, 4, S, S)
+        else:  # sparse mode with no cell above the threshold: nothing to encode or decode
+            what_mu = what_sigma = glimpses.new_zeros(0, cfg.z_what_dim)
+            att = glimpses.new_zeros(0, 4, s, s)
+        maps = torch.cat([att, self.band.expand(m, 1, s, s)], 1)  # (M, 5, S, S) alpha_att, o_att, band
         if keep is not None:
             full = maps.new_zeros(b * c, 5, s, s)
             maps = full.index_copy(0, keep, maps)
@@ -369,7 +393,7 @@ class Foreground(nn.Module):
         depth = cfg.depth_sharpness * torch.sigmoid(z_depth[..., 0]).reshape(b, c)  # (B, C)
         depth_weight = torch.exp(-(depth - depth.min(1, keepdim=True).values))
         alpha, mu_fg, boundary = composite(maps.view(b, c, 5, s, s), z_pres.reshape(b, c), depth_weight,
-                                           centre_f, size_f, cfg.image_size)
+                                           centre_f, size_f, cfg.image_size, cfg.fg_mean == "premultiplied")
 
         # KL terms (appendix B), per cell; z_where, z_depth, z_what weighted by the z_pres sample.
         kl_pres = bernoulli_kl(pres_prob, z_pres_prior)  # (B, G, G)
@@ -574,8 +598,9 @@ class SPACE(nn.Module):
 
         kl = fg["kl_pres"] + fg["kl_where"] + fg["kl_depth"] + fg["kl_what"] + bg["kl_bg_mask"] + bg["kl_bg_comp"]
         elbo = log_lik - kl  # equation 6
-        # Appendix C minimises the mean of the boundary-loss map over the canvas.
-        boundary = cfg.boundary_loss_weight * fg["boundary"] / cfg.image_size**2
+        # Appendix C's boundary-loss map, summed over the canvas like the log-likelihood (both are per
+        # image), then averaged over the batch with the rest of the loss.
+        boundary = cfg.boundary_loss_weight * fg["boundary"]
         loss = (-elbo + boundary).mean()
 
         pi = bg["log_pi"].exp()
@@ -602,6 +627,15 @@ class SPACE(nn.Module):
             "bg_image": bg_image,
             "pi": pi,
         }
+
+    def set_checkpoint_images(self, images: int) -> None:
+        """Activation checkpointing (train.checkpoint_images): recompute instead of storing activations.
+
+        The foreground runs in chunks of this many images whose activations are recomputed in the backward
+        pass; 0 stores every activation. The background is left alone: its BatchNorm statistics span the
+        batch, and recomputing them would update the running statistics twice.
+        """
+        self.fg.checkpoint_images = int(images)
 
     def param_groups(self):
         """Foreground parameters (RMSProp) and background parameters (Adam), appendix D.2."""

@@ -181,6 +181,7 @@ def train(cfg: Config, data: str, out: str, progress: bool = True, stop_after: i
     torch.manual_seed(t_cfg.seed + rank)
     fmt = torch.channels_last if t_cfg.channels_last else torch.contiguous_format
     model = SPACE(m_cfg).to(device, memory_format=fmt)
+    model.set_checkpoint_images(t_cfg.checkpoint_images)
     fg_params, bg_params = model.param_groups()
     opt_fg = torch.optim.RMSprop(fg_params, lr=t_cfg.fg_lr)
     opt_bg = torch.optim.Adam(bg_params, lr=t_cfg.bg_lr)

@@ -268,6 +268,105 @@ def test_gradients_reach_every_parameter():
     assert not dead, f"zero gradient: {dead}"
 
 
+def test_activation_checkpointing_computes_the_same_loss_and_gradients():
+    """train.checkpoint_images: the foreground in chunks, recomputed in backward, is the same function."""
+    torch.manual_seed(0)
+    model = SPACE(tiny_cfg()).double()
+    model.eval()  # no sampling noise: the chunked and whole-batch passes see the same latents
+    x = torch.rand(5, 3, 32, 32, dtype=torch.float64)
+    results = []
+    for chunk in (0, 2):
+        model.set_checkpoint_images(chunk)
+        model.zero_grad()
+        loss = model(x)["terms"]["loss"]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (l0, g0), (l1, g1) = results
+    assert torch.allclose(l0, l1, rtol=1e-10)
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], rtol=1e-7, atol=1e-10), name
+
+
+def test_activation_checkpointing_recomputes_with_the_forward_pass_draws(monkeypatch):
+    """In training mode each recomputed chunk must reuse its forward pass's random draws (checkpoint
+    restores the RNG state): the gradients equal those of the same chunked pass with every activation kept."""
+    import space.model as space_model
+
+    def grads(keep_activations):
+        if keep_activations:
+            monkeypatch.setattr(space_model, "checkpoint", lambda f, *a, use_reentrant: f(*a))
+        torch.manual_seed(0)
+        model = SPACE(tiny_cfg()).double()
+        model.set_checkpoint_images(1)
+        x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
+        model(x)["terms"]["loss"].backward()
+        monkeypatch.undo()
+        return {n: p.grad.clone() for n, p in model.fg.named_parameters()}
+
+    a, b = grads(False), grads(True)
+    for name in a:
+        assert (a[name] != 0).any(), name
+        assert torch.allclose(a[name], b[name], rtol=1e-7, atol=1e-10), name
+
+
+def _sparse_pair(threshold, seed=0):
+    torch.manual_seed(seed)
+    exact = SPACE(tiny_cfg())
+    sparse = SPACE(tiny_cfg(sparse_threshold=threshold))
+    sparse.load_state_dict(exact.state_dict())
+    return exact.eval(), sparse.eval()
+
+
+def test_sparse_mode_below_every_probability_is_the_exact_model():
+    exact, sparse = _sparse_pair(1e-9)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = exact(x), sparse(x)
+    assert b["fg"]["glimpses_decoded"] == a["fg"]["glimpses_decoded"] == 2 * 16
+    assert torch.allclose(a["terms"]["loss"], b["terms"]["loss"], rtol=1e-6)
+
+
+def test_sparse_mode_skips_exactly_the_cells_below_the_threshold():
+    """The skipped cells' glimpses vanish from the foreground; the kept cells are unchanged."""
+    exact, sparse = _sparse_pair(0.5)
+    with torch.no_grad():  # spread the cells' z_pres probabilities over (0, 1)
+        exact.fg.z_pres_net.bias.fill_(0.0)
+        exact.fg.z_pres_net.weight.mul_(50)
+        sparse.load_state_dict(exact.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = exact(x), sparse(x)
+    prob = a["fg"]["z_pres_prob"]
+    kept = prob >= 0.5
+    assert 0 < int(kept.sum()) < kept.numel()
+    assert b["fg"]["glimpses_decoded"] == int(kept.sum())
+    # Reference: the exact model with the skipped cells' z_pres forced to 0 (a logit of -1e4).
+    def switch_off(module, inputs, output):  # output (B, 1, G, G), kept (B, G, G)
+        return output.masked_fill(~kept[:, None], -1e4)
+
+    hook = exact.fg.z_pres_net.register_forward_hook(switch_off)
+    with torch.no_grad():
+        r = exact(x)
+    hook.remove()
+    # (z_where and z_depth are still inferred for every cell, so their KL terms are not compared.)
+    for key in ("alpha", "mu_fg", "kl_what", "boundary"):
+        assert torch.allclose(b["fg"][key], r["fg"][key], rtol=1e-5, atol=1e-6), key
+    assert not torch.allclose(a["fg"]["alpha"], b["fg"]["alpha"])  # skipping did change the foreground
+
+
+def test_sparse_mode_with_no_cell_above_the_threshold_trains():
+    """Every cell skipped: the step still runs forward and backward, with an empty foreground."""
+    torch.manual_seed(0)
+    model = SPACE(tiny_cfg(sparse_threshold=0.999))
+    with torch.no_grad():
+        model.fg.z_pres_net.bias.fill_(-20.0)
+    out = model(torch.rand(2, 3, 32, 32))
+    out["terms"]["loss"].backward()
+    assert out["fg"]["glimpses_decoded"] == 0
+    assert float(out["fg"]["alpha"].detach().max()) < 1e-4
+    assert torch.isfinite(out["terms"]["loss"])
+
+
 # ---------------------------------------------------------------------------------------- compositing
 
 
@@ -282,12 +381,13 @@ def _random_scene(seed, b, c, size_lo, size_hi, dtype=torch.float64):
     return maps, z_pres, depth_w, centre, size
 
 
+@pytest.mark.parametrize("premultiplied", [True, False], ids=["premultiplied", "normalised"])
 @pytest.mark.parametrize("n", [32, 64, 128])
 @pytest.mark.parametrize("sizes", [(0.01, 0.05), (0.02, 0.9), (0.5, 0.96)], ids=["tiny", "mixed", "large"])
-def test_composite_equals_full_canvas_version(n, sizes):
+def test_composite_equals_full_canvas_version(n, sizes, premultiplied):
     maps, z_pres, depth_w, centre, size = _random_scene(n + int(sizes[1] * 100), 2, 9, *sizes)
-    for a, b in zip(composite(maps, z_pres, depth_w, centre, size, n),
-                    composite_full(maps, z_pres, depth_w, centre, size, n)):
+    for a, b in zip(composite(maps, z_pres, depth_w, centre, size, n, premultiplied),
+                    composite_full(maps, z_pres, depth_w, centre, size, n, premultiplied)):
         assert torch.allclose(a, b, **CMP_TOL), float((a - b).abs().max())
 
 
@@ -595,6 +695,31 @@ def test_every_preset_validates_and_round_trips(name):
     assert Config.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
 
 
+def test_normalised_fg_mean_is_the_colour_not_darkened_by_alpha():
+    """One glimpse of colour c and mask 0.5: premultiplied mu_fg = 0.5 c (algorithm 1), normalised = c."""
+    colour = torch.tensor([0.2, 0.5, 0.9])
+    maps = torch.zeros(1, 1, 5, S, S)
+    maps[0, 0, 0] = 0.5
+    maps[0, 0, 1:4] = colour[:, None, None]
+    args = (torch.ones(1, 1), torch.ones(1, 1), torch.tensor([[[0.5, 0.5]]]), torch.full((1, 1, 2), 0.5), 32)
+    _, pre, _ = composite(maps, *args)
+    _, norm, _ = composite(maps, *args, premultiplied=False)
+    assert torch.allclose(pre[0, :, 16, 16], 0.5 * colour, atol=1e-6)
+    assert torch.allclose(norm[0, :, 16, 16], colour, atol=1e-6)
+
+
+def test_settings_are_type_checked_and_numbers_written_as_text_accepted():
+    """YAML 1.1 reads 1e-4 (no dot) as text: it is taken as the number; other wrong types are named."""
+    cfg = Config.from_dict({"train": {"fg_lr": "1e-4", "steps": 10.0},
+                            "model": {"z_pres_prior": {"start": "1e-1", "end": 0.01, "start_step": 0, "end_step": 5}}})
+    assert cfg.train.fg_lr == 1e-4 and isinstance(cfg.train.steps, int)
+    assert cfg.model.z_pres_prior.start == 0.1
+    for section, name, value in [("train", "steps", "many"), ("train", "steps", 2.5), ("train", "amp", 1),
+                                 ("model", "fg_mean", 3), ("model", "z_pres_prior", 0.1)]:
+        with pytest.raises(ConfigError, match=f"{section}.{name}"):
+            Config.from_dict({section: {name: value}})
+
+
 def test_unknown_preset_and_setting_are_named():
     with pytest.raises(ConfigError, match="nope"):
         preset("nope")
@@ -611,6 +736,7 @@ def test_unknown_preset_and_setting_are_named():
     (dict(n_components=0), "n_components"),
     (dict(boundary_width=16), "boundary_width"),
     (dict(fix_alpha_value=1.0), "fix_alpha_value"),
+    (dict(fg_mean="straight"), "fg_mean"),
 ])
 def test_model_config_refusals_name_the_setting(kw, word):
     with pytest.raises(ConfigError, match=word):

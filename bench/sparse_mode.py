@@ -1,0 +1,171 @@
+"""Sparse mode on a trained run: step time, glimpses decoded, loss and box AP at several thresholds.
+
+    python bench/sparse_mode.py --run results/runs/space_room3d_small --data results/data/room3d_small.zarr
+
+`model.sparse_threshold` skips the glimpses of cells whose z_pres probability is below it. For each
+threshold (0 is the exact model) this measures, side by side in one process on the same weights:
+- the median time of a training step (forward, backward, clipping, both optimiser steps) on real
+  training batches, the thresholds taking turns step by step so that machine noise hits them alike;
+- the share of glimpses decoded;
+- on validation frames in eval mode: the loss (-ELBO per image) and MSE;
+- box AP (class-agnostic, pycocotools' COCOeval: AP over IoU 0.5:0.95 and AP at IoU 0.5), with one
+  detection per cell scored by its z_pres probability (cells below the threshold have no glimpse, so
+  they are scored 0 and dropped).
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.benchlib import machine  # noqa: E402
+from datagen.coco import to_coco  # noqa: E402
+from space.config import Config  # noqa: E402
+from space.data import StoreDataset  # noqa: E402
+from space.model import SPACE  # noqa: E402
+from space.train import load_checkpoint  # noqa: E402
+
+
+def box_ap(model, data: StoreDataset, step: int, batch: int, gt: dict) -> dict:
+    """COCO AP of the z_pres-scored cell boxes on the split, all categories as one (class-agnostic)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    n_img = model.cfg.image_size
+    dets, loss, mse = [], [], []
+    with torch.no_grad():
+        for start in range(0, len(data), batch):
+            idx = np.arange(start, min(start + batch, len(data)))
+            out = model(data.__getitems__(idx), step)
+            loss.append(float(-out["terms"]["elbo"]) * len(idx))
+            mse.append(float(out["mse"].sum()))
+            fg = out["fg"]
+            prob = fg["z_pres_prob"].flatten(1)  # (B, C)
+            if model.cfg.sparse_threshold > 0:
+                prob = prob * (prob >= model.cfg.sparse_threshold)
+            centre = fg["centre"].flatten(1, 2) * n_img  # (B, C, 2) pixels
+            size = fg["size"].flatten(1, 2) * n_img
+            lo = (centre - size / 2).clamp(0, n_img)
+            hi = (centre + size / 2).clamp(0, n_img)
+            for i, image_id in enumerate(idx):
+                for c in torch.nonzero(prob[i] > 0).flatten().tolist():
+                    x0, y0 = lo[i, c].tolist()
+                    x1, y1 = hi[i, c].tolist()
+                    dets.append({"image_id": int(image_id), "category_id": 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                                 "score": float(prob[i, c])})
+    gt = copy.deepcopy(gt)
+    for a in gt["annotations"]:
+        a["category_id"] = 1
+    gt["categories"] = [{"id": 1, "name": "object"}]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        if dets:
+            ev = COCOeval(coco_gt, coco_gt.loadRes(dets), "bbox")
+            ev.params.maxDets = [1, 10, 100]  # summarize() reads AP at 100; no scene has more objects
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+            ap, ap50 = float(ev.stats[0]), float(ev.stats[1])
+        else:
+            ap = ap50 = 0.0
+    return {"ap": round(ap, 4), "ap50": round(ap50, 4), "val_loss": round(sum(loss) / len(data), 1),
+            "val_mse": round(sum(mse) / len(data), 6)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="a trained run directory (checkpoints/last.pt)")
+    p.add_argument("--data", required=True, help="the store it was trained on")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.01, 0.1])
+    p.add_argument("--batch", type=int, default=0, help="training batch (default: the run's)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per threshold")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--val-frames", type=int, default=256)
+    p.add_argument("--threads", type=int, default=0)
+    ns = p.parse_args()
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+
+    state = load_checkpoint(Path(ns.run) / "checkpoints" / "last.pt")
+    base = Config.from_dict(state["config"])
+    step0 = int(state["step"])
+    batch = ns.batch or base.train.batch_size
+    train_set = StoreDataset(ns.data, "train", image_size=base.model.image_size)
+    val_set = StoreDataset(ns.data, "val", image_size=base.model.image_size)
+    val_n = min(ns.val_frames, len(val_set))
+    gt = to_coco(train_set.store, "val")
+    gt["images"] = gt["images"][:val_n]
+    gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] < val_n]
+
+    class First:  # the first val_n validation frames
+        def __len__(self):
+            return val_n
+
+        def __getitems__(self, idx):
+            return val_set.__getitems__(idx)
+
+    runs = {}
+    for th in ns.thresholds:
+        cfg = Config.from_dict(state["config"])
+        cfg.model.sparse_threshold = th
+        model = SPACE(cfg.model).to(memory_format=torch.channels_last)
+        model.load_state_dict(state["model"])
+        fg, bg = model.param_groups()
+        opt_fg = torch.optim.RMSprop(fg, lr=cfg.train.fg_lr)
+        opt_bg = torch.optim.Adam(bg, lr=cfg.train.bg_lr)
+        model.eval()
+        quality = box_ap(model, First(), step0, 32, gt)
+        model.train()
+        runs[th] = {"model": model, "opt": (opt_fg, opt_bg), "params": fg + bg, "times": [], "glimpses": [],
+                    "quality": quality, "clip": cfg.train.clip_norm}
+
+    rng = np.random.default_rng(0)
+    for i in range(ns.warmup + ns.steps):
+        x = train_set.__getitems__(np.sort(rng.choice(len(train_set), batch, replace=False)))
+        x = x.contiguous(memory_format=torch.channels_last)
+        for th, r in runs.items():  # the thresholds take turns on the same batch
+            model, (opt_fg, opt_bg) = r["model"], r["opt"]
+            t = time.perf_counter()
+            out = model(x, step0 + i)
+            opt_fg.zero_grad(set_to_none=True)
+            opt_bg.zero_grad(set_to_none=True)
+            out["terms"]["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(r["params"], r["clip"])
+            opt_fg.step()
+            opt_bg.step()
+            if i >= ns.warmup:
+                r["times"].append(time.perf_counter() - t)
+                r["glimpses"].append(out["fg"]["glimpses_decoded"])
+
+    cells = batch * base.model.grid_size**2
+    exact = statistics.median(runs[ns.thresholds[0]]["times"])
+    rows = []
+    for th, r in runs.items():
+        med = statistics.median(r["times"])
+        row = {"threshold": th, "median_s": round(med, 3), "speedup_vs_first": round(exact / med, 2),
+               "glimpse_share": round(float(np.mean(r["glimpses"])) / cells, 3), **r["quality"]}
+        rows.append(row)
+        print(f"threshold {th:g}: {med:.3f} s/step ({exact / med:.2f}x), glimpses {row['glimpse_share']:.1%}, "
+              f"AP {row['ap']:.3f}, AP50 {row['ap50']:.3f}, val loss {row['val_loss']:.1f}, MSE {row['val_mse']:.5f}")
+    print(json.dumps({"run": ns.run, "step": step0, "batch": batch, "grid": base.model.grid_size,
+                      "image": base.model.image_size, "threads": torch.get_num_threads(), "machine": machine(),
+                      "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
