@@ -41,6 +41,9 @@ def main() -> None:
     p.add_argument("--sparse-threshold", type=float, default=0.0, help="skip glimpses below this z_pres probability")
     p.add_argument("--checkpoint-images", type=int, default=0,
                    help="activation checkpointing: images per recomputed foreground chunk (train.checkpoint_images; 0 = off)")
+    p.add_argument("--present-share", type=float, default=None,
+                   help="force z_pres on in this random share of cells (and off elsewhere), as in a trained "
+                        "model, so that --sparse-threshold has cells to skip")
     ns = p.parse_args()
 
     if ns.threads:
@@ -53,6 +56,13 @@ def main() -> None:
     fmt = torch.contiguous_format if ns.no_channels_last else torch.channels_last
     model = model.to(memory_format=fmt)
     model.set_checkpoint_images(ns.checkpoint_images)
+    if ns.present_share is not None:
+        # The global RNG, which activation checkpointing restores, so a recomputed chunk gets the same cells.
+        def present(module, inputs, logits):  # (B, 1, G, G): +6 in a random share of cells, -6 elsewhere
+            on = torch.rand(logits.shape) < ns.present_share
+            return torch.where(on.to(logits.device), 6.0, -6.0).to(logits.dtype) + 0 * logits
+
+        model.fg.z_pres_net.register_forward_hook(present)
     fg, bg = model.param_groups()
     opt_fg = torch.optim.RMSprop(fg, lr=cfg.train.fg_lr)
     opt_bg = torch.optim.Adam(bg, lr=cfg.train.bg_lr)
@@ -111,6 +121,7 @@ def main() -> None:
         "channels_last": not ns.no_channels_last,
         "sparse_threshold": ns.sparse_threshold,
         "checkpoint_images": ns.checkpoint_images,
+        "present_share": ns.present_share,
         "glimpses_decoded": glimpses,
         "median_s": round(med, 3),
         "min_s": round(min(times), 3),

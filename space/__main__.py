@@ -105,6 +105,41 @@ def cmd_show(ns) -> int:
     return 0
 
 
+def cmd_evaluate(ns) -> int:
+    import json
+
+    from .evaluate import evaluate
+    from .train import pick_device
+
+    if not 0 <= ns.threshold < 1:
+        raise ConfigError(f"--threshold: a z_pres probability in [0, 1), got {ns.threshold}")
+    if ns.frames is not None and ns.frames < 1:
+        raise ConfigError(f"--frames: at least 1, got {ns.frames}")
+    metrics = evaluate(ns.run, ns.data, ns.split, ns.out, ns.threshold, ns.batch_size, ns.frames,
+                       str(pick_device(ns.device)), progress=not ns.quiet)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_summary(ns) -> int:
+    import json
+    from pathlib import Path
+
+    from .evaluate import summary
+
+    missing = [f for f in ns.metrics if not Path(f).is_file()]
+    if missing:
+        raise ConfigError(f"no metrics file at {', '.join(missing)}; run `python -m space evaluate` first")
+    table, rows = summary(ns.metrics)
+    if ns.out_markdown:
+        Path(ns.out_markdown).write_text(table)
+    else:
+        print(table, end="")
+    if ns.out_json:
+        Path(ns.out_json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m space", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -138,6 +173,28 @@ def main(argv=None) -> int:
     v.add_argument("--count", type=int, default=8, help="the first COUNT frames (default: 8)")
     v.add_argument("--frames", type=int, nargs="+", help="these frames instead")
     v.set_defaults(func=cmd_show)
+
+    e = sub.add_parser("evaluate", help="score a trained run on a store split (table 1: AP, count error, MSE)",
+                       description="Score a trained run: COCO AP and the paper's AP at IoU 0.5 and 0.5:0.95, "
+                                   "object-count error and accuracy, reconstruction MSE, with a trivial "
+                                   "baseline beside each. Writes metrics.json, detections.json and "
+                                   "ground_truth.json (COCO) to --out.")
+    e.add_argument("--run", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--split", default="test")
+    e.add_argument("--out", help="output folder (default: RUN/eval/SPLIT)")
+    e.add_argument("--threshold", type=float, default=0.5, help="z_pres probability of a detection (default: 0.5)")
+    e.add_argument("--frames", type=int, help="only the first FRAMES frames of the split")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_evaluate)
+
+    m = sub.add_parser("summary", help="one table over runs from their evaluate metrics.json files")
+    m.add_argument("metrics", nargs="+", help="metrics.json files, e.g. results/runs/*/eval/test/metrics.json")
+    m.add_argument("--out-markdown", help="write the Markdown table here (default: print it)")
+    m.add_argument("--out-json", help="write the rows here as JSON")
+    m.set_defaults(func=cmd_summary)
 
     ns = p.parse_args(argv)
     from datagen.store import StoreError

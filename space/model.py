@@ -284,9 +284,9 @@ def composite(maps, z_pres, depth_weight, centre, size, n: int, premultiplied: b
     return alpha, mu_fg, boundary
 
 
-def composite_full(maps, z_pres, depth_weight, centre, size, n: int, premultiplied: bool = True):
-    """The straightforward composite: every glimpse warped onto the whole canvas. Reference for tests."""
-    b, c, _, s, _ = maps.shape
+def to_canvas(maps, centre, size, n: int):
+    """Glimpse-space maps (B, C, ch, S, S) warped onto the whole N x N canvas: (B, C, ch, N, N)."""
+    b, c, ch, s, _ = maps.shape
     m = b * c
     # Inverse of glimpse_theta: canvas coordinates -> glimpse coordinates.
     sz = size.reshape(m, 2)
@@ -295,9 +295,14 @@ def composite_full(maps, z_pres, depth_weight, centre, size, n: int, premultipli
     theta[:, 0, 0] = 1 / sz[:, 0]
     theta[:, 1, 1] = 1 / sz[:, 1]
     theta[:, :, 2] = -(2 * cen - 1) / sz
-    grid = F.affine_grid(theta, (m, 5, n, n), align_corners=False)
-    full = F.grid_sample(maps.reshape(m, 5, s, s), grid, mode="bilinear", padding_mode="zeros",
-                         align_corners=False).view(b, c, 5, n, n)
+    grid = F.affine_grid(theta, (m, ch, n, n), align_corners=False)
+    return F.grid_sample(maps.reshape(m, ch, s, s), grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False).view(b, c, ch, n, n)
+
+
+def composite_full(maps, z_pres, depth_weight, centre, size, n: int, premultiplied: bool = True):
+    """The straightforward composite: every glimpse warped onto the whole canvas. Reference for tests."""
+    full = to_canvas(maps, centre, size, n)  # (B, C, 5, N, N)
     alpha_hat = full[:, :, :1] * z_pres[:, :, None, None, None]
     imp = alpha_hat * depth_weight[:, :, None, None, None]
     denom = imp.sum(1) + EPS
@@ -421,6 +426,8 @@ class Foreground(nn.Module):
             "size": size,  # (B, G, G, 2)
             "z_depth": z_depth,
             "glimpses_decoded": int(maps.shape[0] if keep is None else keep.numel()),
+            # For evaluation (which glimpse owns a pixel); not kept in training, where they would hold memory.
+            **({} if self.training else {"glimpse_maps": maps.view(b, c, 5, s, s), "depth_weight": depth_weight}),
         }
 
 

@@ -62,8 +62,11 @@ def test_two_ranks_equal_one_process_with_the_doubled_batch(store, tmp_path):
     script = tmp_path / "noiseless.py"
     script.write_text(NOISELESS)
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # The paper's learning rates: the demo's larger ones turn float rounding in near-zero gradients into
+    # full optimiser steps of either sign (RMSProp's and Adam's first steps are about lr per element).
     common = ["--data", str(store), "--preset", "demo", "--set", "train.log_every=1", "--set", "train.val_every=0",
-              "--set", "train.threads=1", "--set", "train.image_every=1000", "--steps", "3", "--quiet"]
+              "--set", "train.threads=1", "--set", "train.image_every=1000", "--set", "train.fg_lr=1e-5",
+              "--set", "train.bg_lr=1e-3", "--steps", "3", "--quiet"]
     ddp, one = tmp_path / "ddp", tmp_path / "one"
     p = subprocess.run([str(BIN / "torchrun"), "--nproc-per-node", "2", str(script), "train", *common,
                         "--out", str(ddp), "--set", "train.batch_size=2"], capture_output=True, text=True, env=env,

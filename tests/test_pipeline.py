@@ -149,3 +149,10 @@ def test_snakemake_train_all_trains_each_experiment(tmp_path):
     assert summary["step"] == 2 and summary["loss"] == summary["loss"]  # finite, not NaN
     assert (proj / "results/runs/tiny/checkpoints/last.pt").exists()
     assert (proj / "logs/train/tiny.log").exists()
+    # Then scored and pictured, with the table over runs.
+    run(["snakemake", "--cores", "2", "eval_all"], proj)
+    metrics = json.loads((proj / "results/runs/tiny/eval/test/metrics.json").read_text())
+    assert metrics["step"] == 2 and metrics["split"] == "test"
+    for name in ("detections.json", "ground_truth.json", "decomposition.png"):
+        assert (proj / "results/runs/tiny/eval/test" / name).exists(), name
+    assert "| tiny | test |" in (proj / "results/summary.md").read_text()

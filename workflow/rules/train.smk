@@ -29,6 +29,6 @@ rule train:
 
 
 rule train_all:
-    """Every enabled experiment of params.yaml, trained (evaluation joins with its issue)."""
+    """Every enabled experiment of params.yaml, trained (eval_all scores them)."""
     input:
         expand("results/runs/{experiment}/train.json", experiment=EXPERIMENTS),

@@ -1,0 +1,208 @@
+"""Scoring a trained run on a store split, as table 1 does: `python -m space evaluate --help`.
+
+Writes to the output folder (default RUN/eval/SPLIT):
+
+    metrics.json        the scores, with a trivial baseline's beside them
+    detections.json     the detections, COCO results format (one category, "object")
+    ground_truth.json   the COCO ground truth they were scored against (one category)
+
+so that anyone can recompute the COCO numbers with pycocotools from the two JSON files.
+
+A detection is a cell whose z_pres probability is above `threshold` (0.5, a hard z_pres), scored by that
+probability, its box from the z_where mean, clipped to the frame.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config
+from .data import StoreDataset
+from .metrics import adjusted_rand_index, coco_ap, count_scores, matched_mask_iou, paper_ap
+from .model import SPACE, to_canvas
+
+OBJECT_CATEGORY = 1  # the one category of detections and ground truth: SPACE finds objects, it does not name them
+
+
+def detect(out: dict, image_size: int, threshold: float):
+    """Model outputs -> per image (boxes (n, 4) x0, y0, x1, y1 in pixels, scores (n,)), scores descending."""
+    fg = out["fg"]
+    prob = fg["z_pres_prob"].flatten(1)  # (B, C)
+    centre = fg["centre"].flatten(1, 2) * image_size  # (B, C, 2) pixels
+    size = fg["size"].flatten(1, 2) * image_size
+    boxes = torch.cat([centre - size / 2, centre + size / 2], -1).clamp(0, image_size)  # (B, C, 4)
+    result = []
+    for i in range(prob.shape[0]):
+        keep = prob[i] > threshold
+        p, b = prob[i][keep], boxes[i][keep]
+        order = torch.argsort(p, descending=True, stable=True)
+        result.append((b[order].double().cpu().numpy(), p[order].double().cpu().numpy()))
+    return result
+
+
+def instance_labels(out: dict, image_size: int) -> np.ndarray:
+    """Which glimpse owns each pixel: (B, N, N), 0 where the foreground mask alpha is below 0.5, else
+    1 + the index of the cell whose glimpse has the largest depth-weighted mask there (algorithm 1's
+    weights). Needs an eval-mode output (it holds the glimpse maps)."""
+    fg = out["fg"]
+    maps = fg["glimpse_maps"]  # (B, C, 5, S, S)
+    b, c = maps.shape[:2]
+    labels = []
+    for i in range(b):  # one image at a time: C full-canvas maps of one image are small, of a batch not
+        alpha_att = to_canvas(maps[i : i + 1, :, :1], fg["centre"][i : i + 1].reshape(1, c, 2),
+                              fg["size"][i : i + 1].reshape(1, c, 2), image_size)[0, :, 0]  # (C, N, N)
+        z_pres = fg["z_pres"][i].reshape(c, 1, 1)
+        importance = alpha_att * z_pres * fg["depth_weight"][i].reshape(c, 1, 1)
+        owner = importance.argmax(0) + 1  # (N, N)
+        labels.append(torch.where(fg["alpha"][i, 0] >= 0.5, owner, 0).cpu().numpy())
+    return np.stack(labels)
+
+
+def segmentation_scores(gt_masks: np.ndarray, labels: np.ndarray, ignore: int) -> tuple[list, list]:
+    """Per image with objects: ARI over the objects' pixels (FG-ARI) and the matched masks' mean IoU."""
+    aris, ious = [], []
+    for gt, pred in zip(gt_masks, labels):
+        fg = (gt != 0) & (gt != ignore)
+        if not fg.any():
+            continue
+        aris.append(adjusted_rand_index(gt[fg], pred[fg]))
+        ious.append(matched_mask_iou(gt, pred, ignore=ignore))
+    return aris, ious
+
+
+def cell_labels(n_images: int, grid: int, image_size: int) -> np.ndarray:
+    """The trivial segmentation: every pixel belongs to its cell."""
+    cell = np.arange(image_size) * grid // image_size
+    one = 1 + cell[:, None] * grid + cell[None, :]
+    return np.broadcast_to(one, (n_images, image_size, image_size))
+
+
+def cell_baseline(n_images: int, grid: int, image_size: int):
+    """The trivial detector: every cell reports its own square, with score 1."""
+    cell = image_size / grid
+    ys, xs = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    boxes = np.stack([xs * cell, ys * cell, (xs + 1) * cell, (ys + 1) * cell], -1).reshape(-1, 4).astype(np.float64)
+    return [(boxes, np.ones(len(boxes))) for _ in range(n_images)]
+
+
+def box_scores(gt_boxes, dets) -> dict:
+    det_boxes = [d[0] for d in dets]
+    det_scores = [d[1] for d in dets]
+    return {
+        "ap50": coco_ap(gt_boxes, det_boxes, det_scores, 0.5),
+        "ap50_95": coco_ap(gt_boxes, det_boxes, det_scores),
+        "ap50_paper": paper_ap(gt_boxes, det_boxes, det_scores, 0.5),
+        "ap50_95_paper": paper_ap(gt_boxes, det_boxes, det_scores),
+        **count_scores([len(g) for g in gt_boxes], [len(b) for b in det_boxes]),
+    }
+
+
+def coco_files(gt_boxes, dets, image_size: int, split: str):
+    """COCO ground truth and results, one category, boxes as [x, y, width, height]."""
+    images = [{"id": i, "width": image_size, "height": image_size, "file_name": f"{split}/{i:06d}"}
+              for i in range(len(gt_boxes))]
+    annotations = []
+    for i, boxes in enumerate(gt_boxes):
+        for x0, y0, x1, y1 in boxes.tolist():
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": OBJECT_CATEGORY,
+                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+    gt = {"images": images, "annotations": annotations,
+          "categories": [{"id": OBJECT_CATEGORY, "name": "object", "supercategory": "object"}]}
+    results = [{"image_id": i, "category_id": OBJECT_CATEGORY, "bbox": [x0, y0, x1 - x0, y1 - y0], "score": s}
+               for i, (boxes, scores) in enumerate(dets)
+               for (x0, y0, x1, y1), s in zip(boxes.tolist(), scores.tolist())]
+    return gt, results
+
+
+def evaluate(run: str, data: str, split: str = "test", out: str | None = None, threshold: float = 0.5,
+             batch_size: int = 32, frames: int | None = None, device: str = "cpu", progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    from .train import load_checkpoint
+
+    state = load_checkpoint(Path(run) / "checkpoints" / "last.pt")
+    cfg = Config.from_dict(state["config"])
+    step = int(state["step"])
+    dataset = StoreDataset(data, split, image_size=cfg.model.image_size)
+    n = len(dataset) if frames is None else min(frames, len(dataset))
+    model = SPACE(cfg.model)
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    size = cfg.model.image_size
+
+    gt_all = dataset.store.read(split, "boxes", slice(0, n))  # (N, K, 4) NaN-padded
+    gt_boxes = [g[~np.isnan(g[:, 0])].astype(np.float64) for g in gt_all]
+    from datagen.store import MASK_OTHER_OBJECT
+
+    has_masks = "masks" in dataset.store.split(split)
+    dets, sq_err, aris, ious, base_aris, base_ious = [], 0.0, [], [], [], []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for start in tqdm(range(0, n, batch_size), desc=f"evaluate {split}", unit="batch", disable=not progress):
+            idx = np.arange(start, min(start + batch_size, n))
+            o = model(dataset.__getitems__(idx).to(device), step)
+            sq_err += float(o["mse"].sum())
+            dets += detect(o, size, threshold)
+            if has_masks:
+                gt_masks = dataset.store.read(split, "masks", idx)  # (B, N, N)
+                a, i = segmentation_scores(gt_masks, instance_labels(o, size), MASK_OTHER_OBJECT)
+                aris += a
+                ious += i
+                a, i = segmentation_scores(gt_masks, cell_labels(len(idx), cfg.model.grid_size, size),
+                                           MASK_OTHER_OBJECT)
+                base_aris += a
+                base_ious += i
+    seconds = time.perf_counter() - t0
+
+    def mean(v):
+        return float(np.mean(v)) if v else float("nan")
+
+    metrics = {**box_scores(gt_boxes, dets), "mse": sq_err / n}
+    if has_masks:
+        metrics.update(fg_ari=mean(aris), mask_miou=mean(ious))
+    baseline = box_scores(gt_boxes, cell_baseline(n, cfg.model.grid_size, size))
+    if has_masks:
+        baseline.update(fg_ari=mean(base_aris), mask_miou=mean(base_ious))
+    metrics.update({f"baseline_{k}": v for k, v in baseline.items()})
+    metrics.update(frames=n, split=split, step=step, threshold=threshold, objects=sum(len(g) for g in gt_boxes),
+                   detections=sum(len(d[0]) for d in dets), seconds=round(seconds, 2))
+
+    folder = Path(out) if out else Path(run) / "eval" / split
+    folder.mkdir(parents=True, exist_ok=True)
+    gt_json, det_json = coco_files(gt_boxes, dets, size, split)
+    (folder / "ground_truth.json").write_text(json.dumps(gt_json))
+    (folder / "detections.json").write_text(json.dumps(det_json))
+    # AP is undefined (NaN) on a split without objects: null in JSON.
+    metrics = {k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()}
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+SUMMARY_COLUMNS = ("ap50", "ap50_95", "ap50_paper", "ap50_95_paper", "count_error", "count_accuracy", "mse",
+                   "fg_ari", "mask_miou", "baseline_ap50", "baseline_count_error", "step", "frames")
+
+
+def summary(metric_files: list[str]) -> tuple[str, list[dict]]:
+    """A Markdown table and its rows, one per run, from `evaluate`'s metrics.json files.
+
+    The run is named by its directory: results/runs/NAME/eval/SPLIT/metrics.json -> NAME.
+    """
+    rows = []
+    for f in metric_files:
+        path = Path(f)
+        m = json.loads(path.read_text())
+        name = path.parents[2].name if len(path.parents) > 2 and path.parent.parent.name == "eval" else str(path)
+        rows.append({"run": name, "split": m.get("split"), **{k: m.get(k) for k in SUMMARY_COLUMNS}})
+
+    def cell(v):
+        return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    head = ["run", "split", *SUMMARY_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cell(r[k]) for k in head) + " |" for r in rows]
+    return "\n".join(lines) + "\n", rows

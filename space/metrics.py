@@ -1,0 +1,184 @@
+"""Box and count scores of table 1, written out so they can be checked line by line.
+
+Boxes are (x0, y0, x1, y1) in pixels, one array (n, 4) per image; detections carry a score. Every score is
+class-agnostic: SPACE finds objects, it does not name them.
+
+Two AP definitions:
+- `coco_ap`: the COCO definition (pycocotools' COCOeval for one category and all areas, without a cap on
+  detections per image): per image, detections in score order each take the still-free ground-truth box
+  of highest IoU at or above the threshold; precision made monotone and read at 101 recall points.
+- `paper_ap`: the definition behind the paper's table 1: per image, each detection in score order takes
+  its highest-IoU ground-truth box, and is a true positive only if that IoU is strictly above the
+  threshold and the box is still free (no fallback to the next box); precision read at 11 recall points
+  over all detections ranked globally.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+IOU_THRESHOLDS = np.round(np.arange(0.5, 0.951, 0.05), 2)  # 0.5:0.05:0.95
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box in a (n, 4) with every box in b (m, 4) -> (n, m)."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x1 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y1 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def _order(scores: np.ndarray) -> np.ndarray:
+    return np.argsort(-np.asarray(scores), kind="mergesort")  # stable: ties keep their given order
+
+
+def _match_coco(iou: np.ndarray, threshold: float) -> np.ndarray:
+    """iou (dets in score order, gts) -> true-positive flags, COCO's greedy matching."""
+    free = np.ones(iou.shape[1], dtype=bool)
+    tp = np.zeros(iou.shape[0], dtype=bool)
+    for d in range(iou.shape[0]):
+        best, m = min(threshold, 1 - 1e-10), -1
+        for g in range(iou.shape[1]):
+            if free[g] and iou[d, g] >= best:  # a later box with an equal IoU wins, as in COCOeval
+                best, m = iou[d, g], g
+        if m >= 0:
+            free[m] = False
+            tp[d] = True
+    return tp
+
+
+def _match_paper(iou: np.ndarray, threshold: float) -> np.ndarray:
+    """iou (dets in score order, gts) -> true-positive flags: best box only, IoU strictly above."""
+    free = np.ones(iou.shape[1], dtype=bool)
+    tp = np.zeros(iou.shape[0], dtype=bool)
+    if iou.shape[1] == 0:
+        return tp
+    for d in range(iou.shape[0]):
+        g = int(np.argmax(iou[d]))
+        if iou[d, g] > threshold and free[g]:
+            free[g] = False
+            tp[d] = True
+    return tp
+
+
+def _pr(tp_per_image, scores_per_image, n_gt: int):
+    """Globally ranked cumulative precision and recall."""
+    tp = np.concatenate(tp_per_image) if tp_per_image else np.zeros(0, bool)
+    scores = np.concatenate(scores_per_image) if scores_per_image else np.zeros(0)
+    order = _order(scores)
+    tp = tp[order]
+    ctp = np.cumsum(tp)
+    cfp = np.cumsum(~tp)
+    recall = ctp / n_gt
+    precision = ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)
+    return precision, recall
+
+
+def _ap(gt_boxes, det_boxes, det_scores, threshold: float, rule: str) -> float:
+    n_gt = sum(len(g) for g in gt_boxes)
+    if n_gt == 0:
+        return float("nan")  # no ground truth: AP is undefined
+    tps, scores = [], []
+    for g, d, s in zip(gt_boxes, det_boxes, det_scores):
+        o = _order(s)
+        iou = iou_matrix(np.asarray(d).reshape(-1, 4)[o], g)
+        tps.append(_match_coco(iou, threshold) if rule == "coco" else _match_paper(iou, threshold))
+        scores.append(np.asarray(s, dtype=np.float64)[o])
+    precision, recall = _pr(tps, scores, n_gt)
+    if rule == "coco":
+        # Monotone precision envelope, read at 101 recall points (first rank reaching each recall).
+        precision = np.maximum.accumulate(precision[::-1])[::-1] if len(precision) else precision
+        points = np.linspace(0, 1, 101)
+        idx = np.searchsorted(recall, points, side="left")
+        return float(np.mean([precision[i] if i < len(precision) else 0.0 for i in idx]))
+    # 11-point interpolation: the best precision at recall >= r, for r = 0, 0.1, ..., 1.
+    points = np.linspace(0, 1, 11)
+    return float(np.mean([precision[recall >= r].max() if np.any(recall >= r) else 0.0 for r in points]))
+
+
+def coco_ap(gt_boxes, det_boxes, det_scores, threshold: float | None = None) -> float:
+    """COCO AP at one IoU threshold, or averaged over 0.5:0.05:0.95 when `threshold` is None."""
+    ts = IOU_THRESHOLDS if threshold is None else [threshold]
+    return float(np.mean([_ap(gt_boxes, det_boxes, det_scores, t, "coco") for t in ts]))
+
+
+def paper_ap(gt_boxes, det_boxes, det_scores, threshold: float | None = None) -> float:
+    """Table 1's AP at one IoU threshold, or averaged over 0.5:0.05:0.95 when `threshold` is None."""
+    ts = IOU_THRESHOLDS if threshold is None else [threshold]
+    return float(np.mean([_ap(gt_boxes, det_boxes, det_scores, t, "paper") for t in ts]))
+
+
+def count_scores(true_counts, predicted_counts) -> dict:
+    """Table 1's object-count error rate, mean |predicted - true| / true over images, and the share of
+    images counted exactly. An image with no objects divides by 1 instead of 0 (its error is the number
+    of objects predicted)."""
+    t = np.asarray(true_counts, dtype=np.float64)
+    p = np.asarray(predicted_counts, dtype=np.float64)
+    return {"count_error": float(np.mean(np.abs(p - t) / np.maximum(t, 1))),
+            "count_accuracy": float(np.mean(p == t))}
+
+
+def adjusted_rand_index(a, b) -> float:
+    """ARI of two labelings of the same items (Hubert and Arabie). Two one-cluster labelings score 1, as
+    scikit-learn counts them."""
+    a = np.asarray(a).ravel()
+    b = np.asarray(b).ravel()
+    if a.size != b.size:
+        raise ValueError(f"labelings of {a.size} and {b.size} items")
+    _, ai = np.unique(a, return_inverse=True)
+    _, bi = np.unique(b, return_inverse=True)
+    nb = int(bi.max()) + 1 if bi.size else 1
+    pairs = np.bincount(ai.astype(np.int64) * nb + bi, minlength=0).astype(np.float64)  # contingency counts
+
+    def comb2(x):
+        return float(np.sum(x * (x - 1) / 2))
+
+    same_both = comb2(pairs)
+    same_a = comb2(np.bincount(ai).astype(np.float64))
+    same_b = comb2(np.bincount(bi).astype(np.float64))
+    total = a.size * (a.size - 1) / 2
+    expected = same_a * same_b / total if total else 0.0
+    best = (same_a + same_b) / 2
+    if best == expected:
+        return 1.0
+    return (same_both - expected) / (best - expected)
+
+
+def matched_mask_iou(gt: np.ndarray, pred: np.ndarray, ignore: int | None = None) -> float:
+    """Mean IoU over the ground-truth objects of one image, each matched to at most one predicted segment.
+
+    gt, pred: (H, W) integer maps, 0 background, other values one object or segment each; pixels equal to
+    `ignore` in gt are left out. Matching is greedy by IoU, highest first; an unmatched object scores 0.
+    NaN when the image has no object.
+    """
+    keep = np.ones(gt.shape, bool) if ignore is None else gt != ignore
+    g, p = gt[keep], pred[keep]
+    objects = [v for v in np.unique(g) if v != 0]
+    segments = [v for v in np.unique(p) if v != 0]
+    if not objects:
+        return float("nan")
+    if not segments:
+        return 0.0
+    gm = np.stack([g == v for v in objects])  # (n_obj, pixels)
+    pm = np.stack([p == v for v in segments])  # (n_seg, pixels)
+    inter = gm.astype(np.float64) @ pm.T.astype(np.float64)
+    union = gm.sum(1)[:, None] + pm.sum(1)[None, :] - inter
+    iou = inter / np.maximum(union, 1)
+    scores = np.zeros(len(objects))
+    free_o = np.ones(len(objects), bool)
+    free_s = np.ones(len(segments), bool)
+    for flat in np.argsort(-iou, axis=None, kind="mergesort"):
+        o, s = divmod(int(flat), len(segments))
+        if iou[o, s] <= 0:
+            break
+        if free_o[o] and free_s[s]:
+            scores[o] = iou[o, s]
+            free_o[o] = free_s[s] = False
+    return float(scores.mean())

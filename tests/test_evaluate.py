@@ -1,0 +1,133 @@
+"""`python -m space evaluate`: what it writes, and that pycocotools recomputes its COCO numbers from it."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import pytest
+import torch
+
+from space.__main__ import main as space_main
+from space.__main__ import resolve_config
+from space.train import train
+
+torch.set_num_threads(2)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    store = root / "s.zarr"
+    r = subprocess.run([sys.executable, "-m", "datagen", "room3d", str(store), "--objects", "2", "4", "--image-size",
+                        "64", "--split", "train=16", "--split", "test=12", "--seed", "4", "--quiet"],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    cfg = resolve_config("demo", None, ["model.n_components=2", "train.batch_size=2", "train.steps=2",
+                                        "train.val_every=0", "train.threads=2", "train.device=cpu"])
+    run = root / "run"
+    train(cfg, str(store), str(run), progress=False)
+    return store, run
+
+
+def test_evaluate_writes_scores_and_coco_files_that_pycocotools_agrees_with(trained, tmp_path, capsys):
+    store, run = trained
+    out = tmp_path / "eval"
+    # Threshold 0: every cell is a detection, so an untrained model still has detections to score.
+    rc = space_main(["evaluate", "--run", str(run), "--data", str(store), "--out", str(out), "--threshold", "0",
+                     "--quiet", "--device", "cpu"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("ap50", "ap50_95", "ap50_paper", "ap50_95_paper", "count_error", "count_accuracy", "mse",
+                "fg_ari", "mask_miou", "baseline_ap50", "baseline_count_error", "baseline_fg_ari"):
+        assert isinstance(metrics[key], float), key
+    assert metrics["frames"] == 12 and metrics["detections"] == 12 * 16  # 4x4 cells, all above 0
+    assert json.loads(capsys.readouterr().out) == metrics
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(out / "ground_truth.json"))
+        ev = COCOeval(gt, gt.loadRes(str(out / "detections.json")), "bbox")
+        ev.params.maxDets = [1, 10, 100]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert metrics["ap50_95"] == pytest.approx(ev.stats[0], abs=1e-9)
+    assert metrics["ap50"] == pytest.approx(ev.stats[1], abs=1e-9)
+    assert metrics["objects"] == len(gt.getAnnIds())
+
+
+def test_evaluate_default_folder_is_in_the_run(trained, capsys):
+    store, run = trained
+    assert space_main(["evaluate", "--run", str(run), "--data", str(store), "--quiet", "--device", "cpu"]) == 0
+    metrics = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    assert metrics["threshold"] == 0.5 and metrics["split"] == "test"
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--split", "val"], ["val"]),
+    (["--threshold", "1.5"], ["--threshold"]),
+    (["--frames", "0"], ["--frames"]),
+])
+def test_evaluate_bad_input_is_named(trained, tmp_path, capsys, argv, words):
+    store, run = trained
+    rc = space_main(["evaluate", "--run", str(run), "--data", str(store), "--out", str(tmp_path / "e"), "--quiet",
+                     *argv])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    for w in words:
+        assert w in err
+    assert not (tmp_path / "e").exists()
+
+
+def test_evaluate_without_a_checkpoint_is_named(trained, tmp_path, capsys):
+    store, _ = trained
+    rc = space_main(["evaluate", "--run", str(tmp_path / "nothing"), "--data", str(store), "--quiet"])
+    assert rc == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_summary_table_over_runs(trained, tmp_path, capsys):
+    store, run = trained
+    assert space_main(["evaluate", "--run", str(run), "--data", str(store), "--quiet", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    md, js = tmp_path / "s.md", tmp_path / "s.json"
+    f = str(run / "eval" / "test" / "metrics.json")
+    assert space_main(["summary", f, f, "--out-markdown", str(md), "--out-json", str(js)]) == 0
+    rows = json.loads(js.read_text())
+    assert [r["run"] for r in rows] == ["run", "run"]
+    lines = md.read_text().splitlines()
+    assert lines[0].startswith("| run | split | ap50 |") and len(lines) == 4
+    assert space_main(["summary", str(tmp_path / "missing.json")]) == 2
+    assert "space evaluate" in capsys.readouterr().err
+
+
+def test_instance_labels_give_each_pixel_to_the_front_glimpse():
+    """Two opaque square glimpses overlapping: each owns its square, the nearer one owns the overlap,
+    and pixels outside both (alpha below 0.5) are background."""
+    from space.evaluate import instance_labels
+
+    s, n = 32, 32
+    maps = torch.zeros(1, 2, 5, s, s)
+    maps[0, :, 0] = 1.0
+    centre = torch.tensor([[[0.35, 0.5], [0.65, 0.5]]])
+    size = torch.full((1, 2, 2), 0.4)
+    alpha = torch.zeros(1, 1, n, n)
+    alpha[0, 0, 10:22, 2:26] = 1.0  # the union of the two squares (x 0.15-0.85, y 0.3-0.7), roughly
+    out = {"fg": {"glimpse_maps": maps, "centre": centre, "size": size, "z_pres": torch.ones(1, 2),
+                  "depth_weight": torch.tensor([[1.0, 0.01]]), "alpha": alpha}}
+    labels = instance_labels(out, n)[0]
+    assert labels[16, 8] == 1  # left square only
+    assert labels[16, 24] == 2  # right square only
+    assert labels[16, 16] == 1  # the overlap: glimpse 1 is nearer
+    assert labels[2, 16] == 0 and labels[16, 30] == 0  # background
