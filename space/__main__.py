@@ -140,6 +140,14 @@ def cmd_summary(ns) -> int:
     return 0
 
 
+def cmd_curves(ns) -> int:
+    from .curves import plot_curves
+
+    plot_curves(ns.runs, ns.out, ns.labels)
+    print(f"wrote {ns.out}", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m space", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -195,6 +203,12 @@ def main(argv=None) -> int:
     m.add_argument("--out-markdown", help="write the Markdown table here (default: print it)")
     m.add_argument("--out-json", help="write the rows here as JSON")
     m.set_defaults(func=cmd_summary)
+
+    c = sub.add_parser("curves", help="training loss and validation MSE (against steps and wall time) as a PNG")
+    c.add_argument("runs", nargs="+", help="run directories, e.g. results/runs/*")
+    c.add_argument("--out", required=True, help="PNG path")
+    c.add_argument("--labels", nargs="+", help="one legend label per run (default: the directory names)")
+    c.set_defaults(func=cmd_curves)
 
     ns = p.parse_args(argv)
     from datagen.store import StoreError

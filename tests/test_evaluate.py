@@ -131,3 +131,15 @@ def test_instance_labels_give_each_pixel_to_the_front_glimpse():
     assert labels[16, 24] == 2  # right square only
     assert labels[16, 16] == 1  # the overlap: glimpse 1 is nearer
     assert labels[2, 16] == 0 and labels[16, 30] == 0  # background
+
+
+def test_curves_figure_of_a_run(trained, tmp_path, capsys):
+    from PIL import Image
+
+    _, run = trained
+    out = tmp_path / "curves.png"
+    assert space_main(["curves", str(run), str(run), "--labels", "a", "b", "--out", str(out)]) == 0
+    assert Image.open(out).size[0] > 1000
+    assert space_main(["curves", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
+    assert "no metrics.csv" in capsys.readouterr().err
+    assert space_main(["curves", str(run), "--labels", "a", "b", "--out", str(tmp_path / "y.png")]) == 2

@@ -156,3 +156,4 @@ def test_snakemake_train_all_trains_each_experiment(tmp_path):
     for name in ("detections.json", "ground_truth.json", "decomposition.png"):
         assert (proj / "results/runs/tiny/eval/test" / name).exists(), name
     assert "| tiny | test |" in (proj / "results/summary.md").read_text()
+    assert (proj / "results/runs/tiny/eval/curves.png").exists()

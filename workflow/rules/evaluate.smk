@@ -1,5 +1,6 @@
 # Evaluation: every trained run scored on its dataset's test split (python -m space evaluate), its
-# decomposition figure (python -m space show), and one table over all runs (python -m space summary).
+# decomposition figure (python -m space show) and curves (python -m space curves), and one table over all
+# runs (python -m space summary).
 
 
 rule evaluate:
@@ -45,6 +46,24 @@ rule decomposition_figure:
         "python -m space show --run {params.run} --data {input.data} --split test --out {output} 2> {log}"
 
 
+rule curves:
+    """Training loss and validation MSE against steps and wall time (figure 5's convergence panels)."""
+    input:
+        "results/runs/{experiment}/train.json",
+    output:
+        "results/runs/{experiment}/eval/curves.png",
+    wildcard_constraints:
+        experiment="|".join(EXPERIMENTS) or "^$",
+    params:
+        run="results/runs/{experiment}",
+    log:
+        "logs/evaluate/{experiment}.curves.log",
+    conda:
+        "../../envs/space.yaml"
+    shell:
+        "python -m space curves {params.run} --out {output} 2> {log}"
+
+
 rule summary:
     """One table (Markdown and JSON) over every run's test scores."""
     input:
@@ -65,4 +84,5 @@ rule eval_all:
     input:
         expand("results/runs/{experiment}/eval/test/metrics.json", experiment=EXPERIMENTS),
         expand("results/runs/{experiment}/eval/test/decomposition.png", experiment=EXPERIMENTS),
+        expand("results/runs/{experiment}/eval/curves.png", experiment=EXPERIMENTS),
         "results/summary.md",
