@@ -477,6 +477,19 @@ class CompDecoder(nn.Module):
         self.register_buffer("coords", torch.stack([xx, yy])[None], persistent=False)  # (1, 2, N+8, N+8)
 
     def forward(self, z):
+        """The first convolution sees z tiled over the canvas plus the two coordinate channels. It is
+        unpadded, so z's part of its output is the same at every pixel: (weights summed over the kernel) @ z.
+        Computing it that way is exact and never builds the tiled (M, Dc + 2, N+8, N+8) input or its
+        gradient (tested against `forward_tiled`)."""
+        conv = self.net[0][0]
+        d = z.shape[1]
+        z_part = z @ conv.weight[:, :d].sum((2, 3)).t()  # (M, 32)
+        coord_part = F.conv2d(self.coords, conv.weight[:, d:], conv.bias)  # (1, 32, N+6, N+6)
+        h = self.net[0][1:](z_part[:, :, None, None] + coord_part)  # BatchNorm, ELU: (M, 32, N+6, N+6)
+        return torch.sigmoid(self.net[1:](h))  # (M, 3, N, N)
+
+    def forward_tiled(self, z):
+        """The straightforward spatial broadcast: z tiled and concatenated with the coordinates."""
         m = z.shape[0]
         side = self.coords.shape[-1]
         tiled = z[:, :, None, None].expand(m, z.shape[1], side, side)

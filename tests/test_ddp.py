@@ -52,11 +52,12 @@ torch.rand_like = lambda t, **kw: torch.full_like(t, 0.5, **kw)
 from space.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """
-# Measured: losses agree to 6e-6 relative and gradient norms to 3e-4 over three steps. Parameters are not
-# compared one by one: the conv biases in front of a BatchNorm have a true gradient of zero, and Adam and
-# RMSProp turn the rounding noise in it into full-size steps of either sign.
-LOSS_RTOL, GRAD_RTOL = 1e-4, 2e-3
-
+# The first step starts from the same weights, so its loss and its global gradient norm (after DDP's
+# all-reduce) must agree up to float summation order: measured 1e-6 relative. Later steps stay close
+# (measured 1e-5 to 7e-5 in loss) but not exact: RMSProp's and Adam's first updates are about lr per
+# element whatever the gradient's size, so rounding in near-zero gradients (such as the conv biases in
+# front of a BatchNorm, whose true gradient is zero) moves those weights by full steps of either sign.
+FIRST_RTOL, LATER_LOSS_RTOL = 1e-4, 1e-3
 
 def test_two_ranks_equal_one_process_with_the_doubled_batch(store, tmp_path):
     script = tmp_path / "noiseless.py"
@@ -83,8 +84,10 @@ def test_two_ranks_equal_one_process_with_the_doubled_batch(store, tmp_path):
     # The data-parallel run's log holds the global batch's means, as the single process's does.
     la, lb = logged(ddp), logged(one)
     assert len(la) == len(lb) == 3
-    for (loss_a, grad_a), (loss_b, grad_b) in zip(la, lb):
-        assert abs(loss_a - loss_b) <= LOSS_RTOL * abs(loss_b), (la, lb)
-        assert abs(grad_a - grad_b) <= GRAD_RTOL * grad_b, (la, lb)
+    (loss_a, grad_a), (loss_b, grad_b) = la[0], lb[0]
+    assert abs(loss_a - loss_b) <= FIRST_RTOL * abs(loss_b), (la, lb)
+    assert abs(grad_a - grad_b) <= FIRST_RTOL * grad_b, (la, lb)
+    for (loss_a, _), (loss_b, _) in zip(la[1:], lb[1:]):
+        assert abs(loss_a - loss_b) <= LATER_LOSS_RTOL * abs(loss_b), (la, lb)
     # Not vacuous: the losses moved by far more than the tolerance as the runs trained.
-    assert abs(lb[-1][0] - lb[0][0]) > 100 * LOSS_RTOL * abs(lb[0][0])
+    assert abs(lb[-1][0] - lb[0][0]) > 10 * LATER_LOSS_RTOL * abs(lb[0][0])

@@ -109,6 +109,27 @@ def test_comp_decoder_shape_and_range(n):
     assert ((out >= 0) & (out <= 1)).all()
 
 
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_comp_decoder_equals_the_tiled_spatial_broadcast(train_mode):
+    """The first convolution's z part computed once per component equals convolving the tiled z: outputs
+    and every gradient (BatchNorm in training and eval mode)."""
+    torch.manual_seed(0)
+    dec = CompDecoder(8, 32).double().train(train_mode)
+    z = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    results = []
+    for fn in (dec.forward, dec.forward_tiled):
+        dec.zero_grad()
+        z.grad = None
+        out = fn(z)
+        (out * torch.linspace(0, 1, out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
+        results.append((out.detach(), z.grad.clone(), {n: p.grad.clone() for n, p in dec.named_parameters()}))
+    (o1, gz1, gp1), (o2, gz2, gp2) = results
+    assert torch.allclose(o1, o2, atol=1e-12)
+    assert torch.allclose(gz1, gz2, atol=1e-10)
+    for name in gp1:
+        assert torch.allclose(gp1[name], gp2[name], atol=1e-9), name
+
+
 @pytest.mark.parametrize("n,k", [(32, 2), (64, 3)])
 def test_background_shapes_and_mixing_weights_sum_to_one(n, k):
     torch.manual_seed(1)
