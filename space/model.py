@@ -12,6 +12,7 @@ can touch and scatter-added into place, which computes the same composite (teste
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -36,6 +37,69 @@ def conv_gn(cin, cout, k, stride=1, padding=0, groups=8):
     return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding), nn.GroupNorm(groups, cout), nn.CELU(inplace=True))
 
 
+# Set while torch.utils.checkpoint recomputes a stretch of layers in the backward pass: BatchNorm then
+# normalises by the batch statistics again but leaves its running statistics alone (they were updated once,
+# in the forward pass).
+_recomputing = [0]
+
+
+@contextlib.contextmanager
+def _recompute_context():
+    _recomputing[0] += 1
+    try:
+        yield
+    finally:
+        _recomputing[0] -= 1
+
+
+def _recompute_contexts():
+    return contextlib.nullcontext(), _recompute_context()
+
+
+def _checkpoint(fn, *args):
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=_recompute_contexts)
+
+
+def run_keeping_conv_outputs(layers, h):
+    """Apply a chain of layers to h, keeping for the backward pass only the convolutions' outputs.
+
+    What lies between two convolutions (normalisation, activation, pixel shuffle) is cheap to recompute
+    but stores one or two full-size tensors for the backward pass. Each such stretch runs under activation
+    checkpointing together with the convolution after it, whose saved input is the last thing recomputed:
+    the recomputation stops there (torch's early stop), so no convolution runs twice. Exact: the same
+    operations on the same values (tested against the plain chain, with gradients).
+    """
+    if not (torch.is_grad_enabled() and h.requires_grad):
+        for layer in layers:
+            h = layer(h)
+        return h
+    segment = []
+    for layer in layers:
+        segment.append(layer)
+        if isinstance(layer, nn.Conv2d):
+            h = _run_segment(segment, h)
+            segment = []
+    return _run_segment(segment, h) if segment else h
+
+
+def _run_segment(segment, h):
+    def run(h):
+        for layer in segment:
+            h = layer(h)
+        return h
+
+    if len(segment) == 1:  # a lone convolution stores only its input, which is stored anyway
+        return run(h)
+    return _checkpoint(run, h)
+
+
+def leaf_layers(module: nn.Module) -> list:
+    """The layers of nested Sequentials, in order."""
+    if isinstance(module, nn.Sequential):
+        return [leaf for child in module for leaf in leaf_layers(child)]
+    return [module]
+
+
 class BatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose training statistics span every data-parallel rank, on CPU (gloo) as on GPU.
 
@@ -49,6 +113,9 @@ class BatchNorm2d(nn.BatchNorm2d):
         import torch.distributed as dist
 
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            if self.training and _recomputing[0]:  # the same call, with throwaway running statistics
+                return F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(), self.weight,
+                                    self.bias, True, self.momentum or 0.0, self.eps)
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
@@ -59,11 +126,12 @@ class BatchNorm2d(nn.BatchNorm2d):
         n = stats[-1]
         mean = stats[:c] / n
         var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)  # biased: what BatchNorm normalises by
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            m = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
-            self.running_mean.mul_(1 - m).add_(m * mean.detach())
-            self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
+        if not _recomputing[0]:  # a recomputation in the backward pass leaves the running statistics alone
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
         shape = (1, c, 1, 1)
         y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         return (y * self.weight.view(shape) + self.bias.view(shape)).to(x.dtype)
@@ -457,9 +525,15 @@ class MaskDecoder(nn.Module):
             cin = ch
         layers.append(nn.Conv2d(cin, 1, 3, 1, 1))
         self.net = nn.Sequential(*layers)
+        self.checkpoint_rows = 0  # rows per activation-checkpointed chunk (0: keep every activation)
 
     def forward(self, z):
-        return self.net(z[:, :, None, None])
+        h = z[:, :, None, None]  # (M, Dm, 1, 1)
+        if not (self.checkpoint_rows and torch.is_grad_enabled() and z.shape[0] > self.checkpoint_rows):
+            return self.net(h)
+        # GroupNorm works per row, so chunks of rows are exact; each chunk's activations are recomputed in
+        # the backward pass (a forward of this small decoder, ~5% of a step) instead of being stored.
+        return torch.cat([_checkpoint(self.net, hc) for hc in h.split(self.checkpoint_rows)])
 
 
 class CompDecoder(nn.Module):
@@ -475,6 +549,7 @@ class CompDecoder(nn.Module):
         lin = torch.linspace(-1, 1, side)
         yy, xx = torch.meshgrid(lin, lin, indexing="ij")
         self.register_buffer("coords", torch.stack([xx, yy])[None], persistent=False)  # (1, 2, N+8, N+8)
+        self.checkpoint_layers = False  # keep only convolution outputs for the backward pass
 
     def forward(self, z):
         """The first convolution sees z tiled over the canvas plus the two coordinate channels. It is
@@ -485,8 +560,24 @@ class CompDecoder(nn.Module):
         d = z.shape[1]
         z_part = z @ conv.weight[:, :d].sum((2, 3)).t()  # (M, 32)
         coord_part = F.conv2d(self.coords, conv.weight[:, d:], conv.bias)  # (1, 32, N+6, N+6)
-        h = self.net[0][1:](z_part[:, :, None, None] + coord_part)  # BatchNorm, ELU: (M, 32, N+6, N+6)
-        return torch.sigmoid(self.net[1:](h))  # (M, 3, N, N)
+        rest = leaf_layers(self.net)[1:]  # BatchNorm, ELU, then three more convolutions
+        if not (self.checkpoint_layers and torch.is_grad_enabled()):
+            h = z_part[:, :, None, None] + coord_part  # (M, 32, N+6, N+6)
+            for layer in rest:
+                h = layer(h)
+            return torch.sigmoid(h)  # (M, 3, N, N)
+
+        # The first stretch starts from the (M, 32) z_part, so not even the broadcast sum is stored.
+        n_first = rest.index(self.net[1][0]) + 1  # up to and including the second convolution
+
+        def first(z_part, coord_part):
+            h = z_part[:, :, None, None] + coord_part
+            for layer in rest[:n_first]:
+                h = layer(h)
+            return h
+
+        h = _checkpoint(first, z_part, coord_part)  # (M, 32, N+4, N+4)
+        return torch.sigmoid(run_keeping_conv_outputs(rest[n_first:], h))  # (M, 3, N, N)
 
     def forward_tiled(self, z):
         """The straightforward spatial broadcast: z tiled and concatenated with the coordinates."""
@@ -524,6 +615,10 @@ class Background(nn.Module):
         hc = cfg.comp_prior_hidden
         self.predict_comp = nn.Sequential(nn.Linear(dm, hc), nn.ELU(), nn.Linear(hc, hc), nn.ELU(), nn.Linear(hc, 2 * dc))
         self.comp_decoder = CompDecoder(dc, cfg.image_size)
+        self.checkpoint_layers = False  # the encoders keep only convolution outputs for the backward pass
+
+    def encode(self, encoder, x):
+        return run_keeping_conv_outputs(leaf_layers(encoder), x) if self.checkpoint_layers else encoder(x)
 
     @staticmethod
     def stick_breaking(logits):
@@ -538,7 +633,7 @@ class Background(nn.Module):
         cfg = self.cfg
         b, k, n = x.shape[0], cfg.n_components, cfg.image_size
         dm, dc, hd = cfg.z_mask_dim, cfg.z_comp_dim, cfg.lstm_hidden
-        e = self.image_fc(self.image_encoder(x))  # (B, 64)
+        e = self.image_fc(self.encode(self.image_encoder, x))  # (B, 64)
         z_prev = x.new_zeros(b, dm)
         state = (x.new_zeros(b, hd), x.new_zeros(b, hd))
         prior_state = (x.new_zeros(b, hd), x.new_zeros(b, hd))
@@ -557,7 +652,7 @@ class Background(nn.Module):
         log_pi = self.stick_breaking(logits)  # (B, K, 1, N, N)
         pi = log_pi.exp()
         enc_in = torch.cat([pi, x[:, None].expand(b, k, 3, n, n)], 2).view(b * k, 4, n, n)
-        c_mu, c_sigma = normal_params(self.comp_head(self.comp_encoder(enc_in)), dc)  # (B*K, Dc)
+        c_mu, c_sigma = normal_params(self.comp_head(self.encode(self.comp_encoder, enc_in)), dc)  # (B*K, Dc)
         z_c = c_mu + c_sigma * torch.randn_like(c_sigma) if self.training else c_mu
         pc_mu, pc_sigma = normal_params(self.predict_comp(z_m.view(b * k, dm)), dc)
         kl_c = gaussian_kl(c_mu, c_sigma, pc_mu, pc_sigma).sum(1).view(b, k)
@@ -652,10 +747,13 @@ class SPACE(nn.Module):
         """Activation checkpointing (train.checkpoint_images): recompute instead of storing activations.
 
         The foreground runs in chunks of this many images whose activations are recomputed in the backward
-        pass; 0 stores every activation. The background is left alone: its BatchNorm statistics span the
-        batch, and recomputing them would update the running statistics twice.
+        pass. The background's full-canvas decoders cannot run in chunks (the component decoder's BatchNorm
+        statistics span the batch), so they keep only their convolutions' outputs and recompute the
+        normalisations and activations between them (`run_keeping_conv_outputs`). 0 stores every activation.
         """
         self.fg.checkpoint_images = int(images)
+        self.bg.mask_decoder.checkpoint_rows = int(images) * self.cfg.n_components
+        self.bg.checkpoint_layers = self.bg.comp_decoder.checkpoint_layers = images > 0
 
     def param_groups(self):
         """Foreground parameters (RMSProp) and background parameters (Adam), appendix D.2."""

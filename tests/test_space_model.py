@@ -315,7 +315,7 @@ def test_activation_checkpointing_recomputes_with_the_forward_pass_draws(monkeyp
 
     def grads(keep_activations):
         if keep_activations:
-            monkeypatch.setattr(space_model, "checkpoint", lambda f, *a, use_reentrant: f(*a))
+            monkeypatch.setattr(space_model, "checkpoint", lambda f, *a, **kw: f(*a))
         torch.manual_seed(0)
         model = SPACE(tiny_cfg()).double()
         model.set_checkpoint_images(1)
@@ -328,6 +328,64 @@ def test_activation_checkpointing_recomputes_with_the_forward_pass_draws(monkeyp
     for name in a:
         assert (a[name] != 0).any(), name
         assert torch.allclose(a[name], b[name], rtol=1e-7, atol=1e-10), name
+
+
+def _background_grads(model, x):
+    torch.manual_seed(1)  # the same latent draws in both passes
+    model.zero_grad()
+    loss = model(x)["terms"]["loss"]
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_background_checkpointing_is_exact_in_training_mode():
+    """The background under train.checkpoint_images: the encoders and the component decoder keep only
+    their convolutions' outputs (BatchNorm recomputed with batch statistics), the mask decoder runs in
+    recomputed chunks of rows. Same loss, same gradients, running statistics updated once, as without."""
+    torch.manual_seed(0)
+    plain = SPACE(tiny_cfg()).double().train()
+    light = SPACE(tiny_cfg()).double().train()
+    light.load_state_dict(plain.state_dict())
+    # the background only: the foreground's chunks would draw their noise in another order
+    light.bg.checkpoint_layers = light.bg.comp_decoder.checkpoint_layers = True
+    light.bg.mask_decoder.checkpoint_rows = 3
+    x = torch.rand(4, 3, 32, 32, dtype=torch.float64)
+    (l0, g0), (l1, g1) = _background_grads(plain, x), _background_grads(light, x)
+    assert torch.allclose(l0, l1, rtol=1e-12)
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], rtol=1e-9, atol=1e-12), name
+    b0, b1 = dict(plain.named_buffers()), dict(light.named_buffers())
+    for name in b0:
+        assert torch.equal(b0[name], b1[name]), name  # one running-statistics update per forward pass
+    assert int(b0["bg.comp_decoder.net.0.1.num_batches_tracked"]) == 1
+
+
+def test_background_checkpointing_recomputes_no_convolution():
+    """The recomputation stops at each convolution's saved input: the component decoder's and the encoders'
+    convolutions run once per step, not twice."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountConvolutions(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution.default:
+                CountConvolutions.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = SPACE(tiny_cfg()).train()
+    model.bg.checkpoint_layers = model.bg.comp_decoder.checkpoint_layers = True
+    loss = model(torch.rand(2, 3, 32, 32))["terms"]["loss"]
+    with CountConvolutions():
+        loss.backward()
+    assert CountConvolutions.calls == 0
+    # Negative control: the mask decoder's chunks do recompute their convolutions.
+    model.bg.mask_decoder.checkpoint_rows = 2
+    loss = model(torch.rand(2, 3, 32, 32))["terms"]["loss"]
+    with CountConvolutions():
+        loss.backward()
+    assert CountConvolutions.calls > 0
 
 
 def _sparse_pair(threshold, seed=0):
