@@ -1,4 +1,4 @@
-"""Command line: `python -m datagen {room3d,inspect,coco,show} --help`."""
+"""Command line: `python -m datagen {room3d,atari,inspect,coco,show} --help`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import sys
 import typing
 
-from .config import ConfigError, Room3DConfig, StoreConfig
+from .config import ATARI_GAMES, AtariConfig, ConfigError, Room3DConfig, StoreConfig
 
 
 def _parse_split(text: str) -> tuple[str, int]:
@@ -67,6 +67,23 @@ def cmd_room3d(ns) -> int:
 
     cfg = _config_from_args(Room3DConfig, ns).validate()
     splits = dict(ns.split) if ns.split else StoreConfig().splits
+    if len(splits) != len(ns.split or splits):
+        raise ConfigError("a split is given twice; give each --split NAME=FRAMES once")
+    generate(ns.out, cfg, splits, ns.seed, shard_size=ns.shard_size, workers=ns.workers,
+             overwrite=ns.overwrite, progress=not ns.quiet)
+    print(f"wrote {ns.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_atari(ns) -> int:
+    from .atari import generate
+
+    kw = {"games": tuple(ns.game)} if ns.game else {}
+    for f in dataclasses.fields(AtariConfig):
+        if f.name != "games" and getattr(ns, f.name, None) is not None:
+            kw[f.name] = getattr(ns, f.name)
+    cfg = AtariConfig(**kw).validate()
+    splits = dict(ns.split) if ns.split else {"train": 50000, "val": 5000, "test": 5000}
     if len(splits) != len(ns.split or splits):
         raise ConfigError("a split is given twice; give each --split NAME=FRAMES once")
     generate(ns.out, cfg, splits, ns.seed, shard_size=ns.shard_size, workers=ns.workers,
@@ -177,6 +194,30 @@ def main(argv=None) -> int:
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(r, Room3DConfig)
     r.set_defaults(func=cmd_room3d)
+
+    a = sub.add_parser("atari", help="record Atari frames from agent rollouts, with RAM boxes, into a Zarr store",
+                       description="Record frames of Atari games (gymnasium + ale-py) from agent rollouts into a Zarr "
+                                   "scene store, with object boxes read from the RAM (OCAtari) and filtered for "
+                                   "objects not drawn in the frame. Splits are by episode. Rerunning the same "
+                                   "command finishes an interrupted store.")
+    a.add_argument("out", help="output store, e.g. results/data/atari_spaceinvaders.zarr")
+    a.add_argument("--game", action="append", choices=sorted(ATARI_GAMES), metavar="GAME",
+                   help="a game; repeat for a joint store (default: SpaceInvaders). One of: " + ", ".join(sorted(ATARI_GAMES)))
+    a.add_argument("--split", action="append", type=_parse_split, metavar="NAME=FRAMES",
+                   help="a split and its frames PER GAME; repeat (default: train=50000 val=5000 test=5000, the paper's)")
+    a.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
+    a.add_argument("--workers", type=int, default=1, help="recording processes (default: 1)")
+    a.add_argument("--shard-size", type=int, default=StoreConfig.shard_size, help="frames per shard (default: %(default)s)")
+    a.add_argument("--overwrite", action="store_true", help="replace a complete store at OUT")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    defaults = AtariConfig()
+    for f in dataclasses.fields(AtariConfig):
+        if f.name == "games":
+            continue
+        default = getattr(defaults, f.name)
+        a.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=None,
+                       help=f"default: {default}" + (" (or the path of a TorchScript policy file)" if f.name == "policy" else ""))
+    a.set_defaults(func=cmd_atari)
 
     i = sub.add_parser("inspect", help="validate a store and print a summary")
     i.add_argument("store")

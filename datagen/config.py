@@ -196,3 +196,90 @@ def json_ready(v):
     if isinstance(v, dict):
         return {k: json_ready(x) for k, x in v.items()}
     return v
+
+
+# ------------------------------------------------------------------------------------------------ Atari
+
+# Per game (paper, appendix E): the gymnasium id (explicit, never a bare name, which would pick a v4
+# env), the true frame height (width is 160), and the OCAtari categories that are not scene objects. HUD
+# categories (scores, lives, inventories) are never ground truth; static categories (scenery such as
+# shields, walls, ladders, pills) are kept in the "all" set and left out of the "moving" set. These lists
+# are written here, not read from OCAtari's `.hud` flags, which are unreliable.
+ATARI_GAMES = {
+    "SpaceInvaders": {"env_id": "ALE/SpaceInvaders-v5", "height": 210,
+                      "hud": ("P1Score", "P2Score", "Lives"), "static": ("Shield",)},
+    "AirRaid": {"env_id": "ALE/AirRaid-v5", "height": 250, "hud": ("PlayerScore", "Lives"), "static": ("Building",)},
+    "Riverraid": {"env_id": "ALE/Riverraid-v5", "height": 210, "hud": ("PlayerScore", "Lives"), "static": ()},
+    "MontezumaRevenge": {"env_id": "ALE/MontezumaRevenge-v5", "height": 210,
+                         "hud": ("Score", "Life", "Key_HUD", "Amulet_HUD", "Torch_HUD", "Sword_HUD"),
+                         "static": ("Barrier", "Beam", "Rope", "Wall", "Ladder", "Platform",
+                                    "Disappearing_Platform", "Conveyer_Belt")},
+    "Asterix": {"env_id": "ALE/Asterix-v5", "height": 210, "hud": ("Score", "Lives"), "static": ()},
+    "Atlantis": {"env_id": "ALE/Atlantis-v5", "height": 210, "hud": ("Score",),
+                 "static": ("Sentry", "AcropolisCommandPost", "Generator", "DomedPalace", "BridgedBazaar",
+                            "AquaPlane")},
+    "Carnival": {"env_id": "ALE/Carnival-v5", "height": 214,
+                 "hud": ("AmmoBar", "BonusSign", "BonusValue", "PlayerScore"), "static": ("Wheel",)},
+    "DoubleDunk": {"env_id": "ALE/DoubleDunk-v5", "height": 210, "hud": ("Player_Score", "Opponent_Score"),
+                   "static": ("Basket", "Backboard")},
+    "Kangaroo": {"env_id": "ALE/Kangaroo-v5", "height": 210, "hud": ("Score", "Lives", "Time"),
+                 "static": ("Ladder", "Platform", "Bell")},
+    "Pacman": {"env_id": "ALE/Pacman-v5", "height": 250, "hud": ("Score", "Life"), "static": ("PowerPill",)},
+    "Pooyan": {"env_id": "ALE/Pooyan-v5", "height": 220, "hud": ("PlayerScore", "Lives"), "static": ()},
+    "Qbert": {"env_id": "ALE/Qbert-v5", "height": 210, "hud": ("Score", "Lives"), "static": ("Cube", "Disk")},
+}
+ATARI_WIDTH = 160
+
+
+@dataclass
+class AtariConfig:
+    """Frames from agent rollouts (paper, appendix E), with object boxes from the game's RAM."""
+
+    games: tuple[str, ...] = ("SpaceInvaders",)
+    image_size: int = 128  # frames are resized from each game's true size to image_size x image_size RGB
+    frameskip: int = 4  # emulator frames per agent step (ALE v5's default)
+    sticky_actions: float = 0.25  # repeat_action_probability (ALE v5's default)
+    noop_max: int = 30  # a random number (0..noop_max) of no-op steps starts every episode
+    subsample: int = 4  # keep every subsample-th agent step's frame: consecutive frames are near-duplicates
+    max_episode_steps: int = 5000  # agent steps before an episode is cut (truncated)
+    policy: str = "random"  # "random", or the path of a TorchScript policy file (see datagen/atari.py)
+    # Flicker filter: an object counts only when at least this many pixels of its box differ from the
+    # game's background image (the per-pixel median of background_frames calibration frames) by more than
+    # background_tolerance (max over RGB, 0-255). Static categories are exempt: they are the background.
+    min_support_pixels: int = 2
+    background_tolerance: int = 24
+    background_frames: int = 96
+
+    def validate(self) -> "AtariConfig":
+        if not self.games:
+            raise ConfigError("games: give at least one game, e.g. --game SpaceInvaders")
+        for g in self.games:
+            if g not in ATARI_GAMES:
+                raise ConfigError(f"games: unknown game {g!r}; choose from {', '.join(sorted(ATARI_GAMES))}")
+        if len(set(self.games)) != len(self.games):
+            raise ConfigError(f"games: {list(self.games)} names a game twice; give each game once")
+        if self.image_size < 8:
+            raise ConfigError(f"image_size: {self.image_size} is too small; use at least 8 (the paper: 128)")
+        for name in ("frameskip", "subsample", "max_episode_steps", "background_frames", "min_support_pixels"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.noop_max < 0:
+            raise ConfigError(f"noop_max: must be 0 or more, got {self.noop_max}")
+        if not 0 <= self.sticky_actions < 1:
+            raise ConfigError(f"sticky_actions: a probability in [0, 1), got {self.sticky_actions}")
+        if not 0 <= self.background_tolerance < 255:
+            raise ConfigError(f"background_tolerance: must be in 0-254, got {self.background_tolerance}")
+        if not self.policy:
+            raise ConfigError("policy: give 'random' or the path of a TorchScript policy file")
+        return self
+
+    def to_dict(self) -> dict:
+        return json_ready(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AtariConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown atari parameter(s) {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**{k: tuplify(v) for k, v in d.items()})

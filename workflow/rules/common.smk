@@ -10,14 +10,18 @@ validate(config, "../schemas/params.schema.yaml")  # types, ranges, unknown keys
 
 def _check_datasets():
     """What a JSON schema cannot say (min <= max, objects that fit on the floor), from datagen itself."""
-    from datagen.config import ConfigError, Room3DConfig
+    from datagen.config import AtariConfig, ConfigError, Room3DConfig
 
     for name, ds in config["datasets"].items():
-        if ds["generator"] == "room3d":
-            try:
+        try:
+            if ds["generator"] == "room3d":
                 Room3DConfig.from_dict({**ds.get("room3d", {}), "objects": ds["objects"]}).validate()
-            except ConfigError as e:
-                raise ValueError(f"params: datasets.{name}: {e}") from None
+            elif ds["generator"] == "atari":
+                if "objects" in ds:
+                    raise ConfigError("objects: an Atari store's objects come from the games; remove the key")
+                AtariConfig.from_dict({**ds.get("atari", {}), "games": ds["games"]}).validate()
+        except ConfigError as e:
+            raise ValueError(f"params: datasets.{name}: {e}") from None
 
 
 _check_datasets()

@@ -25,6 +25,30 @@ rule room3d:
         "--shard-size {params.shard_size} --workers {threads} {params.scene} 2> {log}"
 
 
+rule atari:
+    """Atari frames from agent rollouts, with object boxes from the RAM (paper, appendix E; issue 5)."""
+    output:
+        directory("results/data/{dataset}.zarr"),
+    wildcard_constraints:
+        dataset="|".join(d for d in DATASETS if config["datasets"][d]["generator"] == "atari") or "^$",
+    params:
+        games=lambda wc: " ".join(f"--game {g}" for g in config["datasets"][wc.dataset]["games"]),
+        splits=lambda wc: split_flags(config["datasets"][wc.dataset]["splits"]),
+        seed=lambda wc: config["datasets"][wc.dataset]["seed"],
+        rollout=lambda wc: cli_flags(config["datasets"][wc.dataset].get("atari", {})),
+        shard_size=config["datagen"]["shard_size"],
+    threads: config["datagen"]["workers"]
+    resources:
+        mem_mb=lambda wc, threads: 800 + 400 * threads,
+    log:
+        "logs/datagen/{dataset}.log",
+    conda:
+        "../../envs/datagen.yaml"
+    shell:
+        "python -m datagen atari {output} {params.games} {params.splits} --seed {params.seed} "
+        "--shard-size {params.shard_size} --workers {threads} {params.rollout} 2> {log}"
+
+
 rule inspect_dataset:
     """Validate a store and summarise it as JSON (frames, objects per frame, categories)."""
     input:
