@@ -8,6 +8,13 @@ Writes to the output folder (default RUN/eval/SPLIT):
 
 so that anyone can recompute the COCO numbers with pycocotools from the two JSON files.
 
+On an Atari store (boxes from the RAM, `python -m datagen atari`) metrics.json also holds `precision`,
+`recall` and `f1` with the centre-distance match (a detection hits a box when its centre lies within half
+the box's diagonal of the box's centre; `space.metrics.centre_matches`) over every non-HUD object, and
+under `atari` the same with AP50 for the moving objects only, per game, and per category. Detections
+name no category: for one category (or the moving set) a detection that hits an object outside it is
+left out, and one that hits nothing counts against it.
+
 A detection is a cell whose z_pres probability is above `threshold` (0.5, a hard z_pres), scored by that
 probability, its box from the z_where mean, clipped to the frame.
 """
@@ -23,7 +30,7 @@ import torch
 
 from .config import Config
 from .data import StoreDataset
-from .metrics import adjusted_rand_index, coco_ap, count_scores, matched_mask_iou, paper_ap
+from .metrics import adjusted_rand_index, centre_scores, coco_ap, count_scores, matched_mask_iou, paper_ap, subset_scores
 from .model import SPACE, to_canvas
 
 OBJECT_CATEGORY = 1  # the one category of detections and ground truth: SPACE finds objects, it does not name them
@@ -90,7 +97,7 @@ def cell_baseline(n_images: int, grid: int, image_size: int):
     return [(boxes, np.ones(len(boxes))) for _ in range(n_images)]
 
 
-def box_scores(gt_boxes, dets) -> dict:
+def box_scores(gt_boxes, dets, centre: bool = False) -> dict:
     det_boxes = [d[0] for d in dets]
     det_scores = [d[1] for d in dets]
     return {
@@ -99,7 +106,36 @@ def box_scores(gt_boxes, dets) -> dict:
         "ap50_paper": paper_ap(gt_boxes, det_boxes, det_scores, 0.5),
         "ap50_95_paper": paper_ap(gt_boxes, det_boxes, det_scores),
         **count_scores([len(g) for g in gt_boxes], [len(b) for b in det_boxes]),
+        **(centre_scores(gt_boxes, det_boxes, det_scores) if centre else {}),
     }
+
+
+def atari_scores(store, split: str, n: int, gt_boxes, dets) -> dict:
+    """Per game and per category scores of an Atari store (see the module's docstring)."""
+    labels = store.read(split, "labels", slice(0, n))  # (N, K), -1 padding
+    moving = store.read(split, "moving", slice(0, n)).astype(bool)  # (N, K)
+    game = store.read(split, "game", slice(0, n))  # (N,)
+    games = store.attrs["params"]["games"]
+    det_boxes = [d[0] for d in dets]
+    det_scores = [d[1] for d in dets]
+    lab = [labels[i, : len(g)] for i, g in enumerate(gt_boxes)]  # boxes come first, padding after
+    mov = [moving[i, : len(g)] for i, g in enumerate(gt_boxes)]
+
+    def scores(images, keep):
+        return subset_scores([gt_boxes[i] for i in images], [keep[i] for i in images],
+                             [det_boxes[i] for i in images], [det_scores[i] for i in images])
+
+    everything = [np.ones(len(g), bool) for g in gt_boxes]
+    all_images = range(len(gt_boxes))
+    out = {"all": scores(all_images, everything), "moving": scores(all_images, mov), "games": {}, "categories": {}}
+    for g, name in enumerate(games):
+        images = [i for i in all_images if game[i] == g]
+        out["games"][name] = {"all": scores(images, everything), "moving": scores(images, mov)}
+    for c, name in enumerate(store.categories):
+        g = games.index(name.split(".")[0])
+        images = [i for i in all_images if game[i] == g]
+        out["categories"][name] = scores(images, [lab_i == c for lab_i in lab])
+    return out
 
 
 def coco_files(gt_boxes, dets, image_size: int, split: str):
@@ -162,15 +198,20 @@ def evaluate(run: str, data: str, split: str = "test", out: str | None = None, t
     def mean(v):
         return float(np.mean(v)) if v else float("nan")
 
-    metrics = {**box_scores(gt_boxes, dets), "mse": sq_err / n}
+    is_atari = dataset.store.attrs.get("generator") == "atari"
+    metrics = {**box_scores(gt_boxes, dets, centre=is_atari), "mse": sq_err / n}
     if has_masks:
         metrics.update(fg_ari=mean(aris), mask_miou=mean(ious))
-    baseline = box_scores(gt_boxes, cell_baseline(n, cfg.model.grid_size, size))
+    baseline_dets = cell_baseline(n, cfg.model.grid_size, size)
+    baseline = box_scores(gt_boxes, baseline_dets, centre=is_atari)
     if has_masks:
         baseline.update(fg_ari=mean(base_aris), mask_miou=mean(base_ious))
     metrics.update({f"baseline_{k}": v for k, v in baseline.items()})
     metrics.update(frames=n, split=split, step=step, threshold=threshold, objects=sum(len(g) for g in gt_boxes),
                    detections=sum(len(d[0]) for d in dets), seconds=round(seconds, 2))
+    if is_atari:
+        metrics["atari"] = atari_scores(dataset.store, split, n, gt_boxes, dets)
+        metrics["baseline_atari"] = atari_scores(dataset.store, split, n, gt_boxes, baseline_dets)
 
     folder = Path(out) if out else Path(run) / "eval" / split
     folder.mkdir(parents=True, exist_ok=True)
@@ -178,13 +219,19 @@ def evaluate(run: str, data: str, split: str = "test", out: str | None = None, t
     (folder / "ground_truth.json").write_text(json.dumps(gt_json))
     (folder / "detections.json").write_text(json.dumps(det_json))
     # AP is undefined (NaN) on a split without objects: null in JSON.
-    metrics = {k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()}
+    metrics = _nan_to_none(metrics)
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
+def _nan_to_none(v):
+    if isinstance(v, dict):
+        return {k: _nan_to_none(x) for k, x in v.items()}
+    return None if isinstance(v, float) and v != v else v
+
+
 SUMMARY_COLUMNS = ("ap50", "ap50_95", "ap50_paper", "ap50_95_paper", "count_error", "count_accuracy", "mse",
-                   "fg_ari", "mask_miou", "baseline_ap50", "baseline_count_error", "step", "frames")
+                   "fg_ari", "mask_miou", "f1", "baseline_ap50", "baseline_count_error", "step", "frames")
 
 
 def summary(metric_files: list[str]) -> tuple[str, list[dict]]:

@@ -182,3 +182,71 @@ def matched_mask_iou(gt: np.ndarray, pred: np.ndarray, ignore: int | None = None
             scores[o] = iou[o, s]
             free_o[o] = free_s[s] = False
     return float(scores.mean())
+
+
+def centre_matches(gt: np.ndarray, det: np.ndarray) -> np.ndarray:
+    """One image: detections (in score order) -> the ground-truth box each one hits, or -1.
+
+    A detection hits a ground-truth box when the detection's centre lies within half the box's diagonal
+    of the box's centre (on the circle counts). In score order, each detection takes the nearest box it
+    hits that no earlier detection took, so a box is hit at most once.
+    """
+    gt = np.asarray(gt, dtype=np.float64).reshape(-1, 4)
+    det = np.asarray(det, dtype=np.float64).reshape(-1, 4)
+    match = np.full(len(det), -1)
+    if len(gt) == 0 or len(det) == 0:
+        return match
+    g_centre = (gt[:, :2] + gt[:, 2:]) / 2
+    radius = np.hypot(gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1]) / 2
+    d_centre = (det[:, :2] + det[:, 2:]) / 2
+    dist = np.hypot(*(d_centre[:, None, :] - g_centre[None, :, :]).transpose(2, 0, 1))  # (dets, gts)
+    free = np.ones(len(gt), bool)
+    for d in range(len(det)):
+        hits = np.flatnonzero(free & (dist[d] <= radius))
+        if hits.size:
+            g = hits[np.argmin(dist[d, hits])]
+            match[d] = g
+            free[g] = False
+    return match
+
+
+def prf(tp: int, n_det: int, n_gt: int) -> dict:
+    """Precision, recall and F1 from counts; NaN where a denominator is 0."""
+    precision = tp / n_det if n_det else float("nan")
+    recall = tp / n_gt if n_gt else float("nan")
+    f1 = 2 * tp / (n_det + n_gt) if n_det + n_gt else float("nan")
+    return {"precision": float(precision), "recall": float(recall), "f1": float(f1)}
+
+
+def centre_scores(gt_boxes, det_boxes, det_scores) -> dict:
+    """Precision, recall and F1 over a set of images with the centre-distance match."""
+    tp = n_det = n_gt = 0
+    for g, d, s in zip(gt_boxes, det_boxes, det_scores):
+        d = np.asarray(d).reshape(-1, 4)[_order(s)]
+        tp += int((centre_matches(g, d) >= 0).sum())
+        n_det += len(d)
+        n_gt += len(np.asarray(g).reshape(-1, 4))
+    return prf(tp, n_det, n_gt)
+
+
+def subset_scores(gt_boxes, keep, det_boxes, det_scores) -> dict:
+    """Scores against a subset of each image's ground-truth boxes (keep: one boolean array per image).
+
+    Detections are class-agnostic, so a detection that hits a box outside the subset (centre match against
+    every box of the image) is neither right nor wrong for the subset: it is left out. The rest are scored
+    with `centre_scores` (precision, recall, F1) and `coco_ap` at IoU 0.5 against the subset's boxes.
+    """
+    sub_gt, sub_det, sub_scores = [], [], []
+    for g, k, d, s in zip(gt_boxes, keep, det_boxes, det_scores):
+        g = np.asarray(g, dtype=np.float64).reshape(-1, 4)
+        k = np.asarray(k, dtype=bool)
+        o = _order(s)
+        d = np.asarray(d, dtype=np.float64).reshape(-1, 4)[o]
+        s = np.asarray(s, dtype=np.float64)[o]
+        m = centre_matches(g, d)
+        other = (m >= 0) & ~k[np.maximum(m, 0)] if len(g) else np.zeros(len(d), bool)
+        sub_gt.append(g[k])
+        sub_det.append(d[~other])
+        sub_scores.append(s[~other])
+    return {**centre_scores(sub_gt, sub_det, sub_scores), "ap50": coco_ap(sub_gt, sub_det, sub_scores, 0.5),
+            "objects": int(sum(len(g) for g in sub_gt)), "detections": int(sum(len(d) for d in sub_det))}

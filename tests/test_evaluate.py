@@ -143,3 +143,32 @@ def test_curves_figure_of_a_run(trained, tmp_path, capsys):
     assert space_main(["curves", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
     assert "no metrics.csv" in capsys.readouterr().err
     assert space_main(["curves", str(run), "--labels", "a", "b", "--out", str(tmp_path / "y.png")]) == 2
+
+
+def test_evaluate_on_an_atari_store_scores_games_and_categories(tmp_path, capsys):
+    """Precision, recall and F1 (centre match) and AP50, overall, for the moving set, per game and per
+    category; the per-game and per-category object counts add up to the whole."""
+    pytest.importorskip("ocatari")
+    store = tmp_path / "atari.zarr"
+    r = subprocess.run([sys.executable, "-m", "datagen", "atari", str(store), "--game", "SpaceInvaders", "--game",
+                        "Pooyan", "--image-size", "64", "--split", "train=8", "--split", "test=8",
+                        "--background-frames", "8", "--subsample", "16", "--quiet"],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    cfg = resolve_config("demo", None, ["model.n_components=2", "train.batch_size=2", "train.steps=1",
+                                        "train.val_every=0", "train.threads=2", "train.device=cpu"])
+    run = tmp_path / "run"
+    train(cfg, str(store), str(run), progress=False)
+    assert space_main(["evaluate", "--run", str(run), "--data", str(store), "--threshold", "0", "--quiet"]) == 0
+    m = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    capsys.readouterr()
+    a = m["atari"]
+    for key in ("precision", "recall", "f1", "ap50"):
+        assert isinstance(a["all"][key], float), key
+    assert m["f1"] == a["all"]["f1"] and m["objects"] == a["all"]["objects"]
+    assert set(a["games"]) == {"SpaceInvaders", "Pooyan"}
+    assert sum(g["all"]["objects"] for g in a["games"].values()) == m["objects"]
+    assert sum(c["objects"] for c in a["categories"].values()) == m["objects"]
+    assert a["moving"]["objects"] < m["objects"]  # SpaceInvaders' shields are static
+    assert "SpaceInvaders.Shield" in a["categories"] and not any("Score" in c for c in a["categories"])
+    assert isinstance(m["baseline_f1"], float) and "baseline_atari" in m

@@ -161,3 +161,48 @@ def test_matched_mask_iou_by_hand():
     assert matched_mask_iou(gt, pred, ignore=255) == pytest.approx((1 + 0.5) / 2)
     assert matched_mask_iou(gt, np.zeros_like(pred), ignore=255) == 0.0
     assert math.isnan(matched_mask_iou(np.zeros_like(gt), pred))
+
+
+# ----------------------------------------------------------------------------------- centre-distance match
+
+
+def test_centre_match_by_hand():
+    from space.metrics import centre_matches
+
+    gt = np.array([[0, 0, 6, 8]])  # centre (3, 4), diagonal 10: hit radius 5
+    assert centre_matches(gt, [[3, 9, 3, 9]])[0] == 0  # centre (3, 9): distance 5, on the circle, a hit
+    assert centre_matches(gt, [[3, 9.01, 3, 9.01]])[0] == -1  # just outside
+    assert centre_matches(gt, [[100, 100, 101, 101]])[0] == -1
+    # Two detections on one box: the first in score order hits, the second finds it taken.
+    assert centre_matches(gt, [[2, 3, 4, 5], [2, 3, 4, 5]]).tolist() == [0, -1]
+    # A detection hitting two boxes takes the nearer one; the next detection takes the other.
+    two = np.array([[0, 0, 10, 10], [4, 0, 14, 10]])  # centres (5, 5) and (9, 5)
+    assert centre_matches(two, [[7, 4, 9, 6], [5, 4, 7, 6]]).tolist() == [1, 0]
+    assert centre_matches(np.zeros((0, 4)), [[0, 0, 1, 1]]).tolist() == [-1]
+
+
+def test_centre_scores_count_by_hand():
+    from space.metrics import centre_scores
+
+    gt = [np.array([[0, 0, 10, 10], [20, 20, 30, 30]]), np.zeros((0, 4))]
+    dets = [np.array([[4, 4, 6, 6], [50, 50, 52, 52], [19, 19, 29, 29]]), np.array([[0, 0, 2, 2]])]
+    scores = [np.array([0.9, 0.8, 0.7]), np.array([0.6])]
+    s = centre_scores(gt, dets, scores)  # 2 hits of 4 detections, 2 objects
+    assert (s["precision"], s["recall"]) == (0.5, 1.0)
+    assert s["f1"] == pytest.approx(2 * 0.5 * 1.0 / 1.5)
+
+
+def test_subset_scores_leave_out_detections_of_other_objects():
+    from space.metrics import centre_scores, subset_scores
+
+    gt = [np.array([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]])]
+    dets = [np.array([[4, 4, 6, 6], [24, 24, 26, 26], [80, 80, 82, 82]])]
+    scores = [np.array([0.9, 0.8, 0.7])]
+    # Subset {box 0}: detection 2 hits box 1 (another category): left out. Detection 3 hits nothing: a miss.
+    s = subset_scores(gt, [np.array([True, False, False])], dets, scores)
+    assert (s["precision"], s["recall"], s["objects"], s["detections"]) == (0.5, 1.0, 1, 2)
+    assert s["ap50"] == pytest.approx(coco_ap([gt[0][:1]], [dets[0][[0, 2]]], [scores[0][[0, 2]]], 0.5))
+    # Every box: the same as centre_scores.
+    everything = subset_scores(gt, [np.ones(3, bool)], dets, scores)
+    plain = centre_scores(gt, dets, scores)
+    assert all(everything[k] == plain[k] for k in ("precision", "recall", "f1"))
