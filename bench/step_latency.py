@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -25,8 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from space.config import PRESETS, merge, Config  # noqa: E402
+from space.config import PRESETS, merge, Config, TrainConfig  # noqa: E402
+from space.memory import lean_host_allocator  # noqa: E402
 from space.model import SPACE  # noqa: E402
+from space.train import checkpoint_images  # noqa: E402
 
 
 def main() -> None:
@@ -39,12 +42,16 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-channels-last", action="store_true", help="NCHW instead of channels_last")
     p.add_argument("--sparse-threshold", type=float, default=0.0, help="skip glimpses below this z_pres probability")
-    p.add_argument("--checkpoint-images", type=int, default=0,
-                   help="activation checkpointing: images per recomputed foreground chunk (train.checkpoint_images; 0 = off)")
+    p.add_argument("--checkpoint-images", type=int, default=TrainConfig.checkpoint_images,
+                   help="activation checkpointing: images per recomputed foreground chunk (train.checkpoint_images; "
+                        "0 = off, -1 = as training: 4 on CPU, off on CUDA)")
+    p.add_argument("--malloc-mmap-threshold-mib", type=int, default=TrainConfig.malloc_mmap_threshold_mib,
+                   help="train.malloc_mmap_threshold_mib (space/memory.py); 0 = the C library's dynamic threshold")
     p.add_argument("--present-share", type=float, default=None,
                    help="force z_pres on in this random share of cells (and off elsewhere), as in a trained "
                         "model, so that --sparse-threshold has cells to skip")
     ns = p.parse_args()
+    lean = lean_host_allocator(ns.malloc_mmap_threshold_mib)  # before the first tensor, as training does
 
     if ns.threads:
         torch.set_num_threads(ns.threads)
@@ -55,6 +62,7 @@ def main() -> None:
     model = SPACE(cfg.model).to(device)
     fmt = torch.contiguous_format if ns.no_channels_last else torch.channels_last
     model = model.to(memory_format=fmt)
+    ns.checkpoint_images = checkpoint_images(ns.checkpoint_images, device)
     model.set_checkpoint_images(ns.checkpoint_images)
     if ns.present_share is not None:
         # The global RNG, which activation checkpointing restores, so a recomputed chunk gets the same cells.
@@ -121,6 +129,8 @@ def main() -> None:
         "channels_last": not ns.no_channels_last,
         "sparse_threshold": ns.sparse_threshold,
         "checkpoint_images": ns.checkpoint_images,
+        "malloc_mmap_threshold_mib": ns.malloc_mmap_threshold_mib if lean else 0,
+        "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
         "present_share": ns.present_share,
         "glimpses_decoded": glimpses,
         "median_s": round(med, 3),

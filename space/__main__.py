@@ -33,7 +33,7 @@ def resolve_config(preset_name: str, config_file: str | None, sets: list[str]) -
 
 
 def cmd_train(ns) -> int:
-    from .train import train
+    from .memory import lean_host_allocator
 
     cfg = resolve_config(ns.preset, ns.config, ns.set)
     if ns.steps is not None:
@@ -41,6 +41,9 @@ def cmd_train(ns) -> int:
     if ns.device is not None:
         cfg.train.device = ns.device
     cfg.validate()
+    lean_host_allocator(cfg.train.malloc_mmap_threshold_mib)  # before torch allocates anything
+    from .train import train
+
     last = train(cfg, ns.data, ns.out, progress=not ns.quiet)
     print(json.dumps(last), file=sys.stderr)
     if ns.summary:

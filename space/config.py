@@ -122,15 +122,23 @@ class TrainConfig:
     threads: int = 0  # CPU threads for torch (0: all cores)
     channels_last: bool = True  # NHWC convolutions: measured 1.1-1.4x faster on this CPU (bench/step_latency.py)
     # Activation checkpointing: the foreground runs in chunks of this many images and recomputes their
-    # activations in the backward pass instead of storing them (0 = off). Less memory, more time.
-    checkpoint_images: int = 0
+    # activations in the backward pass instead of storing them, the background keeps only its convolutions'
+    # outputs (exact either way; 0 = off). -1: 4 on CPU, where it costs no time and saves 2/3 of the memory
+    # (BENCHMARKS.md), off on CUDA, where memory is rarely the limit and recomputing costs time.
+    checkpoint_images: int = -1
+    # glibc's mmap threshold in MiB (space/memory.py), with huge-page allocations: a lower, steady resident
+    # peak on Linux hosts. 0 leaves the C library's own dynamic threshold.
+    malloc_mmap_threshold_mib: int = 1
 
     def validate(self) -> "TrainConfig":
         for name in ("batch_size", "steps", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be at least 1, got {getattr(self, name)}")
-        if self.checkpoint_images < 0:
-            raise ConfigError(f"train.checkpoint_images: must be 0 (off) or more, got {self.checkpoint_images}")
+        if self.checkpoint_images < -1:
+            raise ConfigError(f"train.checkpoint_images: must be -1 (auto), 0 (off) or more, got {self.checkpoint_images}")
+        if self.malloc_mmap_threshold_mib < 0:
+            raise ConfigError(f"train.malloc_mmap_threshold_mib: must be 0 (the C library's default) or more, "
+                              f"got {self.malloc_mmap_threshold_mib}")
         for name in ("fg_lr", "bg_lr", "clip_norm"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"train.{name}: must be above 0, got {getattr(self, name)}")
@@ -254,7 +262,7 @@ PRESETS: dict[str, dict] = {
             "z_scale_prior_mean": {"start": -1.5, "end": -1.5, "start_step": 0, "end_step": 0},
         },
         "train": {"batch_size": 8, "steps": 1400, "fg_lr": 4e-4, "bg_lr": 2e-3, "checkpoint_every": 200,
-                  "log_every": 25, "image_every": 200, "val_every": 200},
+                  "log_every": 25, "image_every": 200, "val_every": 200, "checkpoint_images": 0},
     },
 }
 PRESETS = {k: merge({}, v) for k, v in PRESETS.items()}

@@ -25,6 +25,7 @@ import torch
 
 from .config import Config, ConfigError
 from .data import StepBatchSampler, StoreDataset, collate_batch
+from .memory import lean_host_allocator
 from .model import SPACE
 
 CHECKPOINT_FORMAT = 1
@@ -44,12 +45,51 @@ class CheckpointError(RuntimeError):
 # --------------------------------------------------------------------------------------------- devices
 
 
+_CLAIMED: list = []  # open lock files of the CUDA devices this process holds
+
+
+def claim_free_gpu(n_devices: int, lock_dir: str | None = None) -> int:
+    """The first of n_devices CUDA devices that no other `space train` on this machine holds.
+
+    Snakemake runs several training jobs at once on a workstation (profiles/gpu: resources gpu=N) but
+    does not say which job gets which GPU. Each process takes an exclusive lock file per device
+    (released when the process ends, even by a kill), so concurrent jobs spread over the GPUs. All held:
+    device 0, shared."""
+    import fcntl
+    import tempfile
+
+    folder = Path(lock_dir or tempfile.gettempdir())
+    for i in range(n_devices):
+        fh = open(folder / f"space-train-gpu{i}.lock", "w")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            continue
+        _CLAIMED.append(fh)
+        return i
+    return 0
+
+
 def pick_device(cfg_device: str) -> torch.device:
     if cfg_device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # one process per GPU: under torchrun the local rank decides; a user's CUDA_VISIBLE_DEVICES too
+        n = torch.cuda.device_count()
+        if n > 1 and "LOCAL_RANK" not in os.environ and "CUDA_VISIBLE_DEVICES" not in os.environ:
+            return torch.device("cuda", claim_free_gpu(n))
+        return torch.device("cuda")
     if cfg_device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device is {cfg_device!r} but this machine has no CUDA device; use auto or cpu")
     return torch.device(cfg_device)
+
+
+def checkpoint_images(setting: int, device: torch.device) -> int:
+    """train.checkpoint_images with -1 resolved: 4 images a chunk on CPU, off on CUDA."""
+    if setting >= 0:
+        return setting
+    return 0 if device.type == "cuda" else 4
 
 
 def distributed_context():
@@ -161,11 +201,12 @@ def train(cfg: Config, data: str, out: str, progress: bool = True, stop_after: i
     t_cfg, m_cfg = cfg.train, cfg.model
     rank, world, local = distributed_context()
     device = pick_device(t_cfg.device)
+    lean_host_allocator(t_cfg.malloc_mmap_threshold_mib)  # before the first tensor (space/memory.py)
     if world > 1:
         import torch.distributed as dist
 
         if device.type == "cuda":
-            device = torch.device("cuda", local)
+            device = torch.device("cuda", local)  # torchrun: one process per GPU by local rank
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cpu" and t_cfg.threads:
@@ -181,7 +222,7 @@ def train(cfg: Config, data: str, out: str, progress: bool = True, stop_after: i
     torch.manual_seed(t_cfg.seed + rank)
     fmt = torch.channels_last if t_cfg.channels_last else torch.contiguous_format
     model = SPACE(m_cfg).to(device, memory_format=fmt)
-    model.set_checkpoint_images(t_cfg.checkpoint_images)
+    model.set_checkpoint_images(checkpoint_images(t_cfg.checkpoint_images, device))
     fg_params, bg_params = model.param_groups()
     opt_fg = torch.optim.RMSprop(fg_params, lr=t_cfg.fg_lr)
     opt_bg = torch.optim.Adam(bg_params, lr=t_cfg.bg_lr)

@@ -59,7 +59,10 @@ sys.exit(main(sys.argv[1:]))
 # front of a BatchNorm, whose true gradient is zero) moves those weights by full steps of either sign.
 FIRST_RTOL, LATER_LOSS_RTOL = 1e-4, 1e-3
 
-def test_two_ranks_equal_one_process_with_the_doubled_batch(store, tmp_path):
+@pytest.mark.parametrize("checkpoint_images", [0, 1])
+def test_two_ranks_equal_one_process_with_the_doubled_batch(store, tmp_path, checkpoint_images):
+    """Also under activation checkpointing, where the component decoder's BatchNorm statistics are
+    combined from chunks and across ranks (space.model.combine_stats)."""
     script = tmp_path / "noiseless.py"
     script.write_text(NOISELESS)
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -67,7 +70,8 @@ def test_two_ranks_equal_one_process_with_the_doubled_batch(store, tmp_path):
     # full optimiser steps of either sign (RMSProp's and Adam's first steps are about lr per element).
     common = ["--data", str(store), "--preset", "demo", "--set", "train.log_every=1", "--set", "train.val_every=0",
               "--set", "train.threads=1", "--set", "train.image_every=1000", "--set", "train.fg_lr=1e-5",
-              "--set", "train.bg_lr=1e-3", "--steps", "3", "--quiet"]
+              "--set", "train.bg_lr=1e-3", "--steps", "3", "--quiet",
+              "--set", f"train.checkpoint_images={checkpoint_images}"]
     ddp, one = tmp_path / "ddp", tmp_path / "one"
     p = subprocess.run([str(BIN / "torchrun"), "--nproc-per-node", "2", str(script), "train", *common,
                         "--out", str(ddp), "--set", "train.batch_size=2"], capture_output=True, text=True, env=env,

@@ -386,3 +386,52 @@ def test_the_demo_switches_z_pres_on_at_objects(learned_run):
     assert has.any() and (~has).any()
     with_obj, without = float(prob[has].mean()), float(prob[~has].mean())
     assert with_obj > without + 0.1, (with_obj, without)
+
+
+def test_checkpoint_images_auto_is_on_for_cpu_and_off_for_cuda():
+    from space.config import TrainConfig
+    from space.train import checkpoint_images
+
+    assert TrainConfig().checkpoint_images == -1
+    assert checkpoint_images(-1, torch.device("cpu")) == 4
+    assert checkpoint_images(-1, torch.device("cuda")) == 0
+    assert checkpoint_images(2, torch.device("cuda")) == 2
+
+
+LEAN_PROBE = """
+import sys
+from space.memory import lean_host_allocator
+assert lean_host_allocator(1)
+import torch
+x = torch.ones(64 << 18)  # 64 MiB, allocated by PyTorch after the switch
+x += 1
+huge = sum(int(l.split()[1]) for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages"))
+print(huge)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="Linux only")
+def test_lean_host_allocator_backs_tensors_with_huge_pages():
+    """train.malloc_mmap_threshold_mib: glibc takes the threshold, and PyTorch's large allocations come
+    in huge pages when the kernel offers them (transparent_hugepage madvise or always)."""
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    p = subprocess.run([sys.executable, "-c", LEAN_PROBE], capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"})
+    assert p.returncode == 0, p.stderr
+    if thp.exists() and "[never]" not in thp.read_text():
+        assert int(p.stdout.split()[-1]) >= 32 * 1024  # kB: most of the 64 MiB tensor
+
+
+def test_concurrent_runs_claim_different_gpus(tmp_path):
+    """profiles/gpu runs several training jobs at once: each claims a device no other holds (lock files,
+    released when the holder ends); with every device held the next shares device 0."""
+    from space.train import _CLAIMED, claim_free_gpu
+
+    held = len(_CLAIMED)
+    try:
+        assert [claim_free_gpu(2, str(tmp_path)) for _ in range(3)] == [0, 1, 0]
+        _CLAIMED.pop(held).close()  # the run on device 0 ends
+        assert claim_free_gpu(2, str(tmp_path)) == 0
+    finally:
+        while len(_CLAIMED) > held:
+            _CLAIMED.pop().close()
