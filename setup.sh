@@ -14,7 +14,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
         "${PIP[@]}" install "${TORCH_SPEC:-torch==2.13.0}"
     fi
 fi
-"${PIP[@]}" install -e ".[pipeline,test,atari]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+"${PIP[@]}" install -e ".[pipeline,test,atari,s3,cluster]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 # Atari ground truth: ocatari without its metadata's numpy<2 pin (see pyproject.toml's atari extra).
 "${PIP[@]}" install --no-deps "ocatari==2.2.1" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 # DVC would otherwise start a background process that tries to reach the network.

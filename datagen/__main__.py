@@ -1,4 +1,4 @@
-"""Command line: `python -m datagen {room3d,atari,inspect,coco,show} --help`."""
+"""Command line: `python -m datagen {room3d,atari,merge,inspect,coco,show} --help`."""
 
 from __future__ import annotations
 
@@ -70,8 +70,8 @@ def cmd_room3d(ns) -> int:
     if len(splits) != len(ns.split or splits):
         raise ConfigError("a split is given twice; give each --split NAME=FRAMES once")
     generate(ns.out, cfg, splits, ns.seed, shard_size=ns.shard_size, workers=ns.workers,
-             overwrite=ns.overwrite, progress=not ns.quiet)
-    print(f"wrote {ns.out}", file=sys.stderr)
+             overwrite=ns.overwrite, progress=not ns.quiet, part=_part(ns))
+    print(f"wrote {ns.out}" + (f" (part {ns.part})" if ns.part else ""), file=sys.stderr)
     return 0
 
 
@@ -87,8 +87,22 @@ def cmd_atari(ns) -> int:
     if len(splits) != len(ns.split or splits):
         raise ConfigError("a split is given twice; give each --split NAME=FRAMES once")
     generate(ns.out, cfg, splits, ns.seed, shard_size=ns.shard_size, workers=ns.workers,
-             overwrite=ns.overwrite, progress=not ns.quiet)
-    print(f"wrote {ns.out}", file=sys.stderr)
+             overwrite=ns.overwrite, progress=not ns.quiet, part=_part(ns))
+    print(f"wrote {ns.out}" + (f" (part {ns.part})" if ns.part else ""), file=sys.stderr)
+    return 0
+
+
+def _part(ns):
+    from .store import parse_part
+
+    return parse_part(ns.part) if ns.part else None
+
+
+def cmd_merge(ns) -> int:
+    from .store import merge_parts
+
+    merge_parts(ns.out, ns.parts, overwrite=ns.overwrite)
+    print(f"wrote {ns.out} from {len(ns.parts)} parts", file=sys.stderr)
     return 0
 
 
@@ -192,6 +206,8 @@ def main(argv=None) -> int:
     r.add_argument("--shard-size", type=int, default=StoreConfig.shard_size, help="frames per shard (default: %(default)s)")
     r.add_argument("--overwrite", action="store_true", help="replace a complete store at OUT")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--part", metavar="I/N", help="write only part I of N of the shards (counted from 0) "
+                   "into a part store; `python -m datagen merge` joins the N parts into one store")
     _add_config_flags(r, Room3DConfig)
     r.set_defaults(func=cmd_room3d)
 
@@ -210,6 +226,8 @@ def main(argv=None) -> int:
     a.add_argument("--shard-size", type=int, default=StoreConfig.shard_size, help="frames per shard (default: %(default)s)")
     a.add_argument("--overwrite", action="store_true", help="replace a complete store at OUT")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
+    a.add_argument("--part", metavar="I/N", help="write only part I of N of the shards (counted from 0) "
+                   "into a part store; `python -m datagen merge` joins the N parts into one store")
     defaults = AtariConfig()
     for f in dataclasses.fields(AtariConfig):
         if f.name == "games":
@@ -218,6 +236,14 @@ def main(argv=None) -> int:
         a.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=None,
                        help=f"default: {default}" + (" (or the path of a TorchScript policy file)" if f.name == "policy" else ""))
     a.set_defaults(func=cmd_atari)
+
+    m = sub.add_parser("merge", help="join part stores (written with --part I/N) into one complete store",
+                       description="Join the N part stores of one dataset, each written with --part I/N, into one "
+                                   "complete store equal to what a single job writes. The parts are left in place.")
+    m.add_argument("out", help="the merged store, e.g. results/data/room3d_large.zarr")
+    m.add_argument("parts", nargs="+", help="the part stores, in any order")
+    m.add_argument("--overwrite", action="store_true", help="replace a store at OUT")
+    m.set_defaults(func=cmd_merge)
 
     i = sub.add_parser("inspect", help="validate a store and print a summary")
     i.add_argument("store")

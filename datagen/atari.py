@@ -375,7 +375,7 @@ def _work(task) -> int:
 
 
 def generate(out: str, cfg: AtariConfig, frames_per_game: dict, seed: int, shard_size: int = 256,
-             workers: int = 1, overwrite: bool = False, progress: bool = True) -> str:
+             workers: int = 1, overwrite: bool = False, progress: bool = True, part: tuple[int, int] | None = None) -> str:
     """Record a whole store (or finish an interrupted one); `frames_per_game` maps split -> frames of each game."""
     import multiprocessing as mp
 
@@ -396,6 +396,9 @@ def generate(out: str, cfg: AtariConfig, frames_per_game: dict, seed: int, shard
         maker.recorder(cfg.games[0])
         writer = StoreWriter.create_or_resume(out, spec, overwrite=overwrite)
         tasks = [(split, shard) for split in frames_per_game for shard in writer.pending(split)]
+        if part is not None:  # this job's share of the shards (datagen.parts in params.yaml)
+            mine = set(writer.part_tasks(part))
+            tasks = [t for t in tasks if t in mine]
         total = sum(writer.shard_bounds(s, i)[1] - writer.shard_bounds(s, i)[0] for s, i in tasks)
         bar = tqdm(total=total, unit="frame", desc=f"atari {out}", disable=not progress, smoothing=0.05)
         if workers == 1:
@@ -411,5 +414,8 @@ def generate(out: str, cfg: AtariConfig, frames_per_game: dict, seed: int, shard
         _WORKER.clear()
         maker.close()
     bar.close()
-    writer.finish()
+    if part is None:
+        writer.finish()
+    else:
+        writer.finish_part(part)
     return out

@@ -477,8 +477,9 @@ def _work(task) -> int:
 
 
 def generate(out: str, cfg: Room3DConfig, splits: dict, seed: int, shard_size: int = 256, workers: int = 1,
-             overwrite: bool = False, progress: bool = True) -> str:
-    """Render a whole store (or finish an interrupted one); returns its path."""
+             overwrite: bool = False, progress: bool = True, part: tuple[int, int] | None = None) -> str:
+    """Render a whole store (or finish an interrupted one); returns its path. With part=(i, n), render
+    only part i of n of the shards into a part store (`python -m datagen merge` joins the parts)."""
     import multiprocessing as mp
 
     from tqdm import tqdm
@@ -500,6 +501,9 @@ def generate(out: str, cfg: Room3DConfig, splits: dict, seed: int, shard_size: i
         renderer.sample_frame(frame_rng(seed, split_key(next(iter(splits))), 0))
         writer = StoreWriter.create_or_resume(out, store_spec(cfg, splits, seed, shard_size), overwrite=overwrite)
         tasks = [(split, shard) for split in splits for shard in writer.pending(split)]
+        if part is not None:  # this job's share of the shards (datagen.parts in params.yaml)
+            mine = set(writer.part_tasks(part))
+            tasks = [t for t in tasks if t in mine]
         total = sum(writer.shard_bounds(s, i)[1] - writer.shard_bounds(s, i)[0] for s, i in tasks)
         bar = tqdm(total=total, unit="frame", desc=f"room3d {out}", disable=not progress, smoothing=0.05)
         if workers == 1:
@@ -516,5 +520,8 @@ def generate(out: str, cfg: Room3DConfig, splits: dict, seed: int, shard_size: i
         _WORKER.clear()
         renderer.close()
     bar.close()
-    writer.finish()
+    if part is None:
+        writer.finish()
+    else:
+        writer.finish_part(part)
     return out

@@ -49,6 +49,21 @@ _CORE_ARRAYS = {
 _MASKS = ("uint8", lambda h, w, k: (h, w), 0, True)
 
 
+def _location(path) -> tuple:
+    """(fsspec filesystem, path on it) for a local path or a URL such as s3://bucket/x.zarr.
+
+    Object stores go through fsspec (s3fs for s3://; endpoint and credentials from the usual AWS_*
+    environment variables, e.g. AWS_ENDPOINT_URL for an S3-compatible server)."""
+    import fsspec
+
+    fs, p = fsspec.core.url_to_fs(str(path))
+    return fs, p
+
+
+def is_url(path) -> bool:
+    return "://" in str(path)
+
+
 class StoreError(Exception):
     """A store is missing, incomplete, of another schema, or would be overwritten."""
 
@@ -108,9 +123,9 @@ class StoreWriter:
 
     @classmethod
     def create_or_resume(cls, path: str | Path, spec: StoreSpec, overwrite: bool = False) -> "StoreWriter":
-        path = Path(path)
-        if path.exists():
-            if not (path / "zarr.json").exists():
+        fs, where = _location(path)
+        if fs.exists(where):
+            if not fs.exists(f"{where}/zarr.json"):
                 raise StoreError(
                     f"{path} exists and is not a Zarr store; move it away or choose another output path"
                 )
@@ -120,7 +135,7 @@ class StoreWriter:
                     f"{path} is a Zarr store of another kind (schema {attrs.get('schema')!r}); not touching it"
                 )
             if overwrite:
-                shutil.rmtree(path)
+                fs.rm(where, recursive=True)
             elif attrs.get("complete"):
                 raise StoreError(
                     f"{path} is already a complete store; pass --overwrite to replace it, or choose another path"
@@ -168,8 +183,90 @@ class StoreWriter:
             raise StoreError(f"cannot mark {self.path} complete: shards still missing {missing}")
         self.root.attrs["complete"] = True
 
+    def part_tasks(self, part: tuple[int, int]) -> list:
+        """The (split, shard) tasks of part (i, n): every n-th shard of the whole store, from the i-th."""
+        ident = self.attrs["identity"]
+        every = [(s, k) for s, n in ident["splits"].items() for k in range(n_shards(n, ident["shard_size"]))]
+        return every[part[0] :: part[1]]
 
-def _create(path: Path, spec: StoreSpec) -> None:
+    def finish_part(self, part: tuple[int, int]) -> None:
+        """Mark this store as part i of n, its own shards all written (never complete on its own)."""
+        left = [t for t in self.part_tasks(part) if t[1] in set(self.pending(t[0]))]
+        if left:
+            raise StoreError(f"cannot mark {self.path} as part {part[0]}/{part[1]} done: {len(left)} shards missing")
+        self.root.attrs["part"] = {"index": part[0], "of": part[1], "done": True}
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """'2/8' -> (2, 8): part 2 of 8, counted from 0."""
+    i, sep, n = str(text).partition("/")
+    try:
+        part = (int(i), int(n))
+    except ValueError:
+        part = None
+    if not sep or part is None or not (part[1] >= 1 and 0 <= part[0] < part[1]):
+        raise StoreError(f"a part is I/N with 0 <= I < N (part I of N, counted from 0), e.g. 0/4; got {text!r}")
+    return part
+
+
+def merge_parts(out: str | Path, parts: list, overwrite: bool = False) -> Path:
+    """Merge part stores (each written with --part I/N) into one complete store at `out`.
+
+    Every part has the whole store's metadata and only its own shards' files, so merging copies part 0
+    and then the chunk files of the others, byte for byte: the result equals the store one job would
+    have written. It is assembled beside `out` and renamed into place only when complete, so an
+    interrupted merge leaves no store that looks finished; the parts are left as they are."""
+    if is_url(out) or any(is_url(p) for p in parts):
+        raise StoreError("merge works on a filesystem (local or shared); copy the parts there first")
+    out = Path(out)
+    parts = [Path(p) for p in parts]
+    if not parts:
+        raise StoreError("merge: give the part stores to merge")
+    infos = []
+    for p in parts:
+        if not (p / "zarr.json").exists():
+            raise StoreError(f"{p} is not a Zarr store; give the part stores written with --part I/N")
+        a = dict(zarr.open_group(str(p), mode="r").attrs)
+        if a.get("schema") != SCHEMA:
+            raise StoreError(f"{p} is a Zarr store of another kind (schema {a.get('schema')!r})")
+        part = a.get("part")
+        if not part:
+            raise StoreError(f"{p} is not a part store (no 'part' attribute); write parts with --part I/N")
+        if not part.get("done"):
+            raise StoreError(f"{p} (part {part['index']}/{part['of']}) is unfinished; rerun its command to finish it")
+        infos.append((p, a, part))
+    ident = infos[0][1]["identity"]
+    for p, a, _ in infos[1:]:
+        if a["identity"] != ident:
+            diff = [k for k in sorted(set(ident) | set(a["identity"])) if ident.get(k) != a["identity"].get(k)]
+            raise StoreError(f"{p} was made with other parameters than {infos[0][0]} ({', '.join(diff)} differ)")
+    n = infos[0][2]["of"]
+    have = sorted(part["index"] for _, _, part in infos)
+    if any(part["of"] != n for _, _, part in infos) or have != list(range(n)):
+        raise StoreError(f"merge needs parts 0..{n - 1} of {n} exactly once each; got parts {have}")
+    if out.exists():
+        if overwrite and (out / "zarr.json").exists() and dict(zarr.open_group(str(out), mode="r").attrs).get("schema") == SCHEMA:
+            shutil.rmtree(out)
+        else:
+            raise StoreError(f"{out} exists; pass --overwrite to replace a store there, or choose another path")
+    tmp = out.with_name(out.name + ".merging")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # a merge that was interrupted: redo it from the parts
+    shutil.copytree(infos[0][0], tmp)  # every part holds the whole store's metadata
+    for p, _, _ in infos[1:]:
+        for f in p.rglob("*"):
+            rel = f.relative_to(p)
+            if f.is_file() and "c" in rel.parts[:-1]:  # chunk and shard files only; metadata is part 0's
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, tmp / rel)
+    root = zarr.open_group(str(tmp), mode="r+")
+    del root.attrs["part"]
+    StoreWriter(tmp).finish()
+    tmp.rename(out)
+    return out
+
+
+def _create(path, spec: StoreSpec) -> None:
     root = zarr.open_group(str(path), mode="w")
     # `complete` is False until finish(): a reader refuses the store while any shard is missing.
     root.attrs.update(
@@ -228,10 +325,10 @@ def _jsonable(v):
 
 def validate_store(path: str | Path) -> list[str]:
     """Every way `path` falls short of a complete, readable store; empty when it is valid."""
-    path = Path(path)
-    if not path.exists():
+    fs, where = _location(path)
+    if not fs.exists(where):
         return [f"{path} does not exist"]
-    if not (path / "zarr.json").exists():
+    if not fs.exists(f"{where}/zarr.json"):
         return [f"{path} is not a Zarr v3 store (no zarr.json)"]
     try:
         root = zarr.open_group(str(path), mode="r")

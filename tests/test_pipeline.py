@@ -162,3 +162,82 @@ def test_snakemake_train_all_trains_each_experiment(tmp_path):
         assert (proj / "results/runs/tiny/eval/test" / name).exists(), name
     assert "| tiny | test |" in (proj / "results/summary.md").read_text()
     assert (proj / "results/runs/tiny/eval/curves.png").exists()
+
+
+def _one_dataset(parts: int) -> dict:
+    params = yaml.safe_load(yaml.safe_dump(TINY))
+    params["datagen"]["parts"] = parts
+    del params["datasets"]["room3d_large"]
+    return params
+
+
+def test_datagen_parts_run_as_separate_jobs_and_merge_into_the_one_job_store(tmp_path):
+    """datagen.parts = 3: three generator jobs (each every 3rd shard, a part store) and one merge job; the
+    merged store is the one-job store file for file, and the part stores are gone once merged."""
+    stores = {}
+    for parts in (1, 3):
+        proj = project_copy(tmp_path / f"p{parts}", _one_dataset(parts))
+        out = run(["snakemake", "--cores", "2", "results/data/room3d_small.zarr"], proj).stderr
+        if parts == 3:
+            assert out.count("rule room3d:") == 3 and "rule merge_parts:" in out
+            assert not list((proj / "results/parts").rglob("zarr.json"))  # temp(): removed after the merge
+        stores[parts] = proj / "results/data/room3d_small.zarr"
+    files = lambda root: {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
+    a, b = files(stores[1]), files(stores[3])
+    assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == []
+
+
+def test_full_default_dag_dry_runs_and_lints_clean():
+    """`snakemake -n train_all` / `eval_all` over every dataset and experiment of params.yaml, and
+    `snakemake --lint` with nothing to report."""
+    p = run(["snakemake", "-n", "--forceall", "eval_all"], REPO)
+    for name in ("space_room3d_small", "space_room3d_large", "space_atari_joint", "space_atari_riverraid"):
+        assert f"experiment={name}" in p.stdout or name in p.stdout, name
+    for rule in ("room3d", "atari", "train", "evaluate", "summary"):
+        assert f"rule {rule}:" in p.stdout or rule in p.stdout
+    p = run(["snakemake", "--lint"], REPO, check=False)
+    assert p.returncode == 0 and "Congratulations" in p.stdout + p.stderr, p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("profile", ["default", "gpu", "slurm"])
+def test_profiles_resolve_the_full_dag(profile):
+    """Every profile parses and plans the paper's DAG (executor plugins installed: the cluster extra);
+    under slurm's profile each dataset is 16 part jobs and a merge."""
+    p = run(["snakemake", "--profile", f"profiles/{profile}", "-n", "--forceall", "train_all"], REPO)
+    if profile == "slurm":
+        assert "merge_parts" in p.stdout and "part15" in p.stdout
+
+
+def test_dvc_pull_then_repro_on_a_second_clone_reruns_nothing(tmp_path):
+    """The default remote (a folder beside the clones, .dvc/config): push from one clone, pull into a
+    second, and `dvc repro` there has nothing to do."""
+    first = project_copy(tmp_path / "first", _one_dataset(1))
+    run("dvc repro -q && dvc push -q", first)
+    run("git add -A && git -c user.name=t -c user.email=t@t commit -qm data", first)
+    assert (tmp_path / "space-pipeline-dvc-storage").is_dir()
+    run(f"git clone -q {first} {tmp_path / 'second'}", tmp_path)
+    second = tmp_path / "second"
+    run("dvc pull -q", second)
+    out = run("dvc repro", second).stdout
+    assert "Running stage" not in out and "up to date" in out
+    assert "up to date" in run("dvc status", second).stdout
+    from datagen.store import Store
+
+    Store(second / "results/data/room3d_small.zarr")  # complete and valid
+
+
+def test_dvc_exp_run_with_new_object_counts_regenerates_that_dataset_beside_the_baseline(tmp_path):
+    """`dvc exp run -S 'datasets.room3d_large.objects=[10,12]'`: that dataset's stage alone reruns, and
+    the experiment's metrics sit beside the baseline's in `dvc exp show`."""
+    proj = project_copy(tmp_path, TINY)
+    run("dvc repro -q", proj)
+    run("git add -A && git -c user.name=t -c user.email=t@t commit -qm data", proj)
+    out = run(["dvc", "exp", "run", "-n", "counts", "-S", "datasets.room3d_large.objects=[10,12]"], proj).stdout
+    assert "Running stage 'data@room3d_large'" in out and "Running stage 'data@room3d_small'" not in out
+    rows = json.loads(run(["dvc", "exp", "show", "--json"], proj).stdout)
+    names = [e.get("name") for r in rows for e in (r.get("experiments") or []) for e in (e.get("revs") or [])]
+    assert "counts" in names, rows
+    from datagen.store import Store
+
+    counts = Store(proj / "results/data/room3d_large.zarr").split("train")["n_objects"][:]
+    assert counts.min() >= 10 and counts.max() <= 12

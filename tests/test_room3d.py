@@ -370,6 +370,47 @@ def test_same_params_twice_identical_store(store64, tmp_path):
     assert_stores_identical(store64, other)
 
 
+def test_parts_merged_equal_the_one_job_store_file_for_file(store64, tmp_path):
+    """datagen.parts: 3 jobs each write every 3rd shard into a part store (in any order), `merge` joins
+    them; the result is the one-job store, every file byte for byte (metadata included)."""
+    parts = [tmp_path / f"part{i}.zarr" for i in range(3)]
+    for i in (2, 0, 1):
+        make_store(parts[i], *_DET_ARGS, "--shard-size", "16", "--part", f"{i}/3")
+    # a part alone is not a store anyone reads
+    assert cli("inspect", parts[0]).returncode == 1
+    r = cli("merge", tmp_path / "merged.zarr", *parts)
+    assert r.returncode == 0, r.stderr
+    merged = tmp_path / "merged.zarr"
+    files = lambda root: {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
+    a, b = files(store64), files(merged)
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if a[k] != b[k]] == []
+    assert not (tmp_path / "merged.zarr.merging").exists()
+
+
+def test_merge_refuses_missing_unfinished_or_foreign_parts(tmp_path):
+    parts = [tmp_path / f"p{i}.zarr" for i in range(2)]
+    for i in range(2):
+        make_store(parts[i], "--split", "train=8", "--image-size", "32", "--objects", "1", "2",
+                   "--shard-size", "4", "--seed", "5", "--part", f"{i}/2")
+    other = make_store(tmp_path / "other.zarr", "--split", "train=8", "--image-size", "32", "--objects", "1", "2",
+                       "--shard-size", "4", "--seed", "6", "--part", "1/2")
+    out = tmp_path / "m.zarr"
+    r = cli("merge", out, parts[0])
+    assert r.returncode == 2 and "parts 0..1 of 2 exactly once" in r.stderr
+    r = cli("merge", out, parts[0], other)
+    assert r.returncode == 2 and "seed" in r.stderr and "differ" in r.stderr
+    r = cli("merge", out, parts[0], parts[0])
+    assert r.returncode == 2
+    r = cli("room3d", tmp_path / "x.zarr", "--split", "train=8", "--part", "2/2")
+    assert r.returncode == 2 and "I/N" in r.stderr
+    assert not out.exists()
+    assert cli("merge", out, *parts).returncode == 0
+    r = cli("merge", out, *parts)  # never over a store without --overwrite
+    assert r.returncode == 2 and "--overwrite" in r.stderr
+    assert cli("inspect", out).returncode == 0
+
+
 def test_other_seed_other_images(store64, tmp_path):
     other = make_store(tmp_path / "seed4.zarr", "--split", "train=48", "--split", "val=24", "--image-size", "64",
                        "--seed", "4", "--shard-size", "16")

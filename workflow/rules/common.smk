@@ -1,6 +1,7 @@
 # Configuration checks and helpers shared by every rule file. Everything here runs when the workflow is
 # parsed, so a bad params.yaml stops Snakemake before any job starts.
 
+import os
 import sys
 
 from snakemake.utils import validate
@@ -76,3 +77,21 @@ def cli_flags(params: dict) -> str:
 
 def split_flags(splits: dict) -> str:
     return " ".join(f"--split {k}={v}" for k, v in splits.items())
+
+
+# Dataset jobs (datagen.smk): with datagen.parts = N > 1 a generator job writes part {part} of a store.
+PARTS = config["datagen"].get("parts", 1)
+# the generator's output: the store itself, or part {part} of it
+GEN_OUT = "results/data/{dataset}.zarr" if PARTS == 1 else "results/parts/{dataset}/part{part}.zarr"
+
+
+def part_flag(wc) -> str:
+    return f"--part {wc.part}/{PARTS}" if PARTS > 1 else ""
+
+
+def gen_out():
+    return directory(GEN_OUT) if PARTS == 1 else temp(directory(GEN_OUT))
+
+
+def gen_log(dataset_log: str) -> str:
+    return dataset_log if PARTS == 1 else dataset_log.replace(".log", ".part{part}.log")

@@ -1,10 +1,12 @@
 # Datasets: one Zarr store per entry of `datasets` in params.yaml, with a contact sheet and a summary.
-
+# With datagen.parts = N > 1 each dataset is N generator jobs, each writing every N-th shard into a part
+# store (results/parts/, removed once merged), and one merge job that joins them: on a cluster the parts
+# run as separate jobs (profiles/slurm, profiles/kubernetes). The merged store equals a one-job store.
 
 rule room3d:
     """3D-Room scenes rendered with MuJoCo (paper, appendix E)."""
     output:
-        directory("results/data/{dataset}.zarr"),
+        gen_out(),
     wildcard_constraints:
         dataset="|".join(d for d in DATASETS if config["datasets"][d]["generator"] == "room3d") or "^$",
     params:
@@ -13,22 +15,23 @@ rule room3d:
         seed=lambda wc: config["datasets"][wc.dataset]["seed"],
         scene=lambda wc: cli_flags(config["datasets"][wc.dataset].get("room3d", {})),
         shard_size=config["datagen"]["shard_size"],
+        part=part_flag,
     threads: config["datagen"]["workers"]
     resources:
         mem_mb=lambda wc, threads: 1000 + 600 * threads,
     log:
-        "logs/datagen/{dataset}.log",
+        gen_log("logs/datagen/{dataset}.log"),
     conda:
         "../../envs/datagen.yaml"
     shell:
         "python -m datagen room3d {output} --objects {params.objects} {params.splits} --seed {params.seed} "
-        "--shard-size {params.shard_size} --workers {threads} {params.scene} 2> {log}"
+        "--shard-size {params.shard_size} --workers {threads} {params.part} {params.scene} 2> {log}"
 
 
 rule atari:
     """Atari frames from agent rollouts, with object boxes from the RAM (paper, appendix E; issue 5)."""
     output:
-        directory("results/data/{dataset}.zarr"),
+        gen_out(),
     wildcard_constraints:
         dataset="|".join(d for d in DATASETS if config["datasets"][d]["generator"] == "atari") or "^$",
     params:
@@ -37,16 +40,35 @@ rule atari:
         seed=lambda wc: config["datasets"][wc.dataset]["seed"],
         rollout=lambda wc: cli_flags(config["datasets"][wc.dataset].get("atari", {})),
         shard_size=config["datagen"]["shard_size"],
+        part=part_flag,
     threads: config["datagen"]["workers"]
     resources:
         mem_mb=lambda wc, threads: 800 + 400 * threads,
     log:
-        "logs/datagen/{dataset}.log",
+        gen_log("logs/datagen/{dataset}.log"),
     conda:
         "../../envs/datagen.yaml"
     shell:
         "python -m datagen atari {output} {params.games} {params.splits} --seed {params.seed} "
-        "--shard-size {params.shard_size} --workers {threads} {params.rollout} 2> {log}"
+        "--shard-size {params.shard_size} --workers {threads} {params.part} {params.rollout} 2> {log}"
+
+
+if PARTS > 1:
+
+    rule merge_parts:
+        """Join a dataset's part stores into one complete store (python -m datagen merge)."""
+        input:
+            lambda wc: expand("results/parts/{dataset}/part{part}.zarr", dataset=wc.dataset, part=range(PARTS)),
+        output:
+            directory("results/data/{dataset}.zarr"),
+        wildcard_constraints:
+            dataset="|".join(DATASETS),
+        log:
+            "logs/datagen/{dataset}.merge.log",
+        conda:
+            "../../envs/datagen.yaml"
+        shell:
+            "python -m datagen merge {output} {input} 2> {log}"
 
 
 rule inspect_dataset:

@@ -15,8 +15,8 @@ rule evaluate:
     wildcard_constraints:
         experiment="|".join(EXPERIMENTS) or "^$",
     params:
-        run="results/runs/{experiment}",
-        folder="results/runs/{experiment}/eval/test",
+        run=lambda wc, input: os.path.dirname(input.summary),
+        folder=lambda wc, output: os.path.dirname(output.metrics),
     threads: workflow.cores
     log:
         "logs/evaluate/{experiment}.log",
@@ -37,7 +37,7 @@ rule decomposition_figure:
     wildcard_constraints:
         experiment="|".join(EXPERIMENTS) or "^$",
     params:
-        run="results/runs/{experiment}",
+        run=lambda wc, input: os.path.dirname(input.summary),
     log:
         "logs/evaluate/{experiment}.figure.log",
     conda:
@@ -55,7 +55,7 @@ rule curves:
     wildcard_constraints:
         experiment="|".join(EXPERIMENTS) or "^$",
     params:
-        run="results/runs/{experiment}",
+        run=lambda wc, input: os.path.dirname(input[0]),
     log:
         "logs/evaluate/{experiment}.curves.log",
     conda:
