@@ -65,6 +65,8 @@ def game_categories(game: str) -> tuple[tuple[str, int], ...]:
     """(category, most objects at once) for a game's non-HUD OCAtari categories, in OCAtari's order."""
     import sys
 
+    if ATARI_GAMES[game].get("boxes") == "vision":
+        return tuple(ATARI_GAMES[game]["categories"].items())
     _ocatari_ram()
     mod = sys.modules[f"ocatari.ram.{game.lower()}"]
     hud = set(ATARI_GAMES[game]["hud"])
@@ -82,7 +84,7 @@ class RamObjects:
     def reset(self) -> None:
         self.objects = self._x.init_objects(self.game, True)
 
-    def __call__(self, ram: np.ndarray) -> list[tuple[str, int, int, int, int]]:
+    def __call__(self, ram: np.ndarray, frame: np.ndarray) -> list[tuple[str, int, int, int, int]]:
         # OCAtari 2.2.1 was written for numpy 1, where uint8 RAM values mixed with Python ints promoted
         # when a result left 0-255. Under numpy 2 (NEP 50) such arithmetic raises OverflowError (seen in
         # SpaceInvaders, AirRaid, Asterix, Atlantis, Kangaroo, Montezuma, Pacman, Riverraid) and a
@@ -101,6 +103,44 @@ class RamObjects:
             if w > 0 and h > 0:
                 out.append((o.category, x, y, w, h))
         return out
+
+
+class VisionObjects:
+    """The objects OCAtari's colour-based reader finds in the frame itself, for games whose RAM reader is
+    wrong (ATARI_GAMES[game]["boxes"] == "vision"), as (category, x, y, w, h) in native frame pixels.
+    Only the playfield counts: the rows below `playfield_rows` are the HUD."""
+
+    def __init__(self, game: str):
+        _ocatari_ram()  # the same import chain and error message
+        from ocatari.vision.extract_vision_info import detect_objects_vision
+
+        import importlib
+
+        importlib.import_module(f"ocatari.vision.{game.lower()}")
+        self.game, self._detect = game, detect_objects_vision
+        self.rows = ATARI_GAMES[game].get("playfield_rows", ATARI_GAMES[game]["height"])
+        self.max = dict(ATARI_GAMES[game]["categories"])
+        self.reset()
+
+    def reset(self) -> None:
+        self.objects = []
+
+    def __call__(self, ram: np.ndarray, frame: np.ndarray) -> list[tuple[str, int, int, int, int]]:
+        self._detect(self.objects, frame, self.game, False)
+        out, seen = [], {}
+        for o in self.objects:
+            x, y, w, h = (int(v) for v in o.xywh)
+            if o.category not in self.max or w <= 0 or h <= 0 or y >= self.rows:
+                continue
+            seen[o.category] = seen.get(o.category, 0) + 1
+            if seen[o.category] <= self.max[o.category]:
+                out.append((o.category, x, y, w, min(h, self.rows - y)))
+        return out
+
+
+def object_reader(game: str):
+    """RAM reader, or the frame reader for games whose RAM reader is wrong."""
+    return VisionObjects(game) if ATARI_GAMES[game].get("boxes") == "vision" else RamObjects(game)
 
 
 class RandomPolicy:
@@ -200,7 +240,7 @@ class GameRecorder:
         if self.env.observation_space.shape != want:
             raise GenerationError(f"{game}: frames are {self.env.observation_space.shape}, expected {want}")
         self.policy = make_policy(cfg, self.env)
-        self.ram = RamObjects(game)
+        self.ram = object_reader(game)
         self.background = background_image(game, cfg, seed)
         self.static = set(ATARI_GAMES[game]["static"])
         self.hud = set(ATARI_GAMES[game]["hud"])
@@ -253,7 +293,7 @@ class GameRecorder:
                     continue
                 out["images"][i] = np.asarray(Image.fromarray(obs).resize((s, s), Image.BILINEAR))
                 k = 0
-                for cat, x, y, w, h in self.ram(unwrapped.ale.getRAM()):
+                for cat, x, y, w, h in self.ram(unwrapped.ale.getRAM(), obs):
                     if cat in self.hud or cat not in self.label or k == self.k_max:
                         continue
                     support, area = support_pixels(obs, self.background, (x, y, w, h), cfg.background_tolerance)

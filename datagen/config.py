@@ -209,7 +209,13 @@ ATARI_GAMES = {
     "SpaceInvaders": {"env_id": "ALE/SpaceInvaders-v5", "height": 210,
                       "hud": ("P1Score", "P2Score", "Lives"), "static": ("Shield",)},
     "AirRaid": {"env_id": "ALE/AirRaid-v5", "height": 250, "hud": ("PlayerScore", "Lives"), "static": ("Building",)},
-    "Riverraid": {"env_id": "ALE/Riverraid-v5", "height": 210, "hud": ("PlayerScore", "Lives"), "static": ()},
+    # OCAtari 2.2.1's Riverraid RAM reader misses most enemies and places the rest beside their sprites
+    # (README, "Atari"), so its boxes come from OCAtari's colour-based reader of the frame instead
+    # ("vision"), which finds what is drawn: houses (scenery, no enemy) are not among its categories.
+    "Riverraid": {"env_id": "ALE/Riverraid-v5", "height": 210, "hud": ("PlayerScore", "Lives"), "static": (),
+                  "boxes": "vision", "playfield_rows": 163,
+                  "categories": {"Player": 1, "PlayerMissile": 1, "FuelDepot": 4, "Tanker": 4, "Helicopter": 4,
+                                 "Jet": 4, "Bridge": 1}},
     "MontezumaRevenge": {"env_id": "ALE/MontezumaRevenge-v5", "height": 210,
                          "hud": ("Score", "Life", "Key_HUD", "Amulet_HUD", "Torch_HUD", "Sword_HUD"),
                          "static": ("Barrier", "Beam", "Rope", "Wall", "Ladder", "Platform",

@@ -14,6 +14,7 @@ pytest.importorskip("ocatari")
 from datagen.atari import (  # noqa: E402
     GameRecorder,
     RamObjects,
+    object_reader,
     generate,
     layout,
     make_env,
@@ -34,12 +35,12 @@ def test_every_game_has_its_env_id_frame_size_and_ram_objects(game):
     assert env.spec.id == ATARI_GAMES[game]["env_id"]
     obs, _ = env.reset(seed=0)
     assert obs.shape == (ATARI_GAMES[game]["height"], ATARI_WIDTH, 3)
-    ram = RamObjects(game)
+    ram = object_reader(game)
     rng = np.random.default_rng(0)
     seen = 0
     for _ in range(200):
         obs, _, terminated, truncated, _ = env.step(int(rng.integers(env.action_space.n)))
-        seen += len(ram(env.unwrapped.ale.getRAM()))
+        seen += len(ram(env.unwrapped.ale.getRAM(), obs))
         if terminated or truncated:
             env.reset()
     env.close()
@@ -95,7 +96,7 @@ def test_box_alignment_on_a_known_sprite():
     obs, _ = env.reset(seed=3)
     for _ in range(10):
         obs, *_ = env.step(0)
-    (player,) = [o for o in RamObjects("SpaceInvaders")(env.unwrapped.ale.getRAM()) if o[0] == "Player"]
+    (player,) = [o for o in RamObjects("SpaceInvaders")(env.unwrapped.ale.getRAM(), obs) if o[0] == "Player"]
     env.close()
     _, x, y, w, h = player
     # The cannon's colour (50, 132, 50) in the rows of the player (above the ground line).
@@ -126,7 +127,7 @@ def test_flicker_filter_drops_an_object_not_drawn():
     rng = np.random.default_rng(0)
     for _ in range(400):
         obs, _, te, tr, _ = env.step(int(rng.integers(env.action_space.n)))
-        for cat, *b in ram(env.unwrapped.ale.getRAM()):
+        for cat, *b in ram(env.unwrapped.ale.getRAM(), obs):
             if cat == "Bullet":
                 if support_pixels(obs, rec.background, b, cfg.background_tolerance)[0] >= cfg.min_support_pixels:
                     kept += 1
@@ -178,3 +179,32 @@ def test_a_torchscript_policy_drives_the_agent(tmp_path):
     torch.jit.save(torch.jit.script(AlwaysFire()), str(path))
     s = _store(tmp_path, policy=str(path), noop_max=0)
     assert (s.read("train", "action", slice(None)) == 1).all()
+
+
+def test_riverraid_boxes_come_from_the_frame_and_hold_their_sprites():
+    """Riverraid's RAM reader is wrong (README), so its boxes come from the frame: every box lies in the
+    playfield and holds pixels of its category's colour; enemies are found, not only the player."""
+    from datagen.atari import VisionObjects
+
+    cfg = AtariConfig(games=("Riverraid",), **FAST)
+    env = make_env("Riverraid", cfg)
+    reader = object_reader("Riverraid")
+    assert isinstance(reader, VisionObjects)
+    colours = {"Player": [(232, 232, 74)], "Helicopter": [(0, 64, 48), (210, 164, 74)],
+               "FuelDepot": [(214, 92, 92), (214, 214, 214)], "Tanker": [(84, 160, 197), (163, 57, 21)]}
+    rng = np.random.default_rng(0)
+    obs, _ = env.reset(seed=1)
+    cats, checked = set(), 0
+    for _ in range(300):
+        obs, _, terminated, truncated, _ = env.step(int(rng.integers(env.action_space.n)))
+        for cat, x, y, w, h in reader(env.unwrapped.ale.getRAM(), obs):
+            assert 0 <= y and y + h <= 163, (cat, y, h)  # never in the HUD
+            cats.add(cat)
+            if cat in colours:
+                patch = obs[y : y + h, max(x, 0) : x + w]
+                assert any((patch == c).all(-1).any() for c in colours[cat]), (cat, x, y, w, h)
+                checked += 1
+        if terminated or truncated:
+            obs, _ = env.reset()
+    env.close()
+    assert checked > 100 and "Player" in cats and cats & {"Helicopter", "Tanker", "FuelDepot", "Jet"}, cats
