@@ -28,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.benchlib import machine  # noqa: E402
 from space.config import Config, merge, PRESETS  # noqa: E402
+from space.memory import lean_host_allocator  # noqa: E402
 from space.model import SPACE, Foreground, extract_glimpses, normal_params  # noqa: E402
+from space.train import checkpoint_images  # noqa: E402
 
 
 class SequentialForeground(Foreground):
@@ -78,6 +80,8 @@ def build(preset: str, grid: int, k: int, sequential: bool):
     if sequential:
         model.fg = SequentialForeground(cfg.model)
     model = model.to(memory_format=torch.channels_last)
+    # as training runs it on this device (train.checkpoint_images; 4 images a chunk on CPU)
+    model.set_checkpoint_images(checkpoint_images(cfg.train.checkpoint_images, torch.device("cpu")))
     fg, bg = model.param_groups()
     opts = (torch.optim.RMSprop(fg, lr=cfg.train.fg_lr), torch.optim.Adam(bg, lr=cfg.train.bg_lr))
     return model, opts, fg + bg, cfg
@@ -115,6 +119,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     ns = p.parse_args()
+    lean_host_allocator(Config.from_dict(PRESETS[ns.preset]).train.malloc_mmap_threshold_mib)  # as training
     if ns.threads:
         torch.set_num_threads(ns.threads)
     n = PRESETS[ns.preset].get("model", {}).get("image_size", 128)

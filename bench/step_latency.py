@@ -45,12 +45,15 @@ def main() -> None:
     p.add_argument("--checkpoint-images", type=int, default=TrainConfig.checkpoint_images,
                    help="activation checkpointing: images per recomputed foreground chunk (train.checkpoint_images; "
                         "0 = off, -1 = as training: 4 on CPU, off on CUDA)")
-    p.add_argument("--malloc-mmap-threshold-mib", type=int, default=TrainConfig.malloc_mmap_threshold_mib,
-                   help="train.malloc_mmap_threshold_mib (space/memory.py); 0 = the C library's dynamic threshold")
+    p.add_argument("--malloc-mmap-threshold-mib", type=int, default=None,
+                   help="train.malloc_mmap_threshold_mib (space/memory.py; default: the preset's); 0 = the C "
+                        "library's dynamic threshold")
     p.add_argument("--present-share", type=float, default=None,
                    help="force z_pres on in this random share of cells (and off elsewhere), as in a trained "
                         "model, so that --sparse-threshold has cells to skip")
     ns = p.parse_args()
+    if ns.malloc_mmap_threshold_mib is None:
+        ns.malloc_mmap_threshold_mib = Config.from_dict(PRESETS[ns.preset]).train.malloc_mmap_threshold_mib
     lean = lean_host_allocator(ns.malloc_mmap_threshold_mib)  # before the first tensor, as training does
 
     if ns.threads:

@@ -70,7 +70,7 @@ def cmd_room3d(ns) -> int:
     if len(splits) != len(ns.split or splits):
         raise ConfigError("a split is given twice; give each --split NAME=FRAMES once")
     generate(ns.out, cfg, splits, ns.seed, shard_size=ns.shard_size, workers=ns.workers,
-             overwrite=ns.overwrite, progress=not ns.quiet, part=_part(ns))
+             overwrite=ns.overwrite, progress=not ns.quiet, part=_part(ns), scratch=ns.scratch)
     print(f"wrote {ns.out}" + (f" (part {ns.part})" if ns.part else ""), file=sys.stderr)
     return 0
 
@@ -87,7 +87,7 @@ def cmd_atari(ns) -> int:
     if len(splits) != len(ns.split or splits):
         raise ConfigError("a split is given twice; give each --split NAME=FRAMES once")
     generate(ns.out, cfg, splits, ns.seed, shard_size=ns.shard_size, workers=ns.workers,
-             overwrite=ns.overwrite, progress=not ns.quiet, part=_part(ns))
+             overwrite=ns.overwrite, progress=not ns.quiet, part=_part(ns), scratch=ns.scratch)
     print(f"wrote {ns.out}" + (f" (part {ns.part})" if ns.part else ""), file=sys.stderr)
     return 0
 
@@ -205,6 +205,9 @@ def main(argv=None) -> int:
     r.add_argument("--workers", type=int, default=1, help="rendering processes (default: 1)")
     r.add_argument("--shard-size", type=int, default=StoreConfig.shard_size, help="frames per shard (default: %(default)s)")
     r.add_argument("--overwrite", action="store_true", help="replace a complete store at OUT")
+    r.add_argument("--scratch", action="store_true",
+                   help="OUT is a staging location (the pipeline's): finish or keep a store with the same "
+                        "parameters there, replace one with other parameters")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--part", metavar="I/N", help="write only part I of N of the shards (counted from 0) "
                    "into a part store; `python -m datagen merge` joins the N parts into one store")
@@ -225,6 +228,9 @@ def main(argv=None) -> int:
     a.add_argument("--workers", type=int, default=1, help="recording processes (default: 1)")
     a.add_argument("--shard-size", type=int, default=StoreConfig.shard_size, help="frames per shard (default: %(default)s)")
     a.add_argument("--overwrite", action="store_true", help="replace a complete store at OUT")
+    a.add_argument("--scratch", action="store_true",
+                   help="OUT is a staging location (the pipeline's): finish or keep a store with the same "
+                        "parameters there, replace one with other parameters")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.add_argument("--part", metavar="I/N", help="write only part I of N of the shards (counted from 0) "
                    "into a part store; `python -m datagen merge` joins the N parts into one store")

@@ -415,7 +415,8 @@ def _work(task) -> int:
 
 
 def generate(out: str, cfg: AtariConfig, frames_per_game: dict, seed: int, shard_size: int = 256,
-             workers: int = 1, overwrite: bool = False, progress: bool = True, part: tuple[int, int] | None = None) -> str:
+             workers: int = 1, overwrite: bool = False, progress: bool = True, part: tuple[int, int] | None = None,
+             scratch: bool = False) -> str:
     """Record a whole store (or finish an interrupted one); `frames_per_game` maps split -> frames of each game."""
     import multiprocessing as mp
 
@@ -434,7 +435,7 @@ def generate(out: str, cfg: AtariConfig, frames_per_game: dict, seed: int, shard
         # The first game's env, policy and background before anything is written: a policy file that
         # does not load fails here, not in a worker mid-run.
         maker.recorder(cfg.games[0])
-        writer = StoreWriter.create_or_resume(out, spec, overwrite=overwrite)
+        writer = StoreWriter.create_or_resume(out, spec, overwrite=overwrite, scratch=scratch)
         tasks = [(split, shard) for split in frames_per_game for shard in writer.pending(split)]
         if part is not None:  # this job's share of the shards (datagen.parts in params.yaml)
             mine = set(writer.part_tasks(part))

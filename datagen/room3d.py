@@ -477,7 +477,8 @@ def _work(task) -> int:
 
 
 def generate(out: str, cfg: Room3DConfig, splits: dict, seed: int, shard_size: int = 256, workers: int = 1,
-             overwrite: bool = False, progress: bool = True, part: tuple[int, int] | None = None) -> str:
+             overwrite: bool = False, progress: bool = True, part: tuple[int, int] | None = None,
+             scratch: bool = False) -> str:
     """Render a whole store (or finish an interrupted one); returns its path. With part=(i, n), render
     only part i of n of the shards into a part store (`python -m datagen merge` joins the parts)."""
     import multiprocessing as mp
@@ -499,7 +500,8 @@ def generate(out: str, cfg: Room3DConfig, splits: dict, seed: int, shard_size: i
     renderer = Room3DRenderer(cfg)
     try:
         renderer.sample_frame(frame_rng(seed, split_key(next(iter(splits))), 0))
-        writer = StoreWriter.create_or_resume(out, store_spec(cfg, splits, seed, shard_size), overwrite=overwrite)
+        writer = StoreWriter.create_or_resume(out, store_spec(cfg, splits, seed, shard_size), overwrite=overwrite,
+                                              scratch=scratch)
         tasks = [(split, shard) for split in splits for shard in writer.pending(split)]
         if part is not None:  # this job's share of the shards (datagen.parts in params.yaml)
             mine = set(writer.part_tasks(part))

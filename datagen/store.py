@@ -122,7 +122,11 @@ class StoreWriter:
         self.attrs = dict(self.root.attrs)
 
     @classmethod
-    def create_or_resume(cls, path: str | Path, spec: StoreSpec, overwrite: bool = False) -> "StoreWriter":
+    def create_or_resume(cls, path: str | Path, spec: StoreSpec, overwrite: bool = False,
+                         scratch: bool = False) -> "StoreWriter":
+        """scratch: `path` is a staging location the pipeline owns (workflow/rules/datagen.smk): a store
+        there with the same parameters is finished or, complete, kept; one with other parameters is
+        replaced."""
         fs, where = _location(path)
         if fs.exists(where):
             if not fs.exists(f"{where}/zarr.json"):
@@ -134,16 +138,18 @@ class StoreWriter:
                 raise StoreError(
                     f"{path} is a Zarr store of another kind (schema {attrs.get('schema')!r}); not touching it"
                 )
-            if overwrite:
+            old = attrs.get("identity", {})
+            new = _jsonable(spec.identity())
+            diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            if overwrite or (scratch and diff):
                 fs.rm(where, recursive=True)
+            elif scratch:
+                return cls(path)  # the same store: finish what is missing (nothing, when complete)
             elif attrs.get("complete"):
                 raise StoreError(
                     f"{path} is already a complete store; pass --overwrite to replace it, or choose another path"
                 )
             else:
-                old = attrs.get("identity", {})
-                new = _jsonable(spec.identity())
-                diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
                 if diff:
                     raise StoreError(
                         f"{path} is an unfinished store made with other parameters ({', '.join(diff)} differ); "

@@ -241,3 +241,71 @@ def test_dvc_exp_run_with_new_object_counts_regenerates_that_dataset_beside_the_
 
     counts = Store(proj / "results/data/room3d_large.zarr").split("train")["n_objects"][:]
     assert counts.min() >= 10 and counts.max() <= 12
+
+
+def _demo_params() -> dict:
+    """params.yaml with config/demo.yaml merged over it, as Snakemake merges a --configfile."""
+
+    def merge(a, b):
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        return out
+
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    return merge(base, yaml.safe_load((REPO / "config/demo.yaml").read_text()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runner", ["snakemake", "dvc"])
+def test_the_cpu_demo_dag_end_to_end_in_a_fresh_copy(tmp_path, runner):
+    """The whole demo DAG, data to figures and the summary table, in a temporary copy of the project:
+    under Snakemake (the README's first command) and under DVC (the demo's settings as params.yaml);
+    then nothing is left to do."""
+    import time
+
+    if runner == "snakemake":
+        proj = project_copy(tmp_path, yaml.safe_load((REPO / "params.yaml").read_text()))
+        t = time.perf_counter()
+        run(["snakemake", "--cores", "2", "all", "--configfile", "config/demo.yaml"], proj)
+        again = run(["snakemake", "--cores", "2", "all", "--configfile", "config/demo.yaml", "-n"], proj).stdout
+        assert "Nothing to be done" in again
+    else:
+        proj = project_copy(tmp_path, _demo_params())
+        t = time.perf_counter()
+        run("dvc repro", proj)
+        assert "up to date" in run("dvc status", proj).stdout
+        shown = run("dvc metrics show --json", proj).stdout
+        assert "ap50" in shown and "space_room3d_small" in shown
+    minutes = (time.perf_counter() - t) / 60
+    print(f"demo DAG under {runner}: {minutes:.1f} min")
+    assert minutes < 15
+    for f in ("results/summary.md", "results/runs/space_room3d_small/eval/test/metrics.json",
+              "results/runs/space_room3d_small/eval/test/decomposition.png",
+              "results/runs/space_room3d_small/eval/curves.png", "results/data/room3d_small.train.png"):
+        assert (proj / f).exists(), f
+
+
+def test_an_interrupted_dataset_job_resumes_where_it_stopped(tmp_path):
+    """Generator jobs write into results/.staging/ and move the finished store into place, so a killed
+    job (here: a staging store with one shard's mark missing, as a kill leaves it) is finished by the
+    rerun (`snakemake --rerun-incomplete`, which deletes only the never-created output) without redoing
+    the shards already written."""
+    proj = project_copy(tmp_path, _one_dataset(1))
+    staging = proj / "results/.staging/data/room3d_small.zarr"
+    run([sys.executable, "-m", "datagen", "room3d", str(staging), "--quiet", "--objects", "4", "8",
+         "--split", "train=32", "--split", "val=16", "--split", "test=16", "--seed", "1", "--shard-size", "16",
+         "--image-size", "64"], proj)
+    (staging / "train/_shards_done/c/1").unlink()  # shard 1 of train never marked: the job was killed
+    meta = staging / "zarr.json"
+    meta.write_text(meta.read_text().replace('"complete": true', '"complete": false'))
+    kept = staging / "val/images/c/0/0/0/0"
+    inode = kept.stat().st_ino
+    out = run(["snakemake", "--cores", "1", "--rerun-incomplete", "results/data/room3d_small.zarr"], proj)
+    store = proj / "results/data/room3d_small.zarr"
+    from datagen.store import Store
+
+    Store(store)  # complete and valid
+    assert (store / "val/images/c/0/0/0/0").stat().st_ino == inode, "a finished shard was rendered again"
+    assert not staging.exists()
+    assert "room3d" in out.stderr

@@ -426,3 +426,16 @@ def test_splits_are_not_copies_of_each_other(store64):
     train, val = a["train"]["images"], a["val"]["images"]
     t = {f.tobytes() for f in train}
     assert not any(f.tobytes() in t for f in val), "a val frame also appears in train"
+
+
+def test_scratch_keeps_a_complete_store_with_the_same_parameters_and_replaces_others(tmp_path):
+    args = ("--split", "train=8", "--image-size", "32", "--objects", "1", "2", "--shard-size", "4")
+    out = make_store(tmp_path / "s.zarr", *args, "--seed", "5")
+    first = (out / "train/images/c/0/0/0/0").stat().st_ino
+    assert cli("room3d", out, *args, "--seed", "5").returncode == 2  # a complete store is never redone...
+    make_store(out, *args, "--seed", "5", "--scratch")  # ...except as scratch, where it is kept as it is
+    assert (out / "train/images/c/0/0/0/0").stat().st_ino == first
+    make_store(out, *args, "--seed", "6", "--scratch")  # other parameters: replaced
+    import zarr
+
+    assert dict(zarr.open_group(str(out), mode="r").attrs)["seed"] == 6

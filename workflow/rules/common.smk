@@ -93,5 +93,12 @@ def gen_out():
     return directory(GEN_OUT) if PARTS == 1 else temp(directory(GEN_OUT))
 
 
+def staging(wc, output) -> str:
+    """Where a generator job writes before moving the finished store to its output. Snakemake (and DVC)
+    delete an interrupted job's outputs; a store written here survives a kill, and the rerun finishes it
+    (python -m datagen ... --scratch) instead of starting over."""
+    return output[0].replace("results/", "results/.staging/", 1)
+
+
 def gen_log(dataset_log: str) -> str:
     return dataset_log if PARTS == 1 else dataset_log.replace(".log", ".part{part}.log")

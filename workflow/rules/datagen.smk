@@ -16,6 +16,7 @@ rule room3d:
         scene=lambda wc: cli_flags(config["datasets"][wc.dataset].get("room3d", {})),
         shard_size=config["datagen"]["shard_size"],
         part=part_flag,
+        staging=staging,
     threads: config["datagen"]["workers"]
     resources:
         mem_mb=lambda wc, threads: 1000 + 600 * threads,
@@ -24,8 +25,9 @@ rule room3d:
     conda:
         "../../envs/datagen.yaml"
     shell:
-        "python -m datagen room3d {output} --objects {params.objects} {params.splits} --seed {params.seed} "
-        "--shard-size {params.shard_size} --workers {threads} {params.part} {params.scene} 2> {log}"
+        "python -m datagen room3d {params.staging} --scratch --objects {params.objects} {params.splits} "
+        "--seed {params.seed} --shard-size {params.shard_size} --workers {threads} {params.part} {params.scene} "
+        "2> {log} && mv {params.staging} {output}"
 
 
 rule atari:
@@ -41,6 +43,7 @@ rule atari:
         rollout=lambda wc: cli_flags(config["datasets"][wc.dataset].get("atari", {})),
         shard_size=config["datagen"]["shard_size"],
         part=part_flag,
+        staging=staging,
     threads: config["datagen"]["workers"]
     resources:
         mem_mb=lambda wc, threads: 800 + 400 * threads,
@@ -49,8 +52,9 @@ rule atari:
     conda:
         "../../envs/datagen.yaml"
     shell:
-        "python -m datagen atari {output} {params.games} {params.splits} --seed {params.seed} "
-        "--shard-size {params.shard_size} --workers {threads} {params.part} {params.rollout} 2> {log}"
+        "python -m datagen atari {params.staging} --scratch {params.games} {params.splits} --seed {params.seed} "
+        "--shard-size {params.shard_size} --workers {threads} {params.part} {params.rollout} "
+        "2> {log} && mv {params.staging} {output}"
 
 
 if PARTS > 1:
