@@ -108,6 +108,34 @@ def time_side_by_side(variants: dict, x, steps: int, warmup: int) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def plot(path: str, grid_rows: list, k_rows: list, title: str) -> None:
+    """Figure 5's right panel: step latency against the number of cells, SPACE beside sequential inference,
+    and against the number of background components."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    cells = [r["cells"] for r in grid_rows]
+    a.plot(cells, [r["space_s"] for r in grid_rows], "o-", label="SPACE (parallel cells)")
+    a.plot(cells, [r["sequential_s"] for r in grid_rows], "s--", label="sequential inference (SPAIR-style)")
+    a.set_xscale("log", base=2)
+    a.set_xlabel("cells (H x W)")
+    a.set_ylabel("s per training step")
+    a.legend()
+    if k_rows:
+        b.plot([r["components"] for r in k_rows], [r["space_s"] for r in k_rows], "o-")
+    a.set_ylim(bottom=0)
+    b.set_ylim(bottom=0)
+    b.set_xlabel("background components K")
+    b.set_ylabel("s per training step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="room3d_large", choices=sorted(PRESETS))
@@ -118,7 +146,17 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--markdown", action="store_true", help="also print a Markdown table")
+    p.add_argument("--plot", metavar="PNG", help="draw latency against cells (SPACE and sequential) and against K")
+    p.add_argument("--from-json", nargs="+", metavar="FILE",
+                   help="measure nothing: plot (--plot) the JSON lines of earlier runs, merged by grid and K")
     ns = p.parse_args()
+    if ns.from_json:
+        rows = [json.loads(open(f).read().strip().splitlines()[-1]) for f in ns.from_json]
+        grids = {r["grid"]: r for run in rows for r in run["grids"]}
+        ks = {r["components"]: r for run in rows for r in run["components"]}
+        plot(ns.plot or "capacity.png", [grids[g] for g in sorted(grids)], [ks[k] for k in sorted(ks)],
+             f"{rows[0]['preset']}, batch {rows[0]['batch']}, {rows[0]['threads']} CPU threads")
+        return
     lean_host_allocator(Config.from_dict(PRESETS[ns.preset]).train.malloc_mmap_threshold_mib)  # as training
     if ns.threads:
         torch.set_num_threads(ns.threads)
@@ -149,6 +187,8 @@ def main() -> None:
         print(f"\n| K | SPACE s/step (grid {g_default}x{g_default}) |\n|---|---|")
         for r in k_rows:
             print(f"| {r['components']} | {r['space_s']:.2f} |")
+    if ns.plot:
+        plot(ns.plot, grid_rows, k_rows, f"{ns.preset}, batch {ns.batch}, {torch.get_num_threads()} CPU threads")
     print(json.dumps({"preset": ns.preset, "batch": ns.batch, "image": n, "threads": torch.get_num_threads(),
                       "machine": machine(), "grids": grid_rows, "components": k_rows}))
 
