@@ -64,6 +64,11 @@ def is_url(path) -> bool:
     return "://" in str(path)
 
 
+def _identity_diff(old: dict, new: dict) -> list:
+    """The identity fields (StoreSpec.identity) in which two stores differ."""
+    return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
 class StoreError(Exception):
     """A store is missing, incomplete, of another schema, or would be overwritten."""
 
@@ -138,9 +143,7 @@ class StoreWriter:
                 raise StoreError(
                     f"{path} is a Zarr store of another kind (schema {attrs.get('schema')!r}); not touching it"
                 )
-            old = attrs.get("identity", {})
-            new = _jsonable(spec.identity())
-            diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            diff = _identity_diff(attrs.get("identity", {}), _jsonable(spec.identity()))
             if overwrite or (scratch and diff):
                 fs.rm(where, recursive=True)
             elif scratch:
@@ -244,7 +247,7 @@ def merge_parts(out: str | Path, parts: list, overwrite: bool = False) -> Path:
     ident = infos[0][1]["identity"]
     for p, a, _ in infos[1:]:
         if a["identity"] != ident:
-            diff = [k for k in sorted(set(ident) | set(a["identity"])) if ident.get(k) != a["identity"].get(k)]
+            diff = _identity_diff(ident, a["identity"])
             raise StoreError(f"{p} was made with other parameters than {infos[0][0]} ({', '.join(diff)} differ)")
     n = infos[0][2]["of"]
     have = sorted(part["index"] for _, _, part in infos)

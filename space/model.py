@@ -127,14 +127,20 @@ class BatchNorm2d(nn.BatchNorm2d):
         mean = stats[:c] / n
         var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)  # biased: what BatchNorm normalises by
         if not _recomputing[0]:  # a recomputation in the backward pass leaves the running statistics alone
-            with torch.no_grad():
-                self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - m).add_(m * mean.detach())
-                self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
+            update_running_stats(self, mean, var, n)
         shape = (1, c, 1, 1)
         y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         return (y * self.weight.view(shape) + self.bias.view(shape)).to(x.dtype)
+
+
+def update_running_stats(bn: nn.BatchNorm2d, mean, var, n) -> None:
+    """nn.BatchNorm2d's update of its running statistics from a batch's mean and biased variance over n
+    values (the running variance is unbiased, as torch keeps it)."""
+    with torch.no_grad():
+        bn.num_batches_tracked += 1
+        m = bn.momentum if bn.momentum is not None else 1 / float(bn.num_batches_tracked)
+        bn.running_mean.mul_(1 - m).add_(m * mean.detach())
+        bn.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
 
 
 def _ddp_world() -> int:
@@ -216,11 +222,7 @@ def combine_stats(parts: list, bn: nn.BatchNorm2d):
         spread = all_reduce(spread)
     var = spread / count
     if bn.training and bn.track_running_stats and not _recomputing[0]:
-        with torch.no_grad():
-            bn.num_batches_tracked += 1
-            m = bn.momentum if bn.momentum is not None else 1 / float(bn.num_batches_tracked)
-            bn.running_mean.mul_(1 - m).add_(m * mean.detach())
-            bn.running_var.mul_(1 - m).add_(m * var.detach() * count / (count - 1))
+        update_running_stats(bn, mean, var, count)
     return mean, var
 
 
