@@ -32,6 +32,19 @@ def resolve_config(preset_name: str, config_file: str | None, sets: list[str]) -
     return Config.from_dict(d).validate()
 
 
+def _run_dir(location: str, only=("checkpoints/last.pt",)):
+    """A run's local directory: the path itself, or a fresh mirror of `only` these files of an object-store
+    run (space/runs.py), the first of which must be there."""
+    from .runs import RunMirror
+
+    mirror = RunMirror(location)
+    if mirror.remote and not mirror.exists(only[0]):
+        from .train import CheckpointError
+
+        raise CheckpointError(f"no {only[0]} at {location}; train the run first (python -m space train)")
+    return mirror, mirror.pull(only)
+
+
 def cmd_train(ns) -> int:
     from .memory import lean_host_allocator
 
@@ -63,7 +76,8 @@ def cmd_sample(ns) -> int:
     if ns.count < 1:
         raise ConfigError(f"--count: must be at least 1, got {ns.count}")
 
-    state = load_checkpoint(Path(ns.run) / "checkpoints" / "last.pt")
+    _, run = _run_dir(ns.run)
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
     cfg = Config.from_dict(state["config"])
     images = sample_images(cfg, state["model"], ns.count, int(state["step"]), seed=ns.seed)
     n = cfg.model.image_size
@@ -90,7 +104,8 @@ def cmd_show(ns) -> int:
     from .train import load_checkpoint
     from .viz import COLUMNS, decomposition_grid
 
-    state = load_checkpoint(Path(ns.run) / "checkpoints" / "last.pt")
+    _, run = _run_dir(ns.run)
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
     cfg = Config.from_dict(state["config"])
     data = StoreDataset(ns.data, ns.split, image_size=cfg.model.image_size)
     frames = ns.frames or list(range(min(ns.count, len(data))))
@@ -118,8 +133,11 @@ def cmd_evaluate(ns) -> int:
         raise ConfigError(f"--threshold: a z_pres probability in [0, 1), got {ns.threshold}")
     if ns.frames is not None and ns.frames < 1:
         raise ConfigError(f"--frames: at least 1, got {ns.frames}")
-    metrics = evaluate(ns.run, ns.data, ns.split, ns.out, ns.threshold, ns.batch_size, ns.frames,
+    mirror, run = _run_dir(ns.run)
+    metrics = evaluate(str(run), ns.data, ns.split, ns.out, ns.threshold, ns.batch_size, ns.frames,
                        str(pick_device(ns.device)), progress=not ns.quiet)
+    if ns.out is None:
+        mirror.push(f"eval/{ns.split}")  # into the object-store run too, when the run lives there
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -146,7 +164,12 @@ def cmd_summary(ns) -> int:
 def cmd_curves(ns) -> int:
     from .curves import plot_curves
 
-    plot_curves(ns.runs, ns.out, ns.labels)
+    from pathlib import Path
+
+    from datagen.store import is_url
+
+    local = [str(_run_dir(r, only=("metrics.csv", "val.csv"))[1]) if is_url(r) else r for r in ns.runs]
+    plot_curves(local, ns.out, ns.labels or [Path(r.rstrip("/")).name for r in ns.runs])
     print(f"wrote {ns.out}", file=sys.stderr)
     return 0
 

@@ -8,7 +8,9 @@ A run directory holds everything about one run:
     val.csv               validation MSE against step and wall time (figure 5's convergence panel)
     tb/                   TensorBoard scalars and decomposition images
 
-A run whose directory already has a checkpoint resumes from it. On CPU with a fixed seed a resumed run
+The directory may be an object-store URL (s3://bucket/runs/NAME): the run is then trained in a local mirror
+and copied up at every checkpoint (space/runs.py). A run whose directory already has a checkpoint resumes
+from it. On CPU with a fixed seed a resumed run
 continues with the losses an uninterrupted run would have had: the data order is a function of the
 step (space/data.py) and the RNG state is in the checkpoint.
 """
@@ -27,6 +29,7 @@ from .config import Config, ConfigError
 from .data import StepBatchSampler, StoreDataset, collate_batch
 from .memory import lean_host_allocator
 from .model import SPACE
+from .runs import RunMirror
 
 CHECKPOINT_FORMAT = 1
 TERMS = ("loss", "elbo", "log_lik", "kl_pres", "kl_where", "kl_depth", "kl_what", "kl_bg_mask", "kl_bg_comp",
@@ -212,7 +215,9 @@ def train(cfg: Config, data: str, out: str, progress: bool = True, stop_after: i
     if device.type == "cpu" and t_cfg.threads:
         torch.set_num_threads(t_cfg.threads)
 
-    run = Path(out)
+    # An object-store run (s3://...) is trained in a local mirror and pushed at every checkpoint (space/runs.py).
+    mirror = RunMirror(out, rank)
+    run = mirror.pull(None if rank == 0 else ("checkpoints/last.pt",))
     ckpt_path = run / "checkpoints" / "last.pt"
     dataset = StoreDataset(data, "train", image_size=m_cfg.image_size)
     val_set = None
@@ -244,7 +249,7 @@ def train(cfg: Config, data: str, out: str, progress: bool = True, stop_after: i
     steps = t_cfg.steps
     if start >= steps:
         if is_main:
-            print(f"{run}: already trained to step {start} of {steps}; nothing to do")
+            print(f"{out}: already trained to step {start} of {steps}; nothing to do")
         return {"step": start}
 
     net = model
@@ -277,6 +282,9 @@ def train(cfg: Config, data: str, out: str, progress: bool = True, stop_after: i
         if device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(device)
         save_checkpoint(ckpt_path, state)
+        if tb is not None:
+            tb.flush()
+        mirror.push()
 
     from tqdm import tqdm
 
@@ -341,6 +349,8 @@ def train(cfg: Config, data: str, out: str, progress: bool = True, stop_after: i
     bar.close()
     if tb is not None:
         tb.close()
+        if is_main:
+            mirror.push("tb")  # the events written since the last checkpoint
     if world > 1:
         import torch.distributed as dist
 

@@ -110,3 +110,59 @@ def test_kubernetes_profile_plans_the_dag_through_s3_storage(s3):
             "--default-storage-prefix", f"s3://{BUCKET}/k8s", "--storage-s3-endpoint-url", s3["AWS_ENDPOINT_URL"],
             "--storage-s3-access-key", "testing", "--storage-s3-secret-key", "testing"], s3)
     assert "merge_parts" in p.stdout and "train" in p.stdout
+
+
+def test_a_run_on_s3_resumes_on_another_machine_and_is_scored_there(s3, tmp_path):
+    """`--out s3://...`: training in a local mirror pushed at each checkpoint. The first job stops at step
+    2 and its mirror is deleted (a second machine); the second job resumes from the object store's
+    checkpoint and must log the losses of an uninterrupted local run. `evaluate` and `curves` then read
+    the run from S3, and the scores land beside it there."""
+    import csv
+
+    from test_space_train import TERMS, tiny_args
+
+    store = tmp_path / "room.zarr"
+    sh([sys.executable, "-m", "datagen", "room3d", str(store), "--objects", "2", "4", "--split", "train=16",
+        "--split", "val=8", "--split", "test=8", "--image-size", "64", "--seed", "3", "--shard-size", "8",
+        "--quiet"], s3)
+    url = f"s3://{BUCKET}/runs/demo"
+    env = dict(s3, SPACE_RUN_CACHE=str(tmp_path / "mirror"))
+    train = [sys.executable, "-m", "space", "train", "--data", str(store), *tiny_args()]
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3["AWS_ENDPOINT_URL"]}, key="testing", secret="testing")
+    sh([*train, "--out", url, "--steps", "2"], env)
+    first = fs.cat(f"{BUCKET}/runs/demo/metrics.csv").decode().splitlines()
+    import shutil
+
+    shutil.rmtree(tmp_path / "mirror")
+    sh([*train, "--out", url], env)
+    sh([*train, "--out", str(tmp_path / "local")], env)
+    # Resumed, not restarted: the first job's rows (wall-clock times included) are still there.
+    assert fs.cat(f"{BUCKET}/runs/demo/metrics.csv").decode().splitlines()[:3] == first[:3]
+    names = {p.split("runs/demo/", 1)[1] for p in fs.find(f"{BUCKET}/runs/demo")}
+    assert {"config.json", "metrics.csv", "val.csv", "checkpoints/last.pt"} <= names
+    assert any(n.startswith("tb/events") for n in names)
+
+    def rows(text):
+        return list(csv.DictReader(text.splitlines()))
+
+    remote = rows(fs.cat(f"{BUCKET}/runs/demo/metrics.csv").decode())
+    local = rows((tmp_path / "local/metrics.csv").read_text())
+    assert [r["step"] for r in remote] == [r["step"] for r in local] == ["1", "2", "3", "4"]
+    for a, b in zip(remote, local):
+        for k in TERMS:
+            assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-4, abs=1e-3), (a["step"], k)
+
+    sh([sys.executable, "-m", "space", "evaluate", "--run", url, "--data", str(store), "--quiet"], env)
+    import json
+
+    metrics = json.loads(fs.cat(f"{BUCKET}/runs/demo/eval/test/metrics.json"))
+    assert metrics["step"] == 4 and "ap50" in metrics
+    assert fs.exists(f"{BUCKET}/runs/demo/eval/test/detections.json")
+    sh([sys.executable, "-m", "space", "curves", url, "--out", str(tmp_path / "curves.png")], env)
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    # A run that is not there is named, not a traceback.
+    p = subprocess.run([sys.executable, "-m", "space", "evaluate", "--run", f"s3://{BUCKET}/runs/none",
+                        "--data", str(store)], env=env, capture_output=True, text=True)
+    assert p.returncode == 2 and "no checkpoints/last.pt at s3://" in p.stderr
