@@ -7,6 +7,7 @@ import dataclasses
 import json
 import sys
 import typing
+from pathlib import Path
 
 from .config import ATARI_GAMES, AtariConfig, ConfigError, Room3DConfig, StoreConfig
 
@@ -191,6 +192,50 @@ def cmd_show(ns) -> int:
     return 0
 
 
+def merge_params(base: dict, overlay: dict) -> dict:
+    """`overlay` merged over `base` key by key, as Snakemake merges a --configfile; then the experiments
+    marked `enabled: false` dropped, since DVC's stages run every experiment params.yaml lists."""
+
+    def merge(a, b):
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        return out
+
+    merged = merge(base, overlay)
+    if isinstance(merged.get("experiments"), dict):
+        merged["experiments"] = {k: e for k, e in merged["experiments"].items()
+                                 if not (isinstance(e, dict) and e.get("enabled", True) is False)}
+    return merged
+
+
+def cmd_params(ns) -> int:
+    import yaml
+
+    docs = []
+    for path in (ns.base, ns.overlay):
+        try:
+            with open(path) as fh:
+                docs.append(yaml.safe_load(fh) or {})
+        except FileNotFoundError:
+            raise ConfigError(f"no such file: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(docs[-1], dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (datasets:, experiments:, ...)")
+    merged = merge_params(*docs)
+    text = yaml.safe_dump(merged, sort_keys=False)
+    if ns.out:
+        tmp = Path(ns.out + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(ns.out)  # whole or not at all
+        print(f"wrote {ns.out}: {len(merged.get('datasets', {}))} datasets, "
+              f"{len(merged.get('experiments', {}))} experiments", file=sys.stderr)
+    else:
+        print(text, end="")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m datagen", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -272,6 +317,16 @@ def main(argv=None) -> int:
     s.add_argument("--scale", type=int, default=2, help="pixel magnification (default: 2)")
     s.add_argument("--columns", type=int, default=8)
     s.set_defaults(func=cmd_show)
+
+    q = sub.add_parser("params", help="params.yaml with an overlay (e.g. config/demo.yaml) merged in, for DVC",
+                       description="Merge an overlay such as config/demo.yaml over params.yaml as Snakemake's "
+                                   "--configfile does, and drop the experiments it disables: DVC reads only "
+                                   "params.yaml and runs every experiment listed there. "
+                                   "E.g. python -m datagen params config/demo.yaml --out params.yaml && dvc repro")
+    q.add_argument("overlay", help="the YAML to merge over the base, e.g. config/demo.yaml")
+    q.add_argument("--base", default="params.yaml", help="default: %(default)s")
+    q.add_argument("--out", help="write here (default: print); may be the base itself")
+    q.set_defaults(func=cmd_params)
 
     ns = p.parse_args(argv)
     from .store import StoreError

@@ -225,7 +225,7 @@ def main(argv=None) -> int:
     e.set_defaults(func=cmd_evaluate)
 
     m = sub.add_parser("summary", help="one table over runs from their evaluate metrics.json files")
-    m.add_argument("metrics", nargs="+", help="metrics.json files, e.g. results/runs/*/eval/test/metrics.json")
+    m.add_argument("metrics", nargs="*", help="metrics.json files (none: an empty table), e.g. results/runs/*/eval/test/metrics.json")
     m.add_argument("--out-markdown", help="write the Markdown table here (default: print it)")
     m.add_argument("--out-json", help="write the rows here as JSON")
     m.set_defaults(func=cmd_summary)

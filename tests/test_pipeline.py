@@ -113,7 +113,8 @@ def test_bad_params_are_refused_before_any_job(tmp_path, mutate, named):
     p = run(["snakemake", "--cores", "1", "data_all"], proj, check=False)
     assert p.returncode != 0
     assert named in p.stdout + p.stderr
-    assert not (proj / "results").exists()  # refused before any job started
+    written = [str(f.relative_to(proj)) for f in (proj / "results").rglob("*") if f.is_file()]
+    assert written == ["results/runs/.gitkeep"], written  # refused before any job started (the folder is in git)
 
 
 def test_dvc_repro_then_changing_one_object_range_regenerates_only_that_dataset(tmp_path):
@@ -139,7 +140,7 @@ def test_dvc_repro_then_changing_one_object_range_regenerates_only_that_dataset(
     assert "up to date" in run("dvc status", proj).stdout
 
 
-def test_snakemake_train_all_trains_each_experiment(tmp_path):
+def test_snakemake_train_runs_then_eval_all_scores_each_experiment(tmp_path):
     params = yaml.safe_load(yaml.safe_dump(TINY))
     params["experiments"] = {
         "tiny": {
@@ -149,7 +150,7 @@ def test_snakemake_train_all_trains_each_experiment(tmp_path):
         }
     }
     proj = project_copy(tmp_path, params)
-    run(["snakemake", "--cores", "2", "train_all"], proj)
+    run(["snakemake", "--cores", "2", "train_runs"], proj)
     summary = json.loads((proj / "results/runs/tiny/train.json").read_text())
     assert summary["step"] == 2 and summary["loss"] == summary["loss"]  # finite, not NaN
     assert (proj / "results/runs/tiny/checkpoints/last.pt").exists()
@@ -188,13 +189,16 @@ def test_datagen_parts_run_as_separate_jobs_and_merge_into_the_one_job_store(tmp
 
 
 def test_full_default_dag_dry_runs_and_lints_clean():
-    """`snakemake -n train_all` / `eval_all` over every dataset and experiment of params.yaml, and
-    `snakemake --lint` with nothing to report."""
-    p = run(["snakemake", "-n", "--forceall", "eval_all"], REPO)
+    """`snakemake -n train_all` over every dataset and experiment of params.yaml, and `snakemake --lint`
+    with nothing to report."""
+    p = run(["snakemake", "-n", "--forceall", "train_all"], REPO)
     for name in ("space_room3d_small", "space_room3d_large", "space_atari_joint", "space_atari_riverraid"):
         assert f"experiment={name}" in p.stdout or name in p.stdout, name
-    for rule in ("room3d", "atari", "train", "evaluate", "summary"):
-        assert f"rule {rule}:" in p.stdout or rule in p.stdout
+    # Every dataset generated and pictured, every experiment trained, scored and drawn, one summary.
+    jobs = {rule: p.stdout.count(f"\nrule {rule}:") for rule in (
+        "room3d", "atari", "show_dataset", "train", "evaluate", "decomposition_figure", "curves", "summary")}
+    assert jobs == {"room3d": 2, "atari": 5, "show_dataset": 7, "train": 7, "evaluate": 7,
+                    "decomposition_figure": 7, "curves": 7, "summary": 1}, jobs
     p = run(["snakemake", "--lint"], REPO, check=False)
     assert p.returncode == 0 and "Congratulations" in p.stdout + p.stderr, p.stdout + p.stderr
 
@@ -244,16 +248,30 @@ def test_dvc_exp_run_with_new_object_counts_regenerates_that_dataset_beside_the_
 
 
 def _demo_params() -> dict:
-    """params.yaml with config/demo.yaml merged over it, as Snakemake merges a --configfile."""
-
-    def merge(a, b):
-        out = dict(a)
-        for k, v in b.items():
-            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-        return out
+    """params.yaml with config/demo.yaml merged over it, as `python -m datagen params` writes it for DVC."""
+    from datagen.__main__ import merge_params
 
     base = yaml.safe_load((REPO / "params.yaml").read_text())
-    return merge(base, yaml.safe_load((REPO / "config/demo.yaml").read_text()))
+    return merge_params(base, yaml.safe_load((REPO / "config/demo.yaml").read_text()))
+
+
+def test_the_demo_as_dvc_params_keeps_only_its_enabled_experiment(tmp_path):
+    """`python -m datagen params config/demo.yaml --out params.yaml`: DVC runs every experiment params.yaml
+    lists, so the demo's disabled ones are dropped; its stages are the data, the one run, and the summary,
+    in that order."""
+    proj = project_copy(tmp_path, yaml.safe_load((REPO / "params.yaml").read_text()))
+    run([sys.executable, "-m", "datagen", "params", "config/demo.yaml", "--out", "params.yaml"], proj)
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    assert list(params["experiments"]) == ["space_room3d_small"]
+    assert params["datasets"]["room3d_small"]["splits"] == {"train": 2048, "val": 256, "test": 256}
+    assert params == _demo_params()
+    stages = sorted(run("dvc stage list --name-only", proj).stdout.split())
+    assert stages == sorted([*(f"data@{d}" for d in params["datasets"]), "train@space_room3d_small",
+                             "evaluate@space_room3d_small", "summary"]), stages
+    dag = run("dvc dag --md", proj).stdout
+    assert "train@space_room3d_small" in dag and "evaluate@space_room3d_small" in dag and "summary" in dag
+    bad = run([sys.executable, "-m", "datagen", "params", "no/such.yaml"], proj, check=False)
+    assert bad.returncode == 2 and "no such file: no/such.yaml" in bad.stderr
 
 
 @pytest.mark.slow
@@ -267,8 +285,8 @@ def test_the_cpu_demo_dag_end_to_end_in_a_fresh_copy(tmp_path, runner):
     if runner == "snakemake":
         proj = project_copy(tmp_path, yaml.safe_load((REPO / "params.yaml").read_text()))
         t = time.perf_counter()
-        run(["snakemake", "--cores", "2", "all", "--configfile", "config/demo.yaml"], proj)
-        again = run(["snakemake", "--cores", "2", "all", "--configfile", "config/demo.yaml", "-n"], proj).stdout
+        run(["snakemake", "--cores", "2", "train_all", "--configfile", "config/demo.yaml"], proj)
+        again = run(["snakemake", "--cores", "2", "train_all", "--configfile", "config/demo.yaml", "-n"], proj).stdout
         assert "Nothing to be done" in again
     else:
         proj = project_copy(tmp_path, _demo_params())
@@ -280,7 +298,7 @@ def test_the_cpu_demo_dag_end_to_end_in_a_fresh_copy(tmp_path, runner):
     minutes = (time.perf_counter() - t) / 60
     print(f"demo DAG under {runner}: {minutes:.1f} min")
     assert minutes < 15
-    for f in ("results/summary.md", "results/runs/space_room3d_small/eval/test/metrics.json",
+    for f in ("results/summary.md", "results/summary.json", "results/runs/space_room3d_small/eval/test/metrics.json",
               "results/runs/space_room3d_small/eval/test/decomposition.png",
               "results/runs/space_room3d_small/eval/curves.png", "results/data/room3d_small.train.png"):
         assert (proj / f).exists(), f

@@ -28,7 +28,7 @@ rule train:
         "--set train.threads={threads} --summary {output} --quiet 2> {log}"
 
 
-rule train_all:
-    """Every enabled experiment of params.yaml, trained (eval_all scores them)."""
+rule train_runs:
+    """Every enabled experiment of params.yaml, trained only (train_all also scores and pictures them)."""
     input:
         expand("results/runs/{experiment}/train.json", experiment=EXPERIMENTS),
