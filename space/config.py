@@ -250,7 +250,7 @@ PRESETS: dict[str, dict] = {
         },
         "train": {"malloc_mmap_threshold_mib": 1},
     },
-    # The CPU demo: 64x64 3D-Room, a 4x4 grid, K=3, batch 8, about 0.42 s a step on 2 cores. Tuned to show
+    # The CPU demo: 64x64 3D-Room, a 4x4 grid, K=3, batch 8, 0.40-0.75 s a step on 2 cores. Tuned to show
     # a decomposition within about 10 minutes (1,400 steps; BENCHMARKS.md): the normalised foreground mean,
     # faster learning rates (fg 4e-4, bg 2e-3) and a constant z_scale prior for glimpses of a sixth of the
     # frame. The paper's settings learn too, over the paper's hundreds of thousands of steps.
