@@ -59,7 +59,8 @@ sys.exit(main(sys.argv[1:]))
 # front of a BatchNorm, whose true gradient is zero) moves those weights by full steps of either sign.
 FIRST_RTOL, LATER_LOSS_RTOL = 1e-4, 1e-3
 
-@pytest.mark.parametrize("checkpoint_images", [0, 1])
+# Without checkpointing (0) the plain path, which the torchrun test also covers, runs with `-m slow`.
+@pytest.mark.parametrize("checkpoint_images", [pytest.param(0, marks=pytest.mark.slow), 1])
 def test_two_ranks_equal_one_process_with_the_doubled_batch(store, tmp_path, checkpoint_images):
     """Also under activation checkpointing, where the component decoder's BatchNorm statistics are
     combined from chunks and across ranks (space.model.combine_stats)."""
