@@ -195,12 +195,7 @@ def cmd_show(ns) -> int:
 def merge_params(base: dict, overlay: dict) -> dict:
     """`overlay` merged over `base` key by key, as Snakemake merges a --configfile; then the experiments
     marked `enabled: false` dropped, since DVC's stages run every experiment params.yaml lists."""
-
-    def merge(a, b):
-        out = dict(a)
-        for k, v in b.items():
-            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-        return out
+    from .config import merge
 
     merged = merge(base, overlay)
     if isinstance(merged.get("experiments"), dict):

@@ -183,6 +183,15 @@ class StoreConfig:
         return self
 
 
+def merge(base: dict, over: dict) -> dict:
+    """`over` merged into `base` key by key (nested mappings merged, anything else replaced), as Snakemake
+    merges a --configfile over its configfile; used for params.yaml overlays and for SPACE's presets."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def tuplify(v):
     """YAML and JSON give lists; the configs hold tuples so they compare and hash."""
     if isinstance(v, list):

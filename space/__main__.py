@@ -164,12 +164,9 @@ def cmd_summary(ns) -> int:
 def cmd_curves(ns) -> int:
     from .curves import plot_curves
 
-    from pathlib import Path
-
-    from datagen.store import is_url
-
-    local = [str(_run_dir(r, only=("metrics.csv", "val.csv"))[1]) if is_url(r) else r for r in ns.runs]
-    plot_curves(local, ns.out, ns.labels or [Path(r.rstrip("/")).name for r in ns.runs])
+    # An object-store run's mirror keeps the run's name, which labels its curves.
+    local = [str(_run_dir(r, only=("metrics.csv", "val.csv"))[1]) for r in ns.runs]
+    plot_curves(local, ns.out, ns.labels)
     print(f"wrote {ns.out}", file=sys.stderr)
     return 0
 

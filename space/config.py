@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 
 from datagen.config import ConfigError  # noqa: F401  one error type for every bad setting in the project
+from datagen.config import merge  # noqa: F401  presets and --config files merge as params.yaml overlays do
 
 
 @dataclass
@@ -222,13 +223,6 @@ def preset(name: str) -> Config:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     return Config.from_dict(PRESETS[name])
-
-
-def merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 PRESETS: dict[str, dict] = {

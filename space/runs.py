@@ -62,12 +62,13 @@ class RunMirror:
         self.local.mkdir(parents=True)
         if not self.fs.exists(self.path):
             return self.local
-        names = only if only is not None else [
-            p[len(self.path) + 1:] for p in self.fs.find(self.path)]
+        if only is None:
+            names = [p[len(self.path) + 1:] for p in self.fs.find(self.path)]
+        else:  # the files asked for that the run has
+            names = [name for name in only if self.fs.exists(f"{self.path}/{name}")]
         for name in names:
-            if self.fs.exists(f"{self.path}/{name}"):
-                (self.local / name).parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get(f"{self.path}/{name}", str(self.local / name))
+            (self.local / name).parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get(f"{self.path}/{name}", str(self.local / name))
         return self.local
 
     def push(self, under: str | None = None) -> None:
