@@ -327,7 +327,7 @@ def test_cli_subprocess_exit_code_for_unknown_preset(store, tmp_path):
 
 # The CPU demo exactly as `snakemake --cores 2 train_all --configfile config/demo.yaml` runs it: the demo
 # dataset's scene settings, seed and sizes (config/demo.yaml over params.yaml) and the demo preset with
-# 2 threads, so this reproduces the README's demo run (about 11 minutes on 2 cores).
+# 2 threads, so this reproduces the README's demo run (about 10 minutes on 2 cores).
 DEMO_STORE = ["--objects", "3", "6", "--image-size", "64", "--room-half-size", "2.0", "--size-min", "0.25",
               "--size-max", "0.4", "--camera-distance", "4.5", "5.5", "--seed", "1",
               "--split", "train=2048", "--split", "val=256", "--split", "test=256"]
