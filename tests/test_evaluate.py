@@ -19,7 +19,9 @@ from space.__main__ import main as space_main
 from space.__main__ import resolve_config
 from space.train import train
 
-torch.set_num_threads(2)
+from conftest import TORCH_THREADS  # noqa: E402
+
+torch.set_num_threads(TORCH_THREADS)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -32,7 +34,7 @@ def trained(tmp_path_factory):
                        capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stderr
     cfg = resolve_config("demo", None, ["model.n_components=2", "train.batch_size=2", "train.steps=2",
-                                        "train.val_every=0", "train.threads=2", "train.device=cpu"])
+                                        "train.val_every=0", f"train.threads={TORCH_THREADS}", "train.device=cpu"])
     run = root / "run"
     train(cfg, str(store), str(run), progress=False)
     return store, run
@@ -156,7 +158,7 @@ def test_evaluate_on_an_atari_store_scores_games_and_categories(tmp_path, capsys
                        capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stderr
     cfg = resolve_config("demo", None, ["model.n_components=2", "train.batch_size=2", "train.steps=1",
-                                        "train.val_every=0", "train.threads=2", "train.device=cpu"])
+                                        "train.val_every=0", f"train.threads={TORCH_THREADS}", "train.device=cpu"])
     run = tmp_path / "run"
     train(cfg, str(store), str(run), progress=False)
     assert space_main(["evaluate", "--run", str(run), "--data", str(store), "--threshold", "0", "--quiet"]) == 0

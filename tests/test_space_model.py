@@ -35,7 +35,9 @@ from space.model import (
     where_to_box,
 )
 
-torch.set_num_threads(2)
+from conftest import TORCH_THREADS  # noqa: E402
+
+torch.set_num_threads(TORCH_THREADS)
 
 S = 32  # the paper's glimpse side
 

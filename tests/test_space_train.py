@@ -33,10 +33,12 @@ from space.config import Config
 from space.model import SPACE
 from space.train import TERMS, TrainingDiverged, train
 
-torch.set_num_threads(2)
+from conftest import TORCH_THREADS  # noqa: E402
+
+torch.set_num_threads(TORCH_THREADS)
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "OMP_NUM_THREADS": "2"}
+ENV = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "OMP_NUM_THREADS": str(TORCH_THREADS)}
 
 # The demo preset (64x64, 4x4 grid) made smaller still.
 TINY = [
@@ -48,7 +50,7 @@ TINY = [
     "train.val_every=2",
     "train.val_batches=1",
     "train.image_every=1000",
-    "train.threads=2",
+    f"train.threads={TORCH_THREADS}",
     "train.device=cpu",
     "train.seed=5",
 ]
