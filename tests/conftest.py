@@ -9,6 +9,12 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 TORCH_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 if TORCH_THREADS == 1:
     os.environ["OMP_NUM_THREADS"] = "1"
+import torch  # noqa: E402
+
+torch.set_num_threads(TORCH_THREADS)
+
+# Tests that run Snakemake in the checkout itself (its .snakemake/ folder): one after another under -n.
+IN_CHECKOUT = pytest.mark.xdist_group("repo")
 
 # Modules whose tests are independent (a fresh project copy each, a cheap loopback server) are spread over
 # the workers test by test; every other module keeps its tests on one worker, where its module fixtures

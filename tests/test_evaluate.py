@@ -21,7 +21,6 @@ from space.train import train
 
 from conftest import TORCH_THREADS  # noqa: E402
 
-torch.set_num_threads(TORCH_THREADS)
 REPO = Path(__file__).resolve().parents[1]
 
 

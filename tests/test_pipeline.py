@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import IN_CHECKOUT
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # snakemake and dvc live beside this interpreter
@@ -82,7 +83,7 @@ def test_snakemake_data_all_on_a_tiny_config(tmp_path):
     assert "Nothing to be done" in dry.stdout + dry.stderr
 
 
-@pytest.mark.xdist_group("repo")  # Snakemake in the checkout itself: one at a time under pytest -n
+@IN_CHECKOUT
 def test_demo_config_and_full_default_dry_runs_resolve():
     for extra in ([], ["--configfile", "config/demo.yaml"]):
         p = run(["snakemake", "-n", "--forceall", "data_all", *extra], REPO)  # as on a fresh clone
@@ -167,7 +168,7 @@ def test_datagen_parts_run_as_separate_jobs_and_merge_into_the_one_job_store(tmp
     assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == []
 
 
-@pytest.mark.xdist_group("repo")  # Snakemake in the checkout itself: one at a time under pytest -n
+@IN_CHECKOUT
 def test_full_default_dag_dry_runs_and_lints_clean():
     """`snakemake -n train_all` over every dataset and experiment of params.yaml, and `snakemake --lint`
     with nothing to report."""
@@ -183,7 +184,7 @@ def test_full_default_dag_dry_runs_and_lints_clean():
     assert p.returncode == 0 and "Congratulations" in p.stdout + p.stderr, p.stdout + p.stderr
 
 
-@pytest.mark.xdist_group("repo")  # Snakemake in the checkout itself: one at a time under pytest -n
+@IN_CHECKOUT
 @pytest.mark.parametrize("profile", ["default", "gpu", "slurm"])
 def test_profiles_resolve_the_full_dag(profile):
     """Every profile parses and plans the paper's DAG (executor plugins installed: the cluster extra);

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import IN_CHECKOUT
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -103,7 +104,7 @@ def test_dvc_push_and_pull_through_an_s3_remote(s3, tmp_path):
     assert (tmp_path / "second/results/data/room3d_small.zarr/zarr.json").exists()
 
 
-@pytest.mark.xdist_group("repo")  # Snakemake in the checkout itself (tests/test_pipeline.py)
+@IN_CHECKOUT
 def test_kubernetes_profile_plans_the_dag_through_s3_storage(s3):
     """profiles/kubernetes: pods share no filesystem, so every file goes through S3 storage; the dry run
     resolves the whole DAG against the loopback bucket (the executor itself needs a cluster)."""

@@ -35,9 +35,6 @@ from space.model import (
     where_to_box,
 )
 
-from conftest import TORCH_THREADS  # noqa: E402
-
-torch.set_num_threads(TORCH_THREADS)
 
 S = 32  # the paper's glimpse side
 

@@ -35,8 +35,6 @@ from space.train import TERMS, TrainingDiverged, train
 
 from conftest import TORCH_THREADS  # noqa: E402
 
-torch.set_num_threads(TORCH_THREADS)
-
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "OMP_NUM_THREADS": str(TORCH_THREADS)}
 
