@@ -18,5 +18,9 @@ fi
 # Atari ground truth: ocatari without its metadata's numpy<2 pin (see pyproject.toml's atari extra).
 "${PIP[@]}" install --no-deps "ocatari==2.2.1" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 # DVC would otherwise start a background process that tries to reach the network.
-[ -d .dvc ] && .venv/bin/dvc config core.analytics false >/dev/null 2>&1 || true
+# The tracked .dvc/config already says so; `dvc config` would rewrite it (dropping its comments), so only
+# when it does not.
+if [ -f .dvc/config ] && ! grep -Eq "^\s*analytics\s*=\s*false" .dvc/config; then
+    .venv/bin/dvc config core.analytics false >/dev/null 2>&1 || true
+fi
 echo "set up: . .venv/bin/activate" >&2

@@ -1,4 +1,4 @@
-"""Command line: `python -m datagen {room3d,atari,merge,inspect,coco,show} --help`."""
+"""Command line: `python -m datagen {room3d,atari,merge,inspect,coco,show,params,fingerprint} --help`."""
 
 from __future__ import annotations
 
@@ -231,6 +231,24 @@ def cmd_params(ns) -> int:
     return 0
 
 
+def cmd_fingerprint(ns) -> int:
+    from .fingerprint import source_fingerprint
+
+    try:
+        digest = source_fingerprint(ns.files)
+    except (OSError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    text = f"{digest}\n"
+    if ns.out:
+        out = Path(ns.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not out.exists() or out.read_text() != text:  # unchanged bytes: DVC sees nothing new
+            out.write_text(text)
+    else:
+        print(text, end="")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m datagen", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -322,6 +340,15 @@ def main(argv=None) -> int:
     q.add_argument("--base", default="params.yaml", help="default: %(default)s")
     q.add_argument("--out", help="write here (default: print); may be the base itself")
     q.set_defaults(func=cmd_params)
+
+    f = sub.add_parser("fingerprint", help="a hash of Python files' code, blind to comments and docstrings (DVC)",
+                       description="SHA-256 over the syntax trees of FILES without their docstrings: it changes "
+                                   "when the code does, not when a comment, a docstring or the layout does. "
+                                   "dvc.yaml's code stage writes one per stage result, and the costly stages "
+                                   "depend on it instead of on whole packages.")
+    f.add_argument("files", nargs="+", help="Python source files, e.g. space/model.py space/train.py")
+    f.add_argument("--out", help="write the hash here (default: print it)")
+    f.set_defaults(func=cmd_fingerprint)
 
     ns = p.parse_args(argv)
     from .store import StoreError

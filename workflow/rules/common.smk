@@ -9,37 +9,48 @@ from snakemake.utils import validate
 validate(config, "../schemas/params.schema.yaml")  # types, ranges, unknown keys (named in the error)
 
 
-def _check_datasets():
-    """What a JSON schema cannot say (min <= max, objects that fit on the floor), from datagen itself."""
+def _check_datasets() -> dict:
+    """What a JSON schema cannot say (min <= max, objects that fit on the floor), from datagen itself.
+    Returns each dataset's frame size and train frames, which the experiments are checked against."""
     from datagen.config import AtariConfig, ConfigError, Room3DConfig
 
+    shapes = {}
     for name, ds in config["datasets"].items():
         try:
             if ds["generator"] == "room3d":
-                Room3DConfig.from_dict({**ds.get("room3d", {}), "objects": ds["objects"]}).validate()
+                gen = Room3DConfig.from_dict({**ds.get("room3d", {}), "objects": ds["objects"]}).validate()
+                train_frames = ds["splits"]["train"]
             elif ds["generator"] == "atari":
                 if "objects" in ds:
                     raise ConfigError("objects: an Atari store's objects come from the games; remove the key")
-                AtariConfig.from_dict({**ds.get("atari", {}), "games": ds["games"]}).validate()
+                gen = AtariConfig.from_dict({**ds.get("atari", {}), "games": ds["games"]}).validate()
+                train_frames = ds["splits"]["train"] * len(ds["games"])  # splits are frames per game
         except ConfigError as e:
             raise ValueError(f"params: datasets.{name}: {e}") from None
+        shapes[name] = {"image_size": gen.image_size, "train_frames": train_frames}
+    return shapes
 
 
-_check_datasets()
+DATASET_SHAPES = _check_datasets()
 
 DATASETS = sorted(config["datasets"])
 EXPERIMENTS = sorted(k for k, e in config.get("experiments", {}).items() if e.get("enabled", True))
 
 
 def set_flags(overrides: dict) -> str:
-    """{'train.steps': 600} -> "--set 'train.steps=600'" (values as YAML, as the CLI reads them)."""
+    """{'train.steps': 600} -> "--set train.steps=600" (values as YAML, as the CLI reads them), each
+    argument quoted for the shell: a value from params.yaml (or `dvc exp run -S`) is data, never code."""
     import json
+    import shlex
 
-    return " ".join(f"--set '{k}={json.dumps(v)}'" for k, v in overrides.items())
+    return " ".join(f"--set {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in overrides.items())
 
 
 def _check_experiments():
-    """Each experiment names a dataset that exists, and its settings resolve (space's own checks)."""
+    """Each experiment names a dataset that exists, its settings resolve (space's own checks), and it can
+    run on that dataset: the model's frame size is the store's, and the train split holds a batch."""
+    import json
+
     from space.__main__ import resolve_config
     from space.config import ConfigError
 
@@ -50,33 +61,48 @@ def _check_experiments():
                 f"params: experiments.{name}.dataset is {exp['dataset']!r}, which is not a key of datasets "
                 f"({', '.join(DATASETS)})"
             )
-        sets = [f"{k}={v}" for k, v in exp.get("set", {}).items()]
+        sets = [f"{k}={json.dumps(v)}" for k, v in exp.get("set", {}).items()]
         try:
-            resolve_config(exp["preset"], None, sets)
+            cfg = resolve_config(exp["preset"], None, sets)
         except ConfigError as e:
             raise ValueError(f"params: experiments.{name}: {e}") from None
+        ds = DATASET_SHAPES[exp["dataset"]]
+        where = f"params: experiments.{name} (preset {exp['preset']}) on datasets.{exp['dataset']}"
+        if cfg.model.image_size != ds["image_size"]:
+            raise ValueError(
+                f"{where}: the model takes {cfg.model.image_size}x{cfg.model.image_size} frames but the "
+                f"dataset makes {ds['image_size']}x{ds['image_size']}; set the dataset's image_size to "
+                f"{cfg.model.image_size} or the experiment's model.image_size to {ds['image_size']}"
+            )
+        if ds["train_frames"] < cfg.train.batch_size:
+            raise ValueError(
+                f"{where}: the train split has {ds['train_frames']} frames, fewer than one batch of "
+                f"{cfg.train.batch_size}; enlarge splits.train or lower train.batch_size"
+            )
 
 
 _check_experiments()
 
 
 def cli_flags(params: dict) -> str:
-    """{'size_max': 0.3, 'camera_distance': [7, 9]} -> '--size-max 0.3 --camera-distance 7 9'"""
+    """{'size_max': 0.3, 'camera_distance': [7, 9]} -> '--size-max 0.3 --camera-distance 7 9', each value
+    quoted for the shell (a policy path, for one, is the user's text)."""
+    import shlex
+
     out = []
     for key, value in params.items():
         flag = f"--{key.replace('_', '-')}"
-        if isinstance(value, (list, tuple)):
-            items = []
-            for v in value:  # colours are r,g,b triples
-                items.append(",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
-            out.append(f"{flag} {' '.join(items)}")
-        else:
-            out.append(f"{flag} {value}")
+        values = value if isinstance(value, (list, tuple)) else [value]
+        # colours are r,g,b triples
+        items = [",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v) for v in values]
+        out.append(" ".join([flag, *map(shlex.quote, items)]))
     return " ".join(out)
 
 
 def split_flags(splits: dict) -> str:
-    return " ".join(f"--split {k}={v}" for k, v in splits.items())
+    import shlex
+
+    return " ".join(f"--split {shlex.quote(f'{k}={v}')}" for k, v in splits.items())
 
 
 # Dataset jobs (datagen.smk): with datagen.parts = N > 1 a generator job writes part {part} of a store.
