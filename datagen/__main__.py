@@ -108,15 +108,18 @@ def cmd_merge(ns) -> int:
 
 
 def cmd_inspect(ns) -> int:
-    from .store import Store, validate_store
+    from .store import Store, StoreError, repeated_frames, validate_store
 
-    problems = validate_store(ns.store)
-    if problems:
+    def refuse(problems) -> int:
         print(f"{ns.store}: NOT a valid scene store", file=sys.stderr)
         for p in problems:
             print(f"  - {p}", file=sys.stderr)
         return 1
-    s = Store(ns.store)
+
+    problems = validate_store(ns.store, "full" if ns.full else "shards")
+    if problems:
+        return refuse(problems)
+    s = Store(ns.store, check="metadata")  # just validated
     summary = {
         "path": ns.store,
         "generator": s.attrs["generator"],
@@ -128,28 +131,42 @@ def cmd_inspect(ns) -> int:
         "splits": {},
         "params": s.attrs["params"],
     }
-    for split, n in s.splits.items():
-        g = s.split(split)
-        counts = g["n_objects"][:]
-        labels = g["labels"][:]
-        vis = g["visibility"][:]
-        per_cat = {c: int((labels == i).sum()) for i, c in enumerate(s.categories)}
-        summary["splits"][split] = {
-            "frames": int(n),
-            "objects_per_frame": {"min": int(counts.min()), "mean": round(float(counts.mean()), 3), "max": int(counts.max())},
-            "objects_per_category": per_cat,
-            "mean_visibility": round(float(vis[~(vis != vis)].mean()), 4) if (vis == vis).any() else None,
-            "arrays": {k: [list(g[k].shape), str(g[k].dtype)] for k in sorted(g.array_keys()) if not k.startswith("_")},
-        }
+    try:
+        for split in s.splits:
+            g = s.split(split)
+            counts = s.read(split, "n_objects", slice(None))
+            labels = s.read(split, "labels", slice(None))
+            vis = s.read(split, "visibility", slice(None))
+            per_cat = {c: int((labels == i).sum()) for i, c in enumerate(s.categories)}
+            summary["splits"][split] = {
+                "frames": s.n_frames(split),
+                "objects_per_frame": ({"min": int(counts.min()), "mean": round(float(counts.mean()), 3),
+                                       "max": int(counts.max())} if counts.size else None),
+                "objects_per_category": per_cat,
+                "mean_visibility": round(float(vis[~(vis != vis)].mean()), 4) if (vis == vis).any() else None,
+                "arrays": {k: [list(g[k].shape), str(g[k].dtype)] for k in sorted(g.array_keys()) if not k.startswith("_")},
+            }
+        # every image is read (and so decoded) here: byte-identical frames, within and across splits
+        repeats = repeated_frames(s)
+    except StoreError as e:  # a file lost or damaged since it was validated
+        return refuse([str(e)])
+    summary["repeated_frames"] = repeats
     if ns.json:
         print(json.dumps(summary, indent=2))
         return 0
     print(f"{summary['path']}: valid, complete {summary['generator']} store (generator {summary['generator_version']}, seed {summary['seed']})")
     print(f"  images {summary['image_size'][0]}x{summary['image_size'][1]}, up to {summary['k_max']} objects, categories {', '.join(s.categories)}")
     for split, d in summary["splits"].items():
-        o = d["objects_per_frame"]
+        o = d["objects_per_frame"] or {"min": "-", "max": "-", "mean": "-"}
         print(f"  {split:>6}: {d['frames']} frames, objects/frame {o['min']}-{o['max']} (mean {o['mean']}), "
               f"per category {d['objects_per_category']}, mean visibility {d['mean_visibility']}")
+    shares = [f"{split} {r['repeated']}/{r['frames']} ({100 * r['share']:.2f}%)" for split, r in repeats["splits"].items()]
+    o = repeats["overall"]
+    print(f"  repeated frames (byte-identical to an earlier frame): {', '.join(shares)}; "
+          f"overall {o['repeated']}/{o['frames']} ({100 * o['share']:.2f}%)")
+    across = repeats["across_splits"]
+    examples = ["=".join(f"{sp}[{i}]" for sp, i in ex) for ex in across["examples"]]
+    print(f"  frames in two or more splits: {across['distinct_frames']}" + (f", e.g. {', '.join(examples)}" if examples else ""))
     print("  params: " + json.dumps(summary["params"]))
     return 0
 
@@ -309,9 +326,19 @@ def main(argv=None) -> int:
     m.add_argument("--overwrite", action="store_true", help="replace a store at OUT")
     m.set_defaults(func=cmd_merge)
 
-    i = sub.add_parser("inspect", help="validate a store and print a summary")
+    i = sub.add_parser("inspect", help="validate a store and print a summary",
+                       description="Validate a scene store and summarize it: objects per frame and category, "
+                                   "and repeated frames (byte-identical to an earlier frame) per split, overall "
+                                   "and across splits. Checks the metadata, that every chunk file a complete "
+                                   "store has exists, that each shard's index and last frame decode (a truncated "
+                                   "file fails), that n_objects, boxes and labels agree; reading every image for "
+                                   "the repeats decodes every image. Exit 1 when the store is not valid.")
     i.add_argument("store")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    i.add_argument("--full", action="store_true",
+                   help="also decode every chunk of every array (masks and per-frame arrays too), so changed "
+                        "bytes fail their checksum. Costs about as much again as the whole default inspect: on "
+                        "a 2560-frame 64x64 store about 2 s more (inspect about 2 s without, 4 s with)")
     i.set_defaults(func=cmd_inspect)
 
     c = sub.add_parser("coco", help="write one split's ground truth as COCO-style JSON")

@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import numpy as np
 
-from .store import Store
+from .store import Store, StoreError
 
 
 def to_coco(store: Store, split: str) -> dict:
-    g = store.split(split)
-    n = int(g.attrs["n_frames"])
+    """Every object of every frame; StoreError (never fewer boxes) when the store cannot give them all."""
+    n = store.n_frames(split)
     h, w = store.attrs["image_size"]
-    boxes = g["boxes"][:]  # (N, K, 4) xyxy, NaN-padded
-    labels = g["labels"][:]  # (N, K)
-    vis = g["visibility"][:]  # (N, K)
-    counts = g["n_objects"][:]  # (N,)
+    # Store.read raises for a missing or damaged file instead of reading fill values (no boxes).
+    boxes = store.read(split, "boxes", slice(None))  # (N, K, 4) xyxy, NaN-padded
+    labels = store.read(split, "labels", slice(None))  # (N, K)
+    vis = store.read(split, "visibility", slice(None))  # (N, K)
+    counts = store.read(split, "n_objects", slice(None))  # (N,)
+    k_max = boxes.shape[1]
+    bad = [i for i in range(n) if not 0 <= counts[i] <= k_max or not np.isfinite(boxes[i, : counts[i]]).all()]
+    if bad:
+        raise StoreError(
+            f"{store.path}: {split} frames {bad[:5]}{' ...' if len(bad) > 5 else ''} have n_objects that do not "
+            f"match their boxes (counts outside 0..{k_max}, or NaN boxes among the objects); the store is damaged: "
+            f"regenerate it: rerun the command that made it with --overwrite"
+        )
     images = [{"id": i, "file_name": f"{split}/{i:06d}.png", "width": int(w), "height": int(h)} for i in range(n)]
     annotations = []
     for i in range(n):

@@ -18,9 +18,11 @@ class StoreDataset(torch.utils.data.Dataset):
     def __init__(self, path: str, split: str = "train", image_size: int | None = None):
         self.store = Store(path)  # validates the schema, says what is wrong otherwise
         self.split = split
-        group = self.store.split(split)
-        self.n = int(group.attrs["n_frames"])
+        self.n = self.store.n_frames(split)  # from the arrays: the one contract validate_store checks
         size = tuple(self.store.attrs["image_size"])
+        if size[0] != size[1]:
+            raise StoreError(f"{path} holds {size[0]}x{size[1]} frames; SPACE takes square frames: use a store of "
+                             f"square frames")
         if image_size is not None and size != (image_size, image_size):
             raise StoreError(
                 f"{path} holds {size[0]}x{size[1]} frames but the model expects {image_size}x{image_size}; "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -287,3 +288,431 @@ def test_not_a_store(tmp_path):
     g = tmp_path / "g.zarr"
     zarr.open_group(str(g), mode="w").attrs["hello"] = 1
     assert "schema" in validate_store(g)[0]
+
+
+# ------------------------------------------------------------------------ damaged stores (missing, truncated)
+
+
+REGEN = "--overwrite"
+
+
+def _copy(small, tmp_path, name="copy.zarr") -> Path:
+    copy = tmp_path / name
+    shutil.copytree(small, copy)
+    return copy
+
+
+def test_deleted_shard_file_is_found_by_inspect_and_every_reader(small, tmp_path):
+    from datagen.coco import to_coco
+    from datagen.store import gather
+
+    copy = _copy(small, tmp_path)
+    opened = Store(copy)  # a reader that opened the store before the file went
+    shard = copy / "train" / "images" / "c" / "1" / "0" / "0" / "0"  # frames 16-31 of train
+    shard.unlink()
+
+    problems = validate_store(copy)
+    assert len(problems) == 1, problems
+    assert "train/images" in problems[0] and "missing" in problems[0] and "16-31" in problems[0], problems
+    assert REGEN in problems[0]
+    r = cli("inspect", copy)
+    assert r.returncode == 1 and "NOT a valid" in r.stderr and "train/images" in r.stderr, (r.stdout, r.stderr)
+    with pytest.raises(StoreError, match="train/images"):
+        Store(copy)
+
+    # Reads never give the fill value (black frames): they name store, split, array, frame and the fix.
+    for index, frame in ((20, 20), (slice(10, 30), 16), (np.array([3, 31, 17]), 31), (slice(None), 16)):
+        with pytest.raises(StoreError) as e:
+            opened.read("train", "images", index)
+        msg = str(e.value)
+        assert str(copy) in msg and "train/images" in msg and f"frame {frame}" in msg and REGEN in msg, msg
+    with pytest.raises(StoreError, match="frame 20"):
+        gather(opened.split("train")["images"], np.array([0, 20]))
+    # the frames of the other shards still read
+    assert opened.read("train", "images", np.array([0, 15, 32])).shape == (3, 64, 64, 3)
+    assert opened.read("val", "images", slice(None)).any(axis=(1, 2, 3)).all()
+
+    # COCO: a lost boxes file raises rather than dropping that shard's boxes
+    (copy / "train" / "boxes" / "c" / "1" / "0" / "0").unlink()
+    with pytest.raises(StoreError, match="train/boxes"):
+        to_coco(opened, "train")
+    r = cli("coco", copy, "--split", "train")
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "train/boxes" in r.stderr, r.stderr
+
+
+def test_truncated_shard_file_is_found_and_reads_raise_store_error(small, tmp_path):
+    copy = _copy(small, tmp_path)
+    shard = copy / "val" / "masks" / "c" / "0" / "0" / "0"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+
+    problems = validate_store(copy)
+    assert problems and any("val/masks" in p and "0-15" in p and REGEN in p for p in problems), problems
+    r = cli("inspect", copy)
+    assert r.returncode == 1 and "val/masks" in r.stderr, (r.stdout, r.stderr)
+    s = Store(copy, check="metadata")  # what a reader opened before the damage sees
+    for index in (3, slice(0, 4), np.array([5, 1])):
+        with pytest.raises(StoreError, match=r"val/masks.*frame.*--overwrite"):
+            s.read("val", "masks", index)
+
+
+def test_full_check_finds_changed_bytes(small, tmp_path):
+    copy = _copy(small, tmp_path)
+    shard = copy / "train" / "masks" / "c" / "1" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # inside a chunk, not the index: only decoding that chunk finds it
+    shard.write_bytes(bytes(data))
+    assert validate_store(copy, "files") == []
+    problems = validate_store(copy, "full")
+    assert problems and all("train/masks" in p and "16-31" in p for p in problems), problems
+    assert cli("inspect", copy, "--full").returncode == 1
+    r = cli("inspect", "--help")
+    assert "--full" in r.stdout and re.search(r"\d s more", " ".join(r.stdout.split()))  # says what it costs
+
+
+def test_chunks_equal_to_the_fill_value_are_stored(tmp_path):
+    """A shard of all-fill frames (no masks, an all-zero flag) still has its files: a missing file is
+    then always damage, never a legitimately empty chunk."""
+    spec = _tiny_spec()
+    w = StoreWriter.create_or_resume(tmp_path / "fill.zarr", spec)
+    for split in spec.splits:
+        for shard in w.pending(split):
+            a, b = w.shard_bounds(split, shard)
+            arrays = _tiny_shard(split, a, b)
+            arrays["masks"][:] = 0
+            arrays["flag"][:] = 0
+            w.write_shard(split, shard, arrays)
+    w.finish()
+    for split, n in spec.splits.items():
+        for shard in range(-(-n // spec.shard_size)):
+            assert (tmp_path / "fill.zarr" / split / "flag" / "c" / str(shard)).is_file()
+            assert (tmp_path / "fill.zarr" / split / "masks" / "c" / str(shard) / "0" / "0").is_file()
+    assert validate_store(tmp_path / "fill.zarr", "full") == []
+
+
+# ------------------------------------------------------------------------------- creation killed midway
+
+
+def _tiny_spec(**kw) -> "StoreSpec":
+    from datagen.store import StoreSpec
+
+    return StoreSpec(**{"generator": "test", "generator_version": "1", "params": {"p": 1}, "seed": 3,
+                        "splits": {"train": 6, "val": 3}, "image_size": (8, 8), "k_max": 2,
+                        "categories": ("a", "b"), "shard_size": 4, "with_masks": True,
+                        "extra_arrays": (("flag", "uint8", (), 0),), **kw})
+
+
+def _tiny_shard(split: str, start: int, stop: int, names=None) -> dict:
+    """Frames start..stop-1 of a split: a pure function of (split, frame). names: only these arrays."""
+    frames = np.arange(start, stop)
+    rng = np.random.default_rng([len(split), start])
+    m = len(frames)
+    n = (frames % 3).astype(np.int16)  # 0, 1 or 2 objects
+    obj = np.arange(2)[None] < n[:, None]
+    boxes = np.where(obj[..., None], np.float32([1, 1, 5, 5]), np.nan).astype(np.float32)
+    arrays = {
+        "images": rng.integers(0, 256, (m, 8, 8, 3), dtype=np.uint8),
+        "boxes": boxes,
+        "n_objects": n,
+        "labels": np.where(obj, 1, -1).astype(np.int16),
+        "visibility": np.where(obj, 0.5, np.nan).astype(np.float32),
+        "masks": rng.integers(0, 3, (m, 8, 8), dtype=np.uint8),
+        "flag": (frames % 2).astype(np.uint8),
+    }
+    return {k: v for k, v in arrays.items() if names is None or k in names}
+
+
+def _finish(path, spec, **kw) -> None:
+    w = StoreWriter.create_or_resume(path, spec, **kw)
+    for split in spec.splits:
+        for shard in w.pending(split):
+            names = set(w.root[split].array_keys()) - {"_shards_done"}
+            w.write_shard(split, shard, _tiny_shard(split, *w.shard_bounds(split, shard), names))
+    w.finish()
+
+
+def _metadata(path: Path) -> dict:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("zarr.json"))}
+
+
+def _assert_same_store(a: Path, b: Path) -> None:
+    assert _metadata(a) == _metadata(b)
+    assert_same_arrays(a, b)
+    assert validate_store(a, "full") == []
+
+
+class Killed(BaseException):
+    """A kill: not an Exception, so no handler in the code under test runs for it."""
+
+
+def _killed_at_write(monkeypatch, k: int, call) -> bool:
+    """Run call() with every zarr write after the k-th raising Killed (the k-th and later never happen);
+    True if it was killed. Writes already under way when it dies finish first, as they would have been
+    on disk before a real kill. Only writes of new content count (a group's metadata that zarr writes
+    again "if not exists" beside each array changes nothing), but all die after the kill."""
+    from zarr.storage import LocalStore
+
+    real = LocalStore._set  # set and set_if_not_exists both end here
+    state = {"writes": 0, "busy": 0}
+
+    async def write_or_die(self, key, value, exclusive=False):
+        if state["writes"] >= k:
+            raise Killed(f"killed before write {k}: {key}")
+        state["writes"] += not exclusive
+        state["busy"] += 1
+        try:
+            return await real(self, key, value, exclusive)
+        finally:
+            state["busy"] -= 1
+
+    with monkeypatch.context() as m:
+        m.setattr(LocalStore, "_set", write_or_die)
+        try:
+            call()
+        except Killed:
+            deadline = time.monotonic() + 10
+            while state["busy"] and time.monotonic() < deadline:
+                time.sleep(0.001)
+            return True
+    return False
+
+
+def _rerun_equals(path: Path, spec, fresh: Path, ref: Path, finish: bool, **kw) -> None:
+    """Rerun the command on what a kill left at `path`: the store it makes has the metadata of a fresh
+    one (`fresh`) and, finished, equals an uninterrupted store (`ref`)."""
+    if finish:
+        _finish(path, spec, **kw)
+        _assert_same_store(path, ref)
+    else:
+        StoreWriter.create_or_resume(path, spec, **kw)
+        assert _metadata(path) == _metadata(fresh)
+        assert not [f for f in path.rglob("*") if f.is_file() and f.name != "zarr.json"], "frames left behind"
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["rename", "object-store-in-place"])
+def test_creation_killed_at_any_write_is_finished_by_a_rerun(tmp_path, monkeypatch, in_place):
+    import datagen.store as store_mod
+
+    if in_place:  # the object-store way (no rename), exercised on a local path
+        monkeypatch.setattr(store_mod, "_is_local", lambda fs: False)
+    spec = _tiny_spec(with_masks=False, extra_arrays=())  # few arrays: fewer kill points to try
+    ref, fresh = tmp_path / "ref.zarr", tmp_path / "fresh.zarr"
+    _finish(ref, spec)
+    StoreWriter.create_or_resume(fresh, spec)
+    kills = 0
+    for k in range(100):
+        path = tmp_path / f"k{k}.zarr"
+        if not _killed_at_write(monkeypatch, k, lambda: StoreWriter.create_or_resume(path, spec)):
+            break  # k is past the last write of a creation
+        kills += 1
+        assert validate_store(path), f"a store killed at write {k} validated"
+        _rerun_equals(path, spec, fresh, ref, finish=k % 6 == 0)  # finishing one every few is enough
+    # a kill before each write: the root, and per split its group, its 5 arrays and _shards_done
+    assert kills >= 1 + len(spec.splits) * 7, f"only {kills} kill points: the creation wrote less than expected"
+    assert not [p.name for p in tmp_path.iterdir() if not p.name.endswith(".zarr")], "temporary folders left behind"
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["rename", "object-store-in-place"])
+def test_overwrite_killed_midway_is_finished_by_a_rerun(tmp_path, monkeypatch, in_place):
+    import datagen.store as store_mod
+
+    if in_place:
+        monkeypatch.setattr(store_mod, "_is_local", lambda fs: False)
+    spec = _tiny_spec(with_masks=False, extra_arrays=())  # few arrays: fewer kill points to try
+    ref, fresh = tmp_path / "ref.zarr", tmp_path / "fresh.zarr"
+    _finish(ref, spec)
+    StoreWriter.create_or_resume(fresh, spec)
+    other = _tiny_spec(with_masks=False, extra_arrays=(), compressor_level=1)  # an older store at the path, to be replaced
+    _finish(tmp_path / "other.zarr", other)
+    for k in (0, 1, 2, 9):
+        path = tmp_path / f"k{k}.zarr"
+        shutil.copytree(tmp_path / "other.zarr", path)
+        assert _killed_at_write(monkeypatch, k, lambda: StoreWriter.create_or_resume(path, spec, overwrite=True))
+        _rerun_equals(path, spec, fresh, ref, finish=k == 9, overwrite=True)
+    if in_place:  # killed while deleting the old store's files, then rerun without --overwrite
+        from fsspec.implementations.local import LocalFileSystem
+
+        path = tmp_path / "rm.zarr"
+        shutil.copytree(tmp_path / "other.zarr", path)
+        real_rm = LocalFileSystem.rm
+
+        def rm_half(self, paths, *a, **kw):
+            if isinstance(paths, list):
+                real_rm(self, paths[: len(paths) // 2])
+                raise Killed("killed while deleting")
+            return real_rm(self, paths, *a, **kw)
+
+        with monkeypatch.context() as m:
+            m.setattr(LocalFileSystem, "rm", rm_half)
+            with pytest.raises(Killed):
+                StoreWriter.create_or_resume(path, spec, overwrite=True)
+        assert validate_store(path), "a half-deleted store validated"
+        _rerun_equals(path, spec, fresh, ref, finish=True)
+
+
+def test_stores_left_by_the_older_writer_killed_while_creating_are_finished(tmp_path):
+    """The two states a kill left with the writer before this change: a root group without attributes
+    ("a Zarr store of another kind (schema None)" on every rerun) and a root with attributes but only
+    some arrays (KeyError: '_shards_done' on every rerun)."""
+    from datagen.store import _create
+
+    spec = _tiny_spec()
+    ref = tmp_path / "ref.zarr"
+    _finish(ref, spec)
+    bare = tmp_path / "bare.zarr"
+    zarr.open_group(str(bare), mode="w")
+    _finish(bare, spec)
+    _assert_same_store(bare, ref)
+
+    partial = tmp_path / "partial.zarr"
+    _create(partial, spec)
+    shutil.rmtree(partial / "val")
+    shutil.rmtree(partial / "train" / "_shards_done")
+    shutil.rmtree(partial / "train" / "masks")
+    _finish(partial, spec)
+    _assert_same_store(partial, ref)
+
+    # but an unfinished store with shards written and an array gone is damage: not silently remade
+    broken = tmp_path / "broken.zarr"
+    w = StoreWriter.create_or_resume(broken, spec)
+    w.write_shard("train", 0, _tiny_shard("train", 0, 4))
+    shutil.rmtree(broken / "val" / "masks")
+    with pytest.raises(StoreError, match="val/masks.*--overwrite"):
+        StoreWriter.create_or_resume(broken, spec)
+    assert (broken / "train" / "images" / "c" / "0").exists(), "the written shard was deleted"
+
+
+# --------------------------------------------------------------------- one contract: a store made by hand
+
+
+def _hand_made(path: Path, images: dict, generator: str = "handmade", params=None) -> dict:
+    """A store written with plain zarr to the documented layout (module docstring of datagen/store.py):
+    no datagen writer, no `n_frames` or `_shards_done`, unsharded multi-frame chunks. Returns its arrays."""
+    root = zarr.create_group(str(path), attributes={
+        "schema": SCHEMA, "schema_version": 1, "complete": True, "generator": generator,
+        "params": {} if params is None else params, "seed": 0, "image_size": [16, 16], "k_max": 3,
+        "categories": ["disc", "square"], "box_convention": "x_min, y_min, x_max, y_max in pixels",
+        "splits": {s: len(v) for s, v in images.items()},
+    })
+    out = {}
+    for split, frames in images.items():
+        n = len(frames)
+        counts = (np.arange(n) % 4).astype(np.int16)
+        obj = np.arange(3)[None] < counts[:, None]
+        x = np.arange(n, dtype=np.float32)[:, None, None] + np.arange(3, dtype=np.float32)[None, :, None]
+        boxes = np.where(obj[..., None], np.concatenate([x, x, x + 4, x + 5], -1), np.nan).astype(np.float32)
+        arrays = {
+            "images": np.asarray(frames, dtype=np.uint8),
+            "boxes": boxes,
+            "n_objects": counts,
+            "labels": np.where(obj, np.arange(3)[None] % 2, -1).astype(np.int16),
+            "visibility": np.where(obj, 1.0, np.nan).astype(np.float32),
+        }
+        g = root.create_group(split)
+        for name, value in arrays.items():
+            a = g.create_array(name, shape=value.shape, dtype=value.dtype, chunks=(2, *value.shape[1:]),
+                               fill_value=-1 if name == "labels" else 0, config={"write_empty_chunks": True})
+            a[:] = value
+        out[split] = arrays
+    return out
+
+
+def test_a_store_made_by_hand_to_the_documented_layout_reads_everywhere(tmp_path):
+    from datagen.coco import to_coco
+    from space.data import StoreDataset
+
+    path = tmp_path / "hand.zarr"
+    rng = np.random.default_rng(1)
+    data = _hand_made(path, {"train": rng.integers(0, 256, (7, 16, 16, 3)), "val": rng.integers(0, 256, (3, 16, 16, 3))})
+    assert validate_store(path, "full") == []
+    r = cli("inspect", path)
+    assert r.returncode == 0 and "valid, complete handmade store" in r.stdout, (r.stdout, r.stderr)
+    assert "train: 7 frames" in r.stdout
+
+    # the trainer's dataset
+    ds = StoreDataset(str(path), "train", image_size=16)
+    assert len(ds) == 7
+    batch = ds.__getitems__([6, 0, 3])
+    want = data["train"]["images"][[6, 0, 3]].transpose(0, 3, 1, 2) / 255
+    assert batch.shape == (3, 3, 16, 16) and np.allclose(batch.numpy(), want)
+    assert np.allclose(ds[2].numpy(), data["train"]["images"][2].transpose(2, 0, 1) / 255)
+
+    # COCO: every box, none dropped
+    for split, arrays in data.items():
+        coco = to_coco(Store(path), split)
+        assert len(coco["images"]) == len(arrays["images"])
+        assert len(coco["annotations"]) == int(arrays["n_objects"].sum())
+        first = [a for a in coco["annotations"] if a["image_id"] == 1]
+        assert [a["bbox"] for a in first] == [[1.0, 1.0, 4.0, 5.0]] and first[0]["category_id"] == 1
+        assert [c["name"] for c in coco["categories"]] == ["disc", "square"]
+
+
+def test_the_validator_asks_for_what_readers_need(tmp_path):
+    rng = np.random.default_rng(2)
+    frames = {"train": rng.integers(0, 256, (4, 16, 16, 3))}
+    # an atari store: space/evaluate.py reads params.games and the arrays `moving` and `game`
+    path = tmp_path / "atari.zarr"
+    _hand_made(path, frames, generator="atari")
+    problems = " | ".join(validate_store(path, "metadata"))
+    assert "games" in problems, problems
+    path = tmp_path / "atari2.zarr"
+    _hand_made(path, frames, generator="atari", params={"games": ["Pong"]})
+    problems = " | ".join(validate_store(path, "metadata"))
+    assert "train/moving is missing" in problems and "train/game is missing" in problems, problems
+
+    # attributes of the wrong type, and objects that disagree with n_objects
+    path = tmp_path / "types.zarr"
+    _hand_made(path, frames)
+    _edit_root_attrs(path, image_size=[16, "16"], categories="disc")
+    problems = " | ".join(validate_store(path, "metadata"))
+    assert "image_size" in problems and "categories" in problems, problems
+    path = tmp_path / "counts.zarr"
+    _hand_made(path, frames)
+    g = zarr.open_group(str(path), mode="r+")["train"]
+    g["n_objects"].with_config({"write_empty_chunks": True})[1] = 3  # frame 1 has one box
+    problems = " | ".join(validate_store(path))
+    assert "train/boxes" in problems and "frame 1" in problems, problems
+    from datagen.coco import to_coco
+
+    with pytest.raises(StoreError, match="frames \\[1\\]"):
+        to_coco(Store(path), "train")
+
+
+# ------------------------------------------------------------------------------------------ repeated frames
+
+
+def test_repeated_frames_on_a_store_with_known_repeats(tmp_path):
+    from datagen.store import repeated_frames
+
+    rng = np.random.default_rng(3)
+    a, b, c, d = (rng.integers(0, 256, (16, 16, 3)) for _ in range(4))
+    e = a.copy()
+    e[15, 15, 2] ^= 1  # one bit away from A: a different frame
+    path = tmp_path / "repeats.zarr"
+    _hand_made(path, {"train": [a, b, a, c, b, e], "val": [c, d, d], "test": [a]})
+    r = repeated_frames(path)
+    assert r["splits"] == {
+        "train": {"frames": 6, "repeated": 2, "share": 2 / 6, "repeated_within_split": 2},
+        "val": {"frames": 3, "repeated": 2, "share": 2 / 3, "repeated_within_split": 1},
+        "test": {"frames": 1, "repeated": 1, "share": 1.0, "repeated_within_split": 0},
+    }
+    assert r["overall"] == {"frames": 10, "distinct": 5, "repeated": 5, "share": 0.5}
+    assert r["across_splits"] == {"distinct_frames": 2,
+                                  "examples": [[["train", 0], ["test", 0]], [["train", 3], ["val", 0]]]}
+    assert repeated_frames(Store(path), examples=1)["across_splits"]["examples"] == [[["train", 0], ["test", 0]]]
+
+    r = cli("inspect", path, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["repeated_frames"]["overall"]["repeated"] == 5
+    r = cli("inspect", path)
+    assert "train 2/6 (33.33%)" in r.stdout and "overall 5/10 (50.00%)" in r.stdout, r.stdout
+    assert "in two or more splits: 2, e.g. train[0]=test[0], train[3]=val[0]" in r.stdout, r.stdout
+
+
+def test_repeated_frames_of_a_generated_store(small):
+    from datagen.store import repeated_frames
+
+    r = repeated_frames(small)
+    imgs = {s: load(small)[s]["images"] for s in ("train", "val")}
+    distinct = len({f.tobytes() for s in imgs for f in imgs[s]})
+    assert r["overall"]["frames"] == 60 and r["overall"]["distinct"] == distinct
