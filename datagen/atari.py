@@ -5,6 +5,14 @@ split. Every shard of a split is made by its own rollouts: the episodes of a sha
 (seed, game, split, shard, episode), so shards are independent jobs, a rerun redoes only missing shards,
 and no episode appears in two splits (the split is by episode, never by frame).
 
+Repeated frames: every episode opens on screens that do not depend on the agent (SpaceInvaders shows
+one still frame for about 60 steps), so recording starts `opening_steps` agent steps after the no-ops;
+otherwise that frame would be in every shard of every split. Pauses and deaths freeze the screen for
+several recorded steps, so a frame whose stored bytes equal a frame already in its shard is dropped
+and the rollout goes on. Both depend only on the shard's own episodes, so a store is still the same
+bytes for any worker count and a rerun still redoes only missing shards. A game that never changes
+cannot fill a shard: after `repeat_tries` drops in a row a repeat is kept (with a warning).
+
 Ground truth: OCAtari reads each object's box from the RAM. The frame an ALE v5 env returns is the last
 of its `frameskip` frames, and many games draw some sprites only every other frame (flicker), so RAM
 reports objects that are not drawn in the stored frame. An object is kept only when its box has pixels
@@ -18,6 +26,7 @@ logits over the minimal action set, shape (A,) or (1, A); the agent takes the ar
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 import zlib
@@ -246,6 +255,7 @@ class GameRecorder:
         self.hud = set(ATARI_GAMES[game]["hud"])
         prefix = game + "."
         self.label = {c[len(prefix):]: i for i, c in enumerate(categories) if c.startswith(prefix)}
+        self.kept_repeats = 0  # repeats kept after repeat_tries drops in a row, over all shards made
 
     def close(self) -> None:
         self.env.close()
@@ -277,12 +287,17 @@ class GameRecorder:
         i = 0
         episode = 0
         unwrapped = self.env.unwrapped
+        seen: set = set()  # hashes of the frames already in this shard's rows
+        tries = 0  # candidate frames dropped in a row as repeats
+        kept = 0  # repeats kept after repeat_tries drops in a row
         while i < n:
             ep_seed = episode_seed(self.seed, self.game, split, shard, episode)
             rng = np.random.default_rng(ep_seed)
             obs, info = self.env.reset(seed=ep_seed)
             self.ram.reset()
             noops = int(rng.integers(cfg.noop_max + 1))
+            # Every episode opens on the same screens whatever the agent does; record none of them.
+            first = noops + cfg.opening_steps
             step, done = 0, False
             while not done and i < n:
                 action = NOOP if step < noops else self.policy(obs, rng)
@@ -291,9 +306,27 @@ class GameRecorder:
                 step += 1
                 if step % cfg.subsample and not done:
                     continue
-                out["images"][i] = np.asarray(Image.fromarray(obs).resize((s, s), Image.BILINEAR))
+                # The reader sees every subsample-th frame, recorded or not: some of OCAtari's readers
+                # carry state from call to call (Pooyan's arrow tracking fails if its first call is mid-flight).
+                objects = self.ram(unwrapped.ale.getRAM(), obs)
+                if step <= first and not done:
+                    continue
+                image = np.asarray(Image.fromarray(obs).resize((s, s), Image.BILINEAR))
+                key = hashlib.blake2b(image.tobytes(), digest_size=16).digest()
+                if key in seen and tries < cfg.repeat_tries:
+                    tries += 1  # a still screen (a pause, a death): wait for the game to move
+                    continue
+                if key in seen:  # bounded: an agent that never moves still finishes its shard
+                    if not kept and cfg.repeat_tries:
+                        warnings.warn(f"{self.game}: shard {shard} of {split} keeps a repeated frame after "
+                                      f"{cfg.repeat_tries} in a row (the screen did not change); a policy "
+                                      "that moves, or a larger repeat_tries, avoids it", stacklevel=2)
+                    kept += 1
+                seen.add(key)
+                tries = 0
+                out["images"][i] = image
                 k = 0
-                for cat, x, y, w, h in self.ram(unwrapped.ale.getRAM(), obs):
+                for cat, x, y, w, h in objects:
                     if cat in self.hud or cat not in self.label or k == self.k_max:
                         continue
                     support, area = support_pixels(obs, self.background, (x, y, w, h), cfg.background_tolerance)
@@ -315,6 +348,7 @@ class GameRecorder:
                 out["truncated"][i] = truncated
                 i += 1
             episode += 1
+        self.kept_repeats += kept
         return out
 
 

@@ -255,8 +255,17 @@ class AtariConfig:
     frameskip: int = 4  # emulator frames per agent step (ALE v5's default)
     sticky_actions: float = 0.25  # repeat_action_probability (ALE v5's default)
     noop_max: int = 30  # a random number (0..noop_max) of no-op steps starts every episode
+    # Agent steps after the no-ops before recording starts: a game's opening screens are the same in every
+    # episode whatever the agent does (random agent: up to step 75 in SpaceInvaders, 62 in AirRaid), so
+    # recording them would put the same frames in every shard of every split.
+    opening_steps: int = 100
     subsample: int = 4  # keep every subsample-th agent step's frame: consecutive frames are near-duplicates
     max_episode_steps: int = 5000  # agent steps before an episode is cut (truncated)
+    # A frame equal (byte for byte, as stored) to one already in its shard is dropped and the rollout goes
+    # on: a pause or a death replay is one still screen for several recorded steps. After repeat_tries
+    # repeats in a row the next one is kept anyway, so an agent that never moves still finishes a shard;
+    # 0 keeps every frame.
+    repeat_tries: int = 64
     policy: str = "random"  # "random", or the path of a TorchScript policy file (see datagen/atari.py)
     # Flicker filter: an object counts only when at least this many pixels of its box differ from the
     # game's background image (the per-pixel median of background_frames calibration frames) by more than
@@ -278,8 +287,14 @@ class AtariConfig:
         for name in ("frameskip", "subsample", "max_episode_steps", "background_frames", "min_support_pixels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        if self.noop_max < 0:
-            raise ConfigError(f"noop_max: must be 0 or more, got {self.noop_max}")
+        for name in ("noop_max", "opening_steps", "repeat_tries"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be 0 or more, got {getattr(self, name)}")
+        if self.noop_max + self.opening_steps >= self.max_episode_steps:
+            raise ConfigError(
+                f"noop_max {self.noop_max} + opening_steps {self.opening_steps} leave nothing of an episode of "
+                f"max_episode_steps {self.max_episode_steps} to record; lower them or raise max_episode_steps"
+            )
         if not 0 <= self.sticky_actions < 1:
             raise ConfigError(f"sticky_actions: a probability in [0, 1), got {self.sticky_actions}")
         if not 0 <= self.background_tolerance < 255:

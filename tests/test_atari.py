@@ -21,7 +21,7 @@ from datagen.atari import (  # noqa: E402
     support_pixels,
 )
 from datagen.config import ATARI_GAMES, ATARI_WIDTH, AtariConfig, ConfigError  # noqa: E402
-from datagen.store import Store  # noqa: E402
+from datagen.store import Store, repeated_frames  # noqa: E402
 
 FAST = dict(background_frames=8, noop_max=4)
 
@@ -152,6 +152,10 @@ def test_joint_store_holds_each_game_in_turn(tmp_path):
 def test_bad_input_is_refused_clearly(tmp_path):
     with pytest.raises(ConfigError, match="unknown game 'Pong'"):
         AtariConfig(games=("Pong",)).validate()
+    with pytest.raises(ConfigError, match="repeat_tries: must be 0 or more, got -1"):
+        AtariConfig(repeat_tries=-1).validate()
+    with pytest.raises(ConfigError, match="opening_steps 100 leave nothing of an episode of max_episode_steps 120"):
+        AtariConfig(max_episode_steps=120).validate()
     with pytest.raises(ConfigError, match="frame count must be at least 1"):
         generate(str(tmp_path / "z.zarr"), AtariConfig(**FAST), {"train": 0}, 0, progress=False)
     bad = tmp_path / "agent.pt"
@@ -208,3 +212,70 @@ def test_riverraid_boxes_come_from_the_frame_and_hold_their_sprites():
             obs, _ = env.reset()
     env.close()
     assert checked > 100 and "Player" in cats and cats & {"Helicopter", "Tanker", "FuelDepot", "Jet"}, cats
+
+
+@pytest.fixture(scope="module")
+def demo_like(tmp_path_factory):
+    """SpaceInvaders in the demo's shape, shrunk: several shards per split, so several episode starts."""
+    out = tmp_path_factory.mktemp("repeats") / "si.zarr"
+    generate(str(out), AtariConfig(**FAST).validate(), {"train": 96, "val": 32, "test": 32}, 3, shard_size=32,
+             progress=False)
+    return Store(out)
+
+
+def test_no_repeated_frames_and_no_frame_in_two_splits(demo_like):
+    """Every episode used to open on SpaceInvaders' still start screen (60-75 steps: 15 or more recorded frames
+    per shard), and deaths freeze the screen for several recorded steps: 20% of the demo store was
+    repeats, and the start screen sat in every split. Openings are skipped and a frame already in its
+    shard is dropped; measured at demo size (640 frames) and at 6,000 frames, no repeat is left, so one
+    repeat in 50 is the bound here (a chance repeat across shards is possible, a flood is not)."""
+    report = repeated_frames(demo_like)
+    assert report["overall"]["frames"] == 160
+    assert report["overall"]["share"] <= 0.02, report["overall"]
+    assert report["across_splits"]["distinct_frames"] == 0, report["across_splits"]
+    steps = demo_like.read("train", "step", slice(None))
+    assert steps.min() > AtariConfig().opening_steps  # no frame from the opening
+
+
+def test_a_frozen_screen_is_kept_after_repeat_tries(monkeypatch):
+    """A game whose screen never changes cannot fill a shard with new frames: after repeat_tries repeats
+    dropped in a row the next one is kept, so the recorder ends (no endless loop)."""
+    cfg = AtariConfig(**FAST, opening_steps=0, repeat_tries=3)
+    names, k_max = layout(cfg)
+    rec = GameRecorder("SpaceInvaders", cfg, 0, names, k_max)
+    real_reset, real_step = rec.env.reset, rec.env.step
+    still = {}
+
+    def reset(**kw):
+        obs, info = real_reset(**kw)
+        still["obs"] = obs
+        return obs, info
+
+    def step(action):
+        _, *rest = real_step(action)
+        return (still["obs"], *rest)
+
+    monkeypatch.setattr(rec.env, "reset", reset)
+    monkeypatch.setattr(rec.env, "step", step)
+    with pytest.warns(UserWarning, match="SpaceInvaders: shard 0 of train keeps a repeated frame after 3"):
+        rows = rec.rows("train", 0, 4)
+    rec.close()
+    assert (rows["images"] == rows["images"][:1]).all()
+    assert rec.kept_repeats == 3
+    # Each kept repeat follows repeat_tries dropped candidates, one every subsample steps.
+    assert set(np.diff(rows["step"])) == {(cfg.repeat_tries + 1) * cfg.subsample}
+
+
+@pytest.mark.slow
+def test_same_store_for_any_worker_count(tmp_path):
+    """Dropping repeats depends only on the shard's own episodes: two workers write the same bytes."""
+    cfg = AtariConfig(**FAST).validate()
+    stores = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}.zarr"
+        generate(str(out), cfg, {"train": 64, "test": 32}, 3, shard_size=32, workers=workers, progress=False)
+        stores.append(Store(out))
+    for split in ("train", "test"):
+        for name in ("images", "boxes", "step", "episode"):
+            a, b = (s.read(split, name, slice(None)) for s in stores)
+            np.testing.assert_array_equal(a, b)
