@@ -57,7 +57,7 @@ def cmd_train(ns) -> int:
     lean_host_allocator(cfg.train.malloc_mmap_threshold_mib)  # before torch allocates anything
     from .train import train
 
-    last = train(cfg, ns.data, ns.out, progress=not ns.quiet)
+    last = train(cfg, ns.data, ns.out, progress=not ns.quiet, restart=ns.restart)
     print(json.dumps(last), file=sys.stderr)
     if ns.summary:
         with open(ns.summary, "w") as fh:
@@ -66,8 +66,6 @@ def cmd_train(ns) -> int:
 
 
 def cmd_sample(ns) -> int:
-    from pathlib import Path
-
     from PIL import Image
 
     from .generate import sample_images
@@ -93,8 +91,6 @@ def cmd_sample(ns) -> int:
 
 
 def cmd_show(ns) -> int:
-    from pathlib import Path
-
     import numpy as np
     import torch
     from PIL import Image
@@ -135,7 +131,7 @@ def cmd_evaluate(ns) -> int:
         raise ConfigError(f"--frames: at least 1, got {ns.frames}")
     mirror, run = _run_dir(ns.run)
     metrics = evaluate(str(run), ns.data, ns.split, ns.out, ns.threshold, ns.batch_size, ns.frames,
-                       str(pick_device(ns.device)), progress=not ns.quiet)
+                       str(pick_device(ns.device, "--device")), progress=not ns.quiet)
     if ns.out is None:
         mirror.push(f"eval/{ns.split}")  # into the object-store run too, when the run lives there
     print(json.dumps(metrics, indent=2))
@@ -178,13 +174,18 @@ def main(argv=None) -> int:
     t = sub.add_parser("train", help="train SPACE on a scene store (resumes a run that has a checkpoint)",
                        description="Train SPACE. Settings: a preset (the paper's), then --config YAML, then --set.")
     t.add_argument("--data", required=True, help="scene store, e.g. results/data/room3d_small.zarr")
-    t.add_argument("--out", required=True, help="run directory (resumed if it holds a checkpoint)")
+    t.add_argument("--out", required=True, help="run directory (resumed if it holds a checkpoint of the same "
+                                                "store and settings; see --restart)")
     t.add_argument("--preset", default="room3d_large", help=f"one of {', '.join(PRESETS)} (default: %(default)s)")
     t.add_argument("--config", help="YAML with model: and train: sections, over the preset")
     t.add_argument("--set", action="append", metavar="SECTION.NAME=VALUE",
                    help="override one setting, e.g. --set model.grid_size=8 --set train.batch_size=12")
     t.add_argument("--steps", type=int, help="train to this global step (default: the config's)")
-    t.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    t.add_argument("--device", help="auto (default), cpu, cuda, cuda:N, mps")
+    t.add_argument("--restart", action="store_true",
+                   help="if the run directory was trained on another store or with other settings, start afresh "
+                        "in it (its checkpoints, metrics.csv, val.csv, tb/ and record are replaced); a run with "
+                        "the same record still resumes. Without it such a run directory is refused")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--summary", help="write the last logged metrics here as JSON when training ends")
     t.set_defaults(func=cmd_train)
@@ -217,7 +218,7 @@ def main(argv=None) -> int:
     e.add_argument("--threshold", type=float, default=0.5, help="z_pres probability of a detection (default: 0.5)")
     e.add_argument("--frames", type=int, help="only the first FRAMES frames of the split")
     e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    e.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_evaluate)
 
@@ -236,11 +237,12 @@ def main(argv=None) -> int:
     ns = p.parse_args(argv)
     from datagen.store import StoreError
 
+    from .record import RunError
     from .train import CheckpointError, TrainingDiverged
 
     try:
         return ns.func(ns)
-    except (ConfigError, StoreError, CheckpointError, TrainingDiverged) as e:
+    except (ConfigError, StoreError, CheckpointError, TrainingDiverged, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -8,6 +8,7 @@ marked "not in the paper" where they are defined.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 
@@ -144,9 +145,39 @@ class TrainConfig:
         for name in ("fg_lr", "bg_lr", "clip_norm"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"train.{name}: must be above 0, got {getattr(self, name)}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"train.device: auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check_device(self.device, "train.device")
         return self
+
+
+# A device setting is one of these, exactly: it reaches torch and, through the workflow, shell commands.
+DEVICE = re.compile(r"auto|cpu|cuda|cuda:[0-9]+|mps")
+
+
+def check_device(value, key: str) -> str:
+    if not isinstance(value, str) or not DEVICE.fullmatch(value):
+        raise ConfigError(f"{key}: auto, cpu, cuda, cuda:N (N a device number) or mps, got {value!r}")
+    return value
+
+
+# Settings that change how fast a run goes, where, or what it logs, not what it learns. A run directory
+# trained with other values of these is the same run and resumes (space/record.py compares the rest; every
+# other setting counts, train.amp too: bf16 arithmetic learns other weights).
+RUN_INDEPENDENT = (
+    # Raising it extends the run: the annealing schedules are in absolute steps, so extending equals
+    # training longer from the start. A checkpoint already past the new value is a difference (train.py).
+    "train.steps",
+    "train.checkpoint_every",  # when state is saved
+    "train.log_every",  # logging draws no random numbers
+    "train.image_every",
+    "train.val_every",  # validation runs in eval mode, without sampling or BatchNorm updates
+    "train.val_batches",
+    "train.workers",  # the batches are a function of the step, whoever loads them
+    "train.device",  # a run may move between machines (float rounding differs, the run does not)
+    "train.threads",
+    "train.channels_last",  # memory layout only: the same maths
+    "train.checkpoint_images",  # activation checkpointing recomputes exactly
+    "train.malloc_mmap_threshold_mib",
+)
 
 
 @dataclass

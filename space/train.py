@@ -3,16 +3,19 @@
 A run directory holds everything about one run:
 
     config.json           the full configuration (model and train), as resolved
-    checkpoints/last.pt   model, optimisers, step, RNG state; written atomically every N steps and at the end
+    run.json              the run's record: the store's identity and the configuration (space/record.py)
+    checkpoints/last.pt   model, optimisers, step, every rank's RNG state, the record; written atomically
+                          every N steps and at the end, never with NaN or infinite values
     metrics.csv           one row per logged step: the loss terms, MSE, learning rates (for `dvc plots`)
     val.csv               validation MSE against step and wall time (figure 5's convergence panel)
     tb/                   TensorBoard scalars and decomposition images
 
 The directory may be an object-store URL (s3://bucket/runs/NAME): the run is then trained in a local mirror
 and copied up at every checkpoint (space/runs.py). A run whose directory already has a checkpoint resumes
-from it. On CPU with a fixed seed a resumed run
-continues with the losses an uninterrupted run would have had: the data order is a function of the
-step (space/data.py) and the RNG state is in the checkpoint.
+from it when it was trained on the same store with the same settings (space/record.py); otherwise it is
+refused, or with --restart started afresh. One trainer at a time holds a run directory (`.lock`).
+On CPU with a fixed seed a resumed run continues with the losses an uninterrupted run would have had:
+the data order is a function of the step (space/data.py) and every rank's RNG state is in the checkpoint.
 """
 
 from __future__ import annotations
@@ -20,18 +23,24 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, check_device
 from .data import StepBatchSampler, StoreDataset, collate_batch
 from .memory import lean_host_allocator
 from .model import SPACE
+from .record import (RECORD_FILE, RunError, check_writable, clear_run, describe, legacy_record, lock_path,
+                     lock_run, make_record, read_record, record_diff, write_json)
 from .runs import RunMirror
 
 CHECKPOINT_FORMAT = 1
+SCORE_KEYS = ("format", "step", "config", "model")  # what evaluate, show and sample read
+RESUME_KEYS = (*SCORE_KEYS, "opt_fg", "opt_bg", "rng")  # what a resumed run needs besides
+UNUSABLE_FIX = "retrain the run (python -m space train --restart) or use another one"  # ends those errors
 TERMS = ("loss", "elbo", "log_lik", "kl_pres", "kl_where", "kl_depth", "kl_what", "kl_bg_mask", "kl_bg_comp",
          "boundary_loss")
 CSV_FIELDS = ("step", "wall_s", *TERMS, "mse", "grad_norm", "fg_lr", "bg_lr", "glimpses")
@@ -74,7 +83,8 @@ def claim_free_gpu(n_devices: int, lock_dir: str | None = None) -> int:
     return 0
 
 
-def pick_device(cfg_device: str) -> torch.device:
+def pick_device(cfg_device: str, key: str = "train.device") -> torch.device:
+    check_device(cfg_device, key)
     if cfg_device == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
@@ -84,7 +94,9 @@ def pick_device(cfg_device: str) -> torch.device:
             return torch.device("cuda", claim_free_gpu(n))
         return torch.device("cuda")
     if cfg_device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is {cfg_device!r} but this machine has no CUDA device; use auto or cpu")
+        raise ConfigError(f"{key} is {cfg_device!r} but this machine has no CUDA device; use auto or cpu")
+    if cfg_device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{key} is 'mps' but this machine has no Apple GPU; use auto or cpu")
     return torch.device(cfg_device)
 
 
@@ -106,24 +118,83 @@ def distributed_context():
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
+def nonfinite(tensors: dict, limit: int = 3) -> list:
+    """The names of the first `limit` floating-point tensors holding NaN or infinite values."""
+    bad = []
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad.append(name)
+            if len(bad) == limit:
+                break
+    return bad
+
+
+def _optimiser_tensors(opt_state: dict) -> dict:
+    return {f"{i}.{k}": v for i, per in opt_state.get("state", {}).items() for k, v in per.items()}
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to a temporary file and rename: a kill never leaves a half-written checkpoint."""
+    """Write to a temporary file and rename: a kill never leaves a half-written checkpoint. A state with
+    NaN or infinite values is refused: a resume from it could only fail again."""
+    for part in ("model", "opt_fg", "opt_bg"):
+        if part in state:
+            bad = nonfinite(state[part] if part == "model" else _optimiser_tensors(state[part]))
+            if bad:
+                raise TrainingDiverged(f"step {state.get('step')}: {part} holds NaN or infinite values "
+                                       f"({', '.join(bad)}); not written, the last good checkpoint is kept. "
+                                       "Lower the learning rates.")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, cfg: Config | None = None, map_location="cpu") -> dict:
-    """Load without executing pickled code (weights_only); refuse one made with another model config."""
+def _check_structure(state, path: Path, need: tuple) -> None:
+    """What a checkpoint must hold for the caller (`need`), each of the right kind."""
+    what = f"{path} is not a checkpoint of python -m space train"
+    fix = UNUSABLE_FIX
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{what}: it holds a {type(state).__name__}, not a dict of {', '.join(need)}; {fix}")
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise CheckpointError(f"{what}: it lacks {', '.join(missing)} (of {', '.join(need)}); {fix}")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {state['format']!r}, expected {CHECKPOINT_FORMAT}; {fix}")
+    kinds = {"step": int, "config": dict, "model": dict, "opt_fg": dict, "opt_bg": dict, "rng": list}
+    wrong = [f"{k} is a {type(state[k]).__name__}" for k in need if k in kinds and not isinstance(state[k], kinds[k])]
+    if not wrong and "step" in need and state["step"] < 0:
+        wrong.append(f"step is {state['step']}")
+    if not wrong and "config" in need:
+        try:
+            Config.from_dict(state["config"])
+        except (ConfigError, TypeError, AttributeError) as e:
+            wrong.append(f"its config is not valid ({e})")
+    if not wrong and "model" in need and not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        wrong.append("model is not a dict of tensors")
+    if not wrong and "rng" in need and not (state["rng"] and all(isinstance(t, torch.Tensor) for t in state["rng"])):
+        wrong.append("rng is not a list of RNG states")
+    if wrong:
+        raise CheckpointError(f"{what}: {'; '.join(wrong)}; {fix}")
+
+
+def load_checkpoint(path: Path, cfg: Config | None = None, map_location="cpu", need: tuple = SCORE_KEYS,
+                    finite: bool = True) -> dict:
+    """Load without executing pickled code (weights_only); check it holds what the caller `need`s (and, with
+    `finite`, finite weights); refuse one made with another model config."""
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
-        raise CheckpointError(f"{path} is not a readable checkpoint: {e}") from None
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} has checkpoint format {state.get('format')}, expected {CHECKPOINT_FORMAT}")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""  # one line: torch's messages run on
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {first}); "
+                              f"{UNUSABLE_FIX}") from None
+    _check_structure(state, path, need)
+    if finite:
+        bad = nonfinite(state["model"])
+        if bad:
+            raise CheckpointError(f"{path} holds NaN or infinite weights ({', '.join(bad)}): the run diverged; "
+                                  "retrain it with lower learning rates (python -m space train --restart)")
     if cfg is not None:
         saved = state["config"]["model"]
         now = cfg.to_dict()["model"]
@@ -179,6 +250,37 @@ def check_finite(terms: dict, step: int) -> None:
         )
 
 
+class ParameterWatch:
+    """Whether the parameters are still finite after an optimiser step.
+
+    A step can overflow the weights while the loss it came from was finite (a learning rate far too
+    large); the next forward pass would then fail somewhere deep in the model, and a checkpoint would keep
+    the damage. Each step: one fused L2-norm reduction per parameter group (torch._foreach_norm; max-|w|
+    norms measured 6x slower on CPU) and one host sync. Only when a norm is not finite are the tensors
+    looked at one by one: a NaN or infinity is then named, while weights merely so large (above ~1e19)
+    that the sum of their squares overflows are let through (the loss checks catch what follows)."""
+
+    def __init__(self, model: torch.nn.Module, groups: dict):
+        self.groups = groups  # {"foreground": (params, "train.fg_lr"), "background": (params, "train.bg_lr")}
+        self.names = {id(p): n for n, p in model.named_parameters()}
+
+    def check(self, step: int, terms: dict, lrs: dict) -> None:
+        norms = torch.stack([torch.stack(torch._foreach_norm(ps)).sum() for ps, _ in self.groups.values()])
+        if bool(torch.isfinite(norms).all()):
+            return
+        for group, (params, lr_key) in self.groups.items():
+            bad = [self.names[id(p)] for p in params if not bool(torch.isfinite(p).all())]
+            if not bad:
+                continue
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            losses = ", ".join(f"{k} {float(v.detach()):.6g}" for k, v in terms.items())
+            raise TrainingDiverged(
+                f"step {step}: the {group} parameters became NaN or infinite in the optimiser step ({shown}); "
+                f"loss terms at that step: {losses}; stopped without writing a checkpoint (the last good one "
+                f"is kept). Lower {lr_key} (now {lrs[lr_key]:g}) and train again with --restart."
+            )
+
+
 @torch.no_grad()
 def validation_mse(model, val_set: StoreDataset, batch_size: int, batches: int, seed: int, device, step: int) -> float:
     """Reconstruction MSE on the same `batches` fixed validation batches every time, so the curve compares
@@ -198,13 +300,100 @@ def validation_mse(model, val_set: StoreDataset, batch_size: int, batches: int, 
     return total / max(n, 1)
 
 
-def train(cfg: Config, data: str, out: str, progress: bool = True, stop_after: int | None = None) -> dict:
-    """Train (or resume) a run; returns the last logged metrics. `stop_after` ends early (tests)."""
+def open_data(cfg: Config, data: str, world: int):
+    """The train split (and val, when validating), refused now when it cannot fill one global batch."""
+    t_cfg = cfg.train
+    dataset = StoreDataset(data, "train", image_size=cfg.model.image_size)
+    need = t_cfg.batch_size * world
+    if len(dataset) < need:
+        per = f"train.batch_size {t_cfg.batch_size}" + (f" x {world} ranks" if world > 1 else "")
+        raise ConfigError(f"the train split of {data} has {len(dataset)} frames, fewer than one batch of {need} "
+                          f"({per}); lower train.batch_size to at most {len(dataset) // world} or use a store "
+                          "with more training frames")
+    val_set = None
+    if t_cfg.val_every and "val" in dataset.store.splits:
+        val_set = StoreDataset(data, "val", image_size=cfg.model.image_size)
+    return dataset, val_set
+
+
+def open_run(mirror: RunMirror, out: str, record: dict, cfg: Config, restart: bool):
+    """Rank 0's decision on the run directory: (lock, local directory, checkpoint state to resume or None).
+
+    Another trainer holding it, an unwritable directory, or a record other than this run's (another store,
+    other settings, a checkpoint past train.steps) is refused; with `restart` a differing run is cleared
+    and started afresh. The caller closes the lock."""
+    if mirror.remote:  # the lock first: pull replaces the mirror, which a running trainer works in
+        lock = lock_run(lock_path(mirror), out)
+        try:
+            run = mirror.pull()
+            check_writable(run, out)
+        except BaseException:
+            lock.close()
+            raise
+    else:
+        run = mirror.pull()
+        check_writable(run, out)
+        lock = lock_run(lock_path(mirror), out)
+    try:
+        ckpt = run / "checkpoints" / "last.pt"
+        state, diff, unusable = None, [], None
+        if ckpt.exists():
+            try:
+                state = load_checkpoint(ckpt, need=RESUME_KEYS, finite=False)
+            except CheckpointError as e:
+                unusable = str(e).removesuffix(f"; {UNUSABLE_FIX}")
+            else:
+                diff = record_diff(state.get("record") or legacy_record(state), record)
+                if state["step"] > cfg.train.steps:
+                    diff.append(f"train.steps {cfg.train.steps} is below the checkpoint's step {state['step']}")
+        elif (old := read_record(run)) is not None:
+            diff = record_diff(old, record)
+        if (diff or unusable) and not restart:
+            problem = (f"cannot be resumed: {unusable}" if unusable else
+                       f"holds a run trained on another store or with other settings ({describe(diff)})")
+            raise RunError(f"{out} {problem}; pass --restart to start afresh in it, or use another --out")
+        if diff or unusable:
+            print(f"{out}: starting afresh (--restart): {unusable or describe(diff)}", file=sys.stderr)
+            clear_run(run, mirror)
+            state = None
+        elif state is not None:  # the same run: resume, unless it was saved broken (before this check existed)
+            bad = nonfinite(state["model"])
+            if bad:
+                raise TrainingDiverged(f"{ckpt} (step {state['step']}) holds NaN or infinite weights "
+                                       f"({', '.join(bad)}): the run diverged; lower the learning rates and "
+                                       "train again with --restart")
+        return lock, run, state
+    except BaseException:
+        lock.close()
+        raise
+
+
+def _restore_rng(state: dict, rank: int, device: torch.device) -> None:
+    """This rank's RNG state from the checkpoint. A rank the checkpoint has no state for (more ranks than
+    wrote it) keeps its own stream, seeded by rank, so no two ranks draw the same noise."""
+    if rank < len(state["rng"]):
+        torch.set_rng_state(state["rng"][rank])
+    cuda = state.get("cuda_rng")
+    if device.type == "cuda" and cuda is not None:
+        cuda = [cuda] if isinstance(cuda, torch.Tensor) else cuda  # one state: written by an older version
+        if rank < len(cuda):
+            torch.cuda.set_rng_state(cuda[rank], device)
+
+
+def train(cfg: Config, data: str, out: str, progress: bool = True, stop_after: int | None = None,
+          restart: bool = False) -> dict:
+    """Train (or resume) a run; returns the last logged metrics. `stop_after` ends early (tests).
+
+    `restart`: if the run directory was trained on another store or with other settings, start afresh in
+    it (otherwise that is refused); a run with the same record still resumes."""
     cfg.validate()
-    t_cfg, m_cfg = cfg.train, cfg.model
+    t_cfg = cfg.train
     rank, world, local = distributed_context()
     device = pick_device(t_cfg.device)
     lean_host_allocator(t_cfg.malloc_mmap_threshold_mib)  # before the first tensor (space/memory.py)
+    # The data before the run directory: a store that does not fit is refused with nothing written.
+    dataset, val_set = open_data(cfg, data, world)
+    record = make_record(cfg, dataset.store, data)
     if world > 1:
         import torch.distributed as dist
 
@@ -217,12 +406,42 @@ def train(cfg: Config, data: str, out: str, progress: bool = True, stop_after: i
 
     # An object-store run (s3://...) is trained in a local mirror and pushed at every checkpoint (space/runs.py).
     mirror = RunMirror(out, rank)
-    run = mirror.pull(None if rank == 0 else ("checkpoints/last.pt",))
+    is_main = rank == 0
+    lock, run, state, problem = None, None, None, None
+    if is_main:
+        try:
+            lock, run, state = open_run(mirror, out, record, cfg, restart)
+        except Exception as e:  # noqa: BLE001 - shared with the other ranks below, then raised
+            problem = e
+    if world > 1:  # the other ranks wait for rank 0's decision, and stop with it rather than wait forever
+        box = [None if problem is None else str(problem)]
+        dist.broadcast_object_list(box)
+        if not is_main:
+            if box[0] is not None:
+                raise RunError(f"rank 0 stopped: {box[0]}")
+            run = mirror.pull(("checkpoints/last.pt",))
+            if (run / "checkpoints" / "last.pt").exists():
+                state = load_checkpoint(run / "checkpoints" / "last.pt", need=RESUME_KEYS, finite=False)
+    if problem is not None:
+        raise problem
+    try:
+        return _train(cfg, record, state, dataset, val_set, mirror, run, device, rank=rank, world=world, local=local,
+                      progress=progress, stop_after=stop_after)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirror: RunMirror, run: Path,
+           device: torch.device, *, rank: int, world: int, local: int, progress: bool, stop_after: int | None) -> dict:
+    """The training loop of `train`, in a run directory that `open_run` found to be this run's (or empty),
+    from the checkpoint `state` when there is one."""
+    t_cfg, m_cfg = cfg.train, cfg.model
+    is_main = rank == 0
+    out = str(mirror)
     ckpt_path = run / "checkpoints" / "last.pt"
-    dataset = StoreDataset(data, "train", image_size=m_cfg.image_size)
-    val_set = None
-    if t_cfg.val_every and "val" in dataset.store.splits:
-        val_set = StoreDataset(data, "val", image_size=m_cfg.image_size)
+    if world > 1:
+        import torch.distributed as dist
 
     torch.manual_seed(t_cfg.seed + rank)
     fmt = torch.channels_last if t_cfg.channels_last else torch.contiguous_format
@@ -231,20 +450,17 @@ def train(cfg: Config, data: str, out: str, progress: bool = True, stop_after: i
     fg_params, bg_params = model.param_groups()
     opt_fg = torch.optim.RMSprop(fg_params, lr=t_cfg.fg_lr)
     opt_bg = torch.optim.Adam(bg_params, lr=t_cfg.bg_lr)
+    watch = ParameterWatch(model, {"foreground": (fg_params, "train.fg_lr"), "background": (bg_params, "train.bg_lr")})
 
     start = 0
-    if ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, cfg, map_location=device)
+    if state is not None:
         model.load_state_dict(state["model"])
         opt_fg.load_state_dict(state["opt_fg"])
         opt_bg.load_state_dict(state["opt_bg"])
         start = int(state["step"])
-        torch.set_rng_state(state["rng"][rank % len(state["rng"])])
-        if device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-    is_main = rank == 0
-    if is_main:
-        run.mkdir(parents=True, exist_ok=True)
+        _restore_rng(state, rank, device)
+    if is_main:  # only now, the run directory being this run's: it describes what it holds
+        write_json(run / RECORD_FILE, record)
         (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     steps = t_cfg.steps
     if start >= steps:
@@ -268,19 +484,28 @@ def train(cfg: Config, data: str, out: str, progress: bool = True, stop_after: i
     params = fg_params + bg_params
 
     def checkpoint(step: int) -> None:
+        # Every rank's RNG state: each restores its own on resume, so the ranks keep drawing different noise.
+        rng = [torch.get_rng_state()]
+        cuda_rng = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else None
+        if world > 1:
+            every = [None] * world
+            dist.all_gather_object(every, (rng[0], cuda_rng))
+            rng = [r for r, _ in every]
+            cuda_rng = [c[0] for _, c in every] if cuda_rng is not None else None
         if not is_main:
             return
         state = {
             "format": CHECKPOINT_FORMAT,
             "step": step,
             "config": cfg.to_dict(),
+            "record": record,
             "model": model.state_dict(),
             "opt_fg": opt_fg.state_dict(),
             "opt_bg": opt_bg.state_dict(),
-            "rng": [torch.get_rng_state()],
+            "rng": rng,
         }
-        if device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(device)
+        if cuda_rng is not None:
+            state["cuda_rng"] = cuda_rng
         save_checkpoint(ckpt_path, state)
         if tb is not None:
             tb.flush()
@@ -299,8 +524,16 @@ def train(cfg: Config, data: str, out: str, progress: bool = True, stop_after: i
         bg_lr = 0.0 if t_cfg.bg_lr_zero_step and step >= t_cfg.bg_lr_zero_step else t_cfg.bg_lr
         for g in opt_bg.param_groups:
             g["lr"] = bg_lr
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = net(x, step)
+        try:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out = net(x, step)
+        except ValueError as e:
+            # Finite but huge weights can still overflow inside the model, and a NaN then fails an integer
+            # conversion (the compositing window's size): that is divergence too.
+            if "NaN" not in str(e):
+                raise
+            raise TrainingDiverged(f"step {step}: the forward pass met a NaN ({e}); stopped without writing a "
+                                   "checkpoint (the last good one is kept). Lower the learning rates.") from None
         terms = out["terms"]
         check_finite(terms, step)
         opt_fg.zero_grad(set_to_none=True)
@@ -312,14 +545,13 @@ def train(cfg: Config, data: str, out: str, progress: bool = True, stop_after: i
                                    "the last good checkpoint is kept")
         opt_fg.step()
         opt_bg.step()
+        watch.check(step, terms, {"train.fg_lr": t_cfg.fg_lr, "train.bg_lr": bg_lr})
         step += 1
         bar.update(1)
 
         if step % t_cfg.log_every == 0 or step == steps:
             logged = torch.stack([*(v.detach().float() for v in terms.values()), out["mse"].detach().mean()])
             if world > 1:  # every rank joins: the log shows the global batch's means, not rank 0's slice
-                import torch.distributed as dist
-
                 dist.all_reduce(logged)
                 logged /= world
             logged = logged.tolist()
@@ -352,8 +584,5 @@ def train(cfg: Config, data: str, out: str, progress: bool = True, stop_after: i
         if is_main:
             mirror.push("tb")  # the events written since the last checkpoint
     if world > 1:
-        import torch.distributed as dist
-
         dist.destroy_process_group()
     return last
-

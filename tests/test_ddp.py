@@ -32,6 +32,8 @@ def test_torchrun_two_processes_train_and_write_a_checkpoint_one_process_resumes
     assert p.returncode == 0, p.stderr[-3000:]
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 2
+    # Each rank's own RNG state, for each to restore on resume (test_a_resumed_two_rank_run_..., slow).
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0], state["rng"][1])
     with open(run / "metrics.csv") as fh:
         assert [int(r["step"]) for r in csv.DictReader(fh)] == [1, 2]  # one writer, no duplicate rows
     # The data-parallel checkpoint resumes in a single process.
@@ -96,3 +98,41 @@ def test_two_ranks_equal_one_process_with_the_doubled_batch(store, tmp_path, che
         assert abs(loss_a - loss_b) <= LATER_LOSS_RTOL * abs(loss_b), (la, lb)
     # Not vacuous: the losses moved by far more than the tolerance as the runs trained.
     assert abs(lb[-1][0] - lb[0][0]) > 10 * LATER_LOSS_RTOL * abs(lb[0][0])
+
+
+@pytest.mark.slow  # three torchrun launches: about 25 s on two cores
+def test_a_resumed_two_rank_run_equals_an_uninterrupted_one(store, tmp_path):
+    """Every rank draws its own sampling noise and keeps its own RNG state in the checkpoint: two ranks
+    stopped at step 2 and resumed to 4 log the losses, and end with the weights, of two ranks that ran 4."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    common = ["--data", str(store), "--preset", "demo", "--set", "train.batch_size=2", "--set", "train.log_every=1",
+              "--set", "train.val_every=0", "--set", "train.threads=1", "--set", "train.checkpoint_every=2",
+              "--set", "train.image_every=1000", "--quiet"]
+
+    def torchrun(run, steps):
+        p = subprocess.run([str(BIN / "torchrun"), "--nproc-per-node", "2", "-m", "space", "train", *common,
+                            "--out", str(run), "--steps", str(steps)], capture_output=True, text=True, env=env,
+                           timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    torchrun(straight, 4)
+    torchrun(resumed, 2)
+    rng = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0], rng[1]), "the ranks' RNG states are not each their own"
+    torchrun(resumed, 4)
+
+    def logged(run):
+        with open(run / "metrics.csv") as fh:
+            return [(int(r["step"]), float(r["loss"]), float(r["kl_what"])) for r in csv.DictReader(fh)]
+
+    a, b = logged(straight), logged(resumed)
+    assert [s for s, *_ in a] == [s for s, *_ in b] == [1, 2, 3, 4]
+    for (step, *va), (_, *vb) in zip(a, b):
+        assert vb == pytest.approx(va, rel=1e-5), step
+    sa = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
+    sb = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
+    for k, v in sa["model"].items():
+        assert torch.allclose(v.float(), sb["model"][k].float(), rtol=1e-5, atol=1e-7), k
+    for r in range(2):
+        assert torch.equal(sa["rng"][r], sb["rng"][r])

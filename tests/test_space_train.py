@@ -1,8 +1,10 @@
 """Training SPACE (space/train.py, `python -m space train`) on a tiny 3D-Room store.
 
 What a run writes, checkpoints readable without pickled code, resume equal to an uninterrupted run,
-stopping on a NaN with the last good checkpoint kept, clear errors for bad input, and (slow, about 11
-minutes) that the CPU demo lowers the loss and switches z_pres on where the objects are.
+stopping on a NaN with the last good checkpoint kept, a run directory reused only for the run it holds
+(same store, same settings; --restart starts afresh) and by one trainer at a time, clear errors for bad
+input, and (slow, about 11 minutes) that the CPU demo lowers the loss and switches z_pres on where the
+objects are.
 
 Settings are tiny (64x64 frames, 4x4 grid, K=2, batches of 2, a handful of steps) so the default run
 stays within a couple of minutes on two CPU cores.
@@ -16,8 +18,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -29,7 +33,7 @@ import torch
 import space.train as space_train
 from space.__main__ import main as space_main
 from space.__main__ import resolve_config
-from space.config import Config
+from space.config import Config, ConfigError, TrainConfig
 from space.model import SPACE
 from space.train import TERMS, TrainingDiverged, train
 
@@ -107,11 +111,19 @@ def cli_run(store, tmp_path_factory) -> Path:
     return out
 
 
-def test_cli_run_writes_the_run_directory(cli_run):
+def test_cli_run_writes_the_run_directory(cli_run, store):
     cfg = json.loads((cli_run / "config.json").read_text())
     expected = tiny().to_dict()
     expected["train"]["steps"] = 2  # --steps
     assert cfg == expected
+    # The run's record: the store it was trained on, by the identity the store itself carries, and the settings.
+    import zarr
+
+    record = json.loads((cli_run / "run.json").read_text())
+    assert record["store"]["identity"] == zarr.open_group(str(store), mode="r").attrs["identity"]
+    assert record["store"]["identity"]["params"]["objects"] == [4, 8]
+    assert record["config"] == expected
+    assert torch.load(cli_run / "checkpoints" / "last.pt", weights_only=True)["record"] == record
     assert (cli_run / "checkpoints" / "last.pt").is_file()
     assert not list((cli_run / "checkpoints").glob("*.tmp"))  # the atomic write left nothing behind
 
@@ -271,6 +283,46 @@ def test_store_of_the_wrong_image_size(store, tmp_path, capsys):
                        *tiny_args("model.image_size=128"))
     assert rc == 2
     assert "64x64" in err and "128" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_train_split_smaller_than_a_batch_is_named(store, tmp_path, capsys):
+    rc, err = run_main(capsys, "train", "--data", str(store), "--out", str(tmp_path / "run"),
+                       *tiny_args("train.batch_size=241"))
+    assert rc == 2, err
+    for words in ("train split", "240 frames", "241", "lower train.batch_size to at most 240"):
+        assert words in err, (words, err)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("device", ["cuda:0' || touch INJECTED; echo '", "cuda:", "cuda:x", "cuda:0 ", "cuda:0\n",
+                                    "CPU", "gpu", "mps:0", ""])
+def test_a_device_is_one_of_the_devices_exactly(device, store, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="train.device"):
+        TrainConfig(device=device).validate()
+    rc, err = run_main(capsys, "evaluate", "--run", str(tmp_path / "run"), "--data", str(store), "--device", device)
+    assert rc == 2 and "--device" in err and "Traceback" not in err, err
+
+
+def test_the_devices_there_are_pass():
+    for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps"):
+        TrainConfig(device=device).validate()
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(store, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    built = []
+    monkeypatch.setattr(space_train, "SPACE", lambda *a, **kw: built.append(1) or SPACE(*a, **kw))
+    for out in (blocker / "run", blocker):
+        rc, err = run_main(capsys, "train", "--data", str(store), "--out", str(out), *tiny_args())
+        assert rc == 2, err
+        assert "cannot write the run directory" in err and str(out) in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not built, "a model was built for an output that cannot be written"
+    assert blocker.read_text() == "keep me"
 
 
 def test_path_that_is_not_a_store(tmp_path, capsys):
@@ -320,6 +372,240 @@ def test_cli_subprocess_exit_code_for_unknown_preset(store, tmp_path):
     assert r.returncode == 2
     assert "unknown preset 'nope'" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------------ run identity
+
+
+def snapshot(run: Path) -> dict:
+    """Every file of a run directory (its lock file aside) and its hash."""
+    return {p.relative_to(run).as_posix(): sha(p) for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture()
+def finished(cli_run, tmp_path) -> Path:
+    """A copy of the CLI run, trained to its end (step 2), to change."""
+    run = tmp_path / "run"
+    shutil.copytree(cli_run, run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def other_store(tmp_path_factory) -> Path:
+    """Another store: other objects (and fewer frames, to be quick)."""
+    path = tmp_path_factory.mktemp("other_store") / "room.zarr"
+    r = subprocess.run(
+        [sys.executable, "-m", "datagen", "room3d", str(path), "--objects", "3", "6", "--split", "train=8",
+         "--split", "val=4", "--image-size", "64", "--seed", "11", "--quiet"],
+        capture_output=True, text=True, timeout=600, cwd=REPO, env=ENV)
+    assert r.returncode == 0, r.stderr
+    return path
+
+
+def train_cli(capsys, store, run, *extra) -> tuple[int, str]:
+    """`python -m space train` as the CLI run was made (to step 2), with `extra` arguments after."""
+    return run_main(capsys, "train", "--data", str(store), "--out", str(run), *tiny_args(), "--steps", "2", *extra)
+
+
+def one_line_error(rc: int, err: str) -> bool:
+    return rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err
+
+
+def test_a_run_with_other_settings_is_refused_and_restart_starts_it_afresh(finished, store, capsys):
+    before, rows_before = snapshot(finished), read_csv(finished / "metrics.csv")
+    rc, err = train_cli(capsys, store, finished, "--set", "train.fg_lr=0.0008")
+    assert one_line_error(rc, err), (rc, err)
+    assert "train.fg_lr 0.0004 -> 0.0008" in err and "--restart" in err
+    assert snapshot(finished) == before, "a refused run changed the run directory (config.json included)"
+
+    rc, err = train_cli(capsys, store, finished, "--set", "train.fg_lr=0.0008", "--restart", "--steps", "1")
+    assert rc == 0, err
+    state = torch.load(finished / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 1 and state["config"]["train"]["fg_lr"] == 0.0008
+    assert json.loads((finished / "config.json").read_text()) == state["config"]
+    assert json.loads((finished / "run.json").read_text()) == state["record"]
+    # Afresh from step 0 (the same initial weights and first loss), with the new learning rate.
+    rows = read_csv(finished / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [1]
+    assert rows[0]["loss"] == rows_before[0]["loss"] and float(rows[0]["fg_lr"]) == 0.0008
+    old_events = {p for p in before if p.startswith("tb/")}
+    assert old_events and not old_events & set(snapshot(finished)), "the old run's TensorBoard events are left"
+
+    # --restart on a run with the same record resumes it (here: nothing left to do).
+    after = snapshot(finished)
+    rc, err = train_cli(capsys, store, finished, "--set", "train.fg_lr=0.0008", "--restart", "--steps", "1")
+    assert rc == 0 and snapshot(finished) == after
+
+
+def test_a_run_on_another_store_is_refused_but_the_same_store_elsewhere_resumes(finished, store, other_store,
+                                                                                 tmp_path, capsys):
+    before, rows_before = snapshot(finished), read_csv(finished / "metrics.csv")
+    rc, err = train_cli(capsys, other_store, finished, "--steps", "3")
+    assert one_line_error(rc, err), (rc, err)
+    assert "store params.objects [4, 8] -> [3, 6]" in err and "--restart" in err
+    assert snapshot(finished) == before
+    # The store's path is not its identity: a copy of it continues the run.
+    moved = tmp_path / "moved.zarr"
+    shutil.copytree(store, moved)
+    rc, err = train_cli(capsys, moved, finished, "--steps", "3")
+    assert rc == 0, err
+    rows = read_csv(finished / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3] and rows[:2] == rows_before
+    assert json.loads((finished / "run.json").read_text())["store"]["path"] == str(moved)
+
+
+def test_more_steps_extend_a_run_and_fewer_than_its_checkpoint_are_refused(finished, store, capsys):
+    before, rows_before = snapshot(finished), read_csv(finished / "metrics.csv")
+    rc, err = train_cli(capsys, store, finished, "--steps", "1")
+    assert one_line_error(rc, err), (rc, err)
+    assert "train.steps 1 is below the checkpoint's step 2" in err and "--restart" in err
+    assert snapshot(finished) == before
+    # Settings that change how fast it goes or what is logged, not what is learned, keep it the same run.
+    rc, err = train_cli(capsys, store, finished, "--steps", "3", "--set", "train.checkpoint_every=1",
+                        "--set", "train.threads=1", "--set", "train.channels_last=false", "--set", "train.val_every=3",
+                        "--set", "train.image_every=3")
+    assert rc == 0, err
+    rows = read_csv(finished / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3] and rows[:2] == rows_before
+    assert json.loads((finished / "config.json").read_text())["train"]["threads"] == 1
+
+
+def test_a_checkpoint_without_a_record_is_not_resumed(finished, store, capsys):
+    """Written before runs recorded their store: which store it was trained on is unknown."""
+    state = torch.load(finished / "checkpoints" / "last.pt", weights_only=True)
+    state.pop("record", None)
+    torch.save(state, finished / "checkpoints" / "last.pt")
+    (finished / "run.json").unlink(missing_ok=True)
+    rc, err = train_cli(capsys, store, finished, "--steps", "3")
+    assert one_line_error(rc, err), (rc, err)
+    assert "store not recorded" in err and "--restart" in err
+
+
+def test_train_help_names_restart(capsys):
+    with pytest.raises(SystemExit) as e:
+        space_main(["train", "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--restart" in out and "start afresh" in out and "same record still resumes" in out
+
+
+def test_one_trainer_at_a_time_and_a_killed_ones_lock_is_taken_over(store, tmp_path):
+    run = tmp_path / "run"
+    args = ["--data", str(store), "--out", str(run), *tiny_args("train.checkpoint_every=1"), "--steps", "100000"]
+    with open(tmp_path / "first.err", "w") as err:
+        first = subprocess.Popen([sys.executable, "-m", "space", "train", *args], stderr=err, cwd=REPO, env=ENV)
+    lock = run / ".lock"
+    try:
+        deadline = time.monotonic() + 300
+        # The first trainer holds the run (or, without a lock, is at work already).
+        while not ((lock.exists() and lock.read_text().strip()) or (run / "checkpoints" / "last.pt").exists()):
+            assert first.poll() is None, (tmp_path / "first.err").read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        cfg = tiny("train.checkpoint_every=1", "train.steps=100000")
+        with pytest.raises(Exception, match=f"trained by another process \\(pid {first.pid}\\)") as e:
+            train(cfg, str(store), str(run), progress=False, stop_after=1)
+        assert type(e.value).__name__ == "RunError"  # the CLI's one-line error, exit 2
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # Killed: its lock went with it, and the next trainer resumes from its last checkpoint (if it wrote one).
+    ckpt = run / "checkpoints" / "last.pt"
+    step = torch.load(ckpt, weights_only=True)["step"] if ckpt.exists() else 0
+    assert train(cfg, str(store), str(run), progress=False, stop_after=step + 1)["step"] == step + 1
+    assert [int(r["step"]) for r in read_csv(run / "metrics.csv")] == list(range(1, step + 2))  # one row a step
+    assert (run / ".lock").read_text().split() == [str(os.getpid())]
+
+
+# ------------------------------------------------------------------------------ blow-ups, broken checkpoints
+
+
+def test_a_blow_up_stops_naming_the_parameters_and_terms_and_saves_nothing(store, tmp_path, capsys):
+    run = tmp_path / "run"
+    rc, err = train_cli(capsys, store, run, "--set", "train.fg_lr=1e38", "--set", "train.checkpoint_every=1",
+                        "--steps", "5")
+    assert one_line_error(rc, err), (rc, err)
+    assert "step 0: the foreground parameters became NaN or infinite" in err, err
+    assert "fg.encoder.net.0.0.weight" in err and "train.fg_lr (now 1e+38)" in err
+    assert "kl_what" in err and "boundary_loss" in err  # the loss terms at that step
+    assert not (run / "checkpoints").exists()  # nothing that a resume would crash on
+
+
+def test_the_parameter_watch_names_nan_and_infinity_but_not_large_weights():
+    from space.train import ParameterWatch
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    watch = ParameterWatch(net, {"foreground": (list(net[0].parameters()), "train.fg_lr"),
+                                 "background": (list(net[1].parameters()), "train.bg_lr")})
+    lrs, terms = {"train.fg_lr": 0.1, "train.bg_lr": 0.2}, {"loss": torch.tensor(3.0)}
+    with torch.no_grad():
+        net[1].weight.fill_(3e19)  # finite; the sum of its squares overflows float32
+        watch.check(7, terms, lrs)
+        net[1].bias.fill_(float("-inf"))
+        with pytest.raises(TrainingDiverged, match=r"step 7: the background parameters .* \(1\.bias\); "
+                                                   r"loss terms at that step: loss 3; .* train\.bg_lr \(now 0\.2\)"):
+            watch.check(7, terms, lrs)
+
+
+def test_a_checkpoint_is_never_written_with_nan(cli_run, tmp_path):
+    state = torch.load(cli_run / "checkpoints" / "last.pt", weights_only=True)
+    state["opt_bg"]["state"][0]["exp_avg"] = state["opt_bg"]["state"][0]["exp_avg"] * float("inf")
+    with pytest.raises(TrainingDiverged, match="opt_bg holds NaN or infinite values"):
+        space_train.save_checkpoint(tmp_path / "last.pt", state)
+    assert list(tmp_path.iterdir()) == []
+
+
+BROKEN_WEIGHT = "fg.encoder.net.0.0.weight"
+
+
+def break_checkpoint(source: Path, target: Path, kind: str) -> None:
+    state = torch.load(source, weights_only=True)
+    if kind == "list":
+        state = [state["step"], state["model"]]
+    elif kind == "no config":
+        del state["config"]
+    else:  # "nan": as a run that diverged before the checks left it; "huge": finite weights that overflow
+        state["model"][BROKEN_WEIGHT] = state["model"][BROKEN_WEIGHT] * (float("nan") if kind == "nan" else 1e30)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, target)
+
+
+@pytest.mark.parametrize("kind,words", [("list", ["holds a list", "format, step, config, model"]),
+                                        ("no config", ["lacks config"]),
+                                        ("nan", ["NaN or infinite weights", BROKEN_WEIGHT])])
+@pytest.mark.parametrize("command", ["evaluate", "show", "sample", "train"])
+def test_a_broken_checkpoint_is_named_by_every_command(finished, store, tmp_path, capsys, kind, words, command):
+    break_checkpoint(finished / "checkpoints" / "last.pt", finished / "checkpoints" / "last.pt", kind)
+    png = tmp_path / "x.png"
+    argv = {"evaluate": ["--data", str(store), "--split", "val", "--out", str(tmp_path / "eval"), "--quiet",
+                         "--device", "cpu"],
+            "show": ["--data", str(store), "--split", "val", "--out", str(png)],
+            "sample": ["--out", str(png)]}
+    if command == "train":
+        rc, err = train_cli(capsys, store, finished, "--steps", "3")
+    else:
+        rc, err = run_main(capsys, command, "--run", str(finished), *argv[command])
+    assert one_line_error(rc, err), (rc, err)
+    for w in words:
+        assert w in err, (w, err)
+    assert not png.exists() and not (tmp_path / "eval").exists()
+    if command == "train":
+        assert "--restart" in err
+        if kind == "list":  # unusable: --restart replaces it
+            rc, err = train_cli(capsys, store, finished, "--steps", "1", "--restart")
+            assert rc == 0, err
+            assert torch.load(finished / "checkpoints" / "last.pt", weights_only=True)["step"] == 1
+
+
+@pytest.mark.parametrize("kind", ["nan", "huge"])
+def test_resuming_a_diverged_checkpoint_is_a_clear_error(finished, store, capsys, kind):
+    break_checkpoint(finished / "checkpoints" / "last.pt", finished / "checkpoints" / "last.pt", kind)
+    rc, err = train_cli(capsys, store, finished, "--steps", "3")
+    assert one_line_error(rc, err), (rc, err)
+    if kind == "nan":  # refused before the first step
+        assert BROKEN_WEIGHT in err and "NaN or infinite weights" in err and "(step 2)" in err
+    else:  # finite weights whose forward pass overflows into a NaN
+        assert "step 2: the forward pass met a NaN" in err
 
 
 # -------------------------------------------------------------------------------------------- learning
