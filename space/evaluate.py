@@ -207,6 +207,13 @@ def evaluate(run: str, data: str, split: str = "test", out: str | None = None, t
     if has_masks:
         baseline.update(fg_ari=mean(base_aris), mask_miou=mean(base_ious))
     metrics.update({f"baseline_{k}": v for k, v in baseline.items()})
+    # Which store the model learnt from and which it was scored on (digests of datagen's store identity): a
+    # reader of metrics.json can tell a model scored on its own data from one scored on a store since remade.
+    from datagen.store import identity_digest
+
+    record = state.get("record") or {}
+    metrics.update(trained_on=identity_digest((record.get("store") or {}).get("identity")),
+                   scored_on=identity_digest(dataset.store.attrs.get("identity")))
     metrics.update(frames=n, split=split, step=step, threshold=threshold, objects=sum(len(g) for g in gt_boxes),
                    detections=sum(len(d[0]) for d in dets), seconds=round(seconds, 2))
     if is_atari:

@@ -73,6 +73,14 @@ def test_evaluate_default_folder_is_in_the_run(trained, capsys):
     assert space_main(["evaluate", "--run", str(run), "--data", str(store), "--quiet", "--device", "cpu"]) == 0
     metrics = json.loads((run / "eval" / "test" / "metrics.json").read_text())
     assert metrics["threshold"] == 0.5 and metrics["split"] == "test"
+    # The store the model learnt from, and the one it was scored on: here the same, by its identity.
+    import hashlib
+
+    import zarr
+
+    identity = dict(zarr.open_group(str(store), mode="r").attrs)["identity"]
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    assert metrics["trained_on"] == metrics["scored_on"] == digest
 
 
 @pytest.mark.parametrize("argv,words", [

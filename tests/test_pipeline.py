@@ -107,6 +107,18 @@ def test_demo_config_and_full_default_dry_runs_resolve():
         (lambda p: p.update(experiments={"x": {"dataset": "nope", "preset": "demo"}}), "experiments.x.dataset"),
         (lambda p: p.update(experiments={"x": {"dataset": "room3d_small", "preset": "demo",
                                                "set": {"train.stepz": 3}}}), "stepz"),
+        # A value reaches the shell only as data, and a device is one of the devices, exactly.
+        (lambda p: p.update(experiments={"x": {"dataset": "room3d_small", "preset": "demo", "set": {
+            "train.device": "cuda:0' || touch INJECTED; echo '"}}}), "train.device"),
+        # An experiment that cannot run on its dataset is refused before the dataset is made.
+        (lambda p: (p["datasets"]["room3d_small"]["room3d"].pop("image_size"),
+                    p.update(experiments={"x": {"dataset": "room3d_small", "preset": "demo"}})),
+         "64x64 frames but the dataset makes 128x128"),
+        (lambda p: p.update(experiments={"x": {"dataset": "room3d_small", "preset": "demo",
+                                               "set": {"model.image_size": 32}}}), "set the dataset's image_size to 32"),
+        (lambda p: (p["datasets"]["room3d_small"]["splits"].update(train=5),
+                    p.update(experiments={"x": {"dataset": "room3d_small", "preset": "demo"}})),
+         "fewer than one batch of 8"),
     ],
 )
 def test_bad_params_are_refused_before_any_job(tmp_path, mutate, named):
@@ -118,6 +130,26 @@ def test_bad_params_are_refused_before_any_job(tmp_path, mutate, named):
     assert named in p.stdout + p.stderr
     written = [str(f.relative_to(proj)) for f in (proj / "results").rglob("*") if f.is_file()]
     assert written == ["results/runs/.gitkeep"], written  # refused before any job started (the folder is in git)
+    assert not list(proj.rglob("INJECTED"))
+
+
+def test_values_from_params_reach_the_shell_as_data(tmp_path):
+    """A policy path with quotes, spaces and a command in it arrives at the generator as one argument,
+    byte for byte (the dry run prints the job's command line), and running the job runs no command."""
+    evil = "my agent's.pt' ; touch INJECTED ; echo '"
+    params = yaml.safe_load(yaml.safe_dump(TINY))
+    params["datasets"] = {"atari_x": {"generator": "atari", "seed": 0, "games": ["Qbert"],
+                                      "splits": {"train": 4, "val": 4, "test": 4}, "atari": {"policy": evil}}}
+    proj = project_copy(tmp_path, params)
+    dry = run(["snakemake", "-n", "-p", "--cores", "1", "results/data/atari_x.zarr"], proj).stdout
+    line = next(ln for ln in dry.splitlines() if "python -m datagen atari" in ln)
+    import shlex
+
+    args = shlex.split(line.split("2>")[0])
+    assert args[args.index("--policy") + 1] == evil
+    p = run(["snakemake", "--cores", "1", "results/data/atari_x.zarr"], proj, check=False)
+    assert p.returncode != 0  # no such policy file
+    assert not list(proj.rglob("INJECTED"))
 
 
 def test_snakemake_train_runs_then_eval_all_scores_each_experiment(tmp_path):
@@ -143,6 +175,50 @@ def test_snakemake_train_runs_then_eval_all_scores_each_experiment(tmp_path):
         assert (proj / "results/runs/tiny/eval/test" / name).exists(), name
     assert "| tiny | test |" in (proj / "results/summary.md").read_text()
     assert (proj / "results/runs/tiny/eval/curves.png").exists()
+
+    # A changed training setting trains a new model, from step 0, and scores it.
+    params["experiments"]["tiny"]["set"]["train.fg_lr"] = 2e-4
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["snakemake", "--cores", "2", "train_all"], proj)
+    record = _trained_on(proj, "tiny")
+    assert record["config"]["train"]["fg_lr"] == 2e-4
+    assert _logged_steps(proj, "tiny") == [1, 2]  # one fresh run: no rows of the old one, none twice
+    # A dataset regenerated with new object counts trains a new model on it, and that model is scored.
+    params["datasets"]["room3d_small"]["objects"] = [2, 3]
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["snakemake", "--cores", "2", "train_all"], proj)
+    _assert_scored_model_trained_on_the_store(proj, "tiny", "room3d_small", objects=[2, 3])
+    assert _logged_steps(proj, "tiny") == [1, 2]
+    assert "Nothing to be done" in run(["snakemake", "-n", "train_all"], proj).stdout
+
+
+def _trained_on(proj: Path, experiment: str) -> dict:
+    """The record inside the run's checkpoint (the one the weights travel with)."""
+    import torch
+
+    state = torch.load(proj / f"results/runs/{experiment}/checkpoints/last.pt", weights_only=True)
+    return state["record"]
+
+
+def _logged_steps(proj: Path, experiment: str) -> list:
+    import csv
+
+    with open(proj / f"results/runs/{experiment}/metrics.csv") as fh:
+        return [int(r["step"]) for r in csv.DictReader(fh)]
+
+
+def _assert_scored_model_trained_on_the_store(proj: Path, experiment: str, dataset: str, objects: list):
+    """The checkpoint was trained on the store as it is now, and the scores are of that checkpoint."""
+    from datagen.store import Store
+
+    store = Store(proj / f"results/data/{dataset}.zarr")
+    assert store.attrs["identity"]["params"]["objects"] == objects
+    record = _trained_on(proj, experiment)
+    assert record["store"]["identity"] == store.attrs["identity"]
+    metrics = json.loads((proj / f"results/runs/{experiment}/eval/test/metrics.json").read_text())
+    from datagen.store import identity_digest
+
+    assert metrics["trained_on"] == metrics["scored_on"] == identity_digest(store.attrs["identity"])
 
 
 def _one_dataset(parts: int) -> dict:
@@ -214,9 +290,16 @@ def test_dvc_pull_then_repro_on_a_second_clone_reruns_nothing(tmp_path):
 
 def test_dvc_exp_run_with_new_object_counts_regenerates_that_dataset_beside_the_baseline(tmp_path):
     """`dvc exp run -S 'datasets.room3d_large.objects=[10,12]'`: that dataset's stage alone reruns (the
-    other store is left byte for byte), and the experiment sits beside the baseline in `dvc exp show`."""
-    proj = project_copy(tmp_path, TINY)
+    other store is left byte for byte), the experiment on it is trained afresh on the new store and scored
+    (DVC's `persist` keeps the old checkpoint, which the trainer must not reuse), and the experiment sits
+    beside the baseline in `dvc exp show`. Then a docstring edited in the model and a figure module
+    changed: neither retrains."""
+    params = yaml.safe_load(yaml.safe_dump(TINY))
+    params["experiments"] = {"tiny": {"dataset": "room3d_large", "preset": "demo", "set": {
+        "train.steps": 2, "train.batch_size": 2, "train.log_every": 1, "train.val_every": 0}}}
+    proj = project_copy(tmp_path, params)
     run("dvc repro -q", proj)
+    _assert_scored_model_trained_on_the_store(proj, "tiny", "room3d_large", objects=[18, 24])
     run("git add -A && git -c user.name=t -c user.email=t@t commit -qm data", proj)
     small_before = (proj / "results/data/room3d_small.zarr/zarr.json").read_bytes()
     large_before = (proj / "results/data/room3d_large.zarr/zarr.json").read_bytes()
@@ -231,7 +314,18 @@ def test_dvc_exp_run_with_new_object_counts_regenerates_that_dataset_beside_the_
     assert (proj / "results/data/room3d_large.zarr/zarr.json").read_bytes() != large_before
     counts = Store(proj / "results/data/room3d_large.zarr").split("train")["n_objects"][:]
     assert counts.min() >= 10 and counts.max() <= 12
+    assert "Running stage 'train@tiny'" in out and "Running stage 'evaluate@tiny'" in out
+    _assert_scored_model_trained_on_the_store(proj, "tiny", "room3d_large", objects=[10, 12])
+    assert _logged_steps(proj, "tiny") == [1, 2]
     assert "up to date" in run("dvc status", proj).stdout
+
+    model = proj / "space/model.py"
+    model.write_text(model.read_text().replace('"""', '"""Edited. ', 1) + "\n# a comment\n")
+    viz = proj / "space/viz.py"
+    viz.write_text(viz.read_text() + "\nUNUSED_CONSTANT = 1\n")
+    out = run("dvc repro", proj).stdout
+    assert "Running stage 'code'" in out and "Running stage 'train@tiny'" not in out
+    assert "Running stage 'evaluate@tiny'" in out  # the figures' code changed
 
 
 def _demo_params() -> dict:
@@ -253,7 +347,7 @@ def test_the_demo_as_dvc_params_keeps_only_its_enabled_experiment(tmp_path):
     assert params["datasets"]["room3d_small"]["splits"] == {"train": 2048, "val": 256, "test": 256}
     assert params == _demo_params()
     stages = sorted(run("dvc stage list --name-only", proj).stdout.split())
-    assert stages == sorted([*(f"data@{d}" for d in params["datasets"]), "train@space_room3d_small",
+    assert stages == sorted(["code", *(f"data@{d}" for d in params["datasets"]), "train@space_room3d_small",
                              "evaluate@space_room3d_small", "summary"]), stages
     dag = run("dvc dag --md", proj).stdout
     assert "train@space_room3d_small" in dag and "evaluate@space_room3d_small" in dag and "summary" in dag

@@ -1,10 +1,13 @@
 # SPACE training: one run per entry of `experiments` in params.yaml, on its dataset's store.
 # The run directory keeps its checkpoint across an interrupted job, so a rerun resumes; only the summary
-# written at the end is Snakemake's output.
+# written at the end is Snakemake's output. The checkpoint records the store and settings it was trained
+# on: when either has changed (a dataset regenerated, a setting edited) --restart trains afresh instead of
+# resuming, so a changed dataset or setting always trains a new model.
 
 
 rule train:
-    """Train SPACE (python -m space train); resumes from results/runs/<experiment>/checkpoints/last.pt."""
+    """Train SPACE (python -m space train); resumes from results/runs/<experiment>/checkpoints/last.pt when
+    that was trained on the same store with the same settings, else starts afresh (--restart)."""
     input:
         lambda wc: f"results/data/{config['experiments'][wc.experiment]['dataset']}.zarr",
     output:
@@ -25,7 +28,7 @@ rule train:
         "../../envs/space.yaml"
     shell:
         "python -m space train --data {input} --out {params.run} --preset {params.preset} {params.sets} "
-        "--set train.threads={threads} --summary {output} --quiet 2> {log}"
+        "--set train.threads={threads} --restart --summary {output} --quiet 2> {log}"
 
 
 rule train_runs:
