@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -45,6 +46,29 @@ def _run_dir(location: str, only=("checkpoints/last.pt",)):
     return mirror, mirror.pull(only)
 
 
+CHECKPOINT_HELP = ("best (default): the checkpoint with the best validation AP50, or the last one when the run "
+                   "never validated; last; or the path of a checkpoint file")
+
+
+def _run_checkpoint(location: str, which: str):
+    """(mirror, local run directory, checkpoint file, what was asked) for --run and --checkpoint."""
+    from .runs import RunMirror
+    from .train import CheckpointError
+
+    if which not in ("best", "last"):
+        path = Path(which)
+        if not path.is_file():
+            raise CheckpointError(f"--checkpoint {which}: no such file; give best, last or a checkpoint's path")
+        mirror = RunMirror(location)
+        return mirror, mirror.local, path, which
+    mirror = RunMirror(location)
+    names = ["checkpoints/best.pt", "checkpoints/last.pt"] if which == "best" else ["checkpoints/last.pt"]
+    for name in names:
+        if mirror.exists(name):
+            return mirror, mirror.pull((name,)), mirror.local / name, which
+    raise CheckpointError(f"no {names[-1]} in {location}; train the run first (python -m space train)")
+
+
 def cmd_train(ns) -> int:
     from .memory import lean_host_allocator
 
@@ -74,8 +98,8 @@ def cmd_sample(ns) -> int:
     if ns.count < 1:
         raise ConfigError(f"--count: must be at least 1, got {ns.count}")
 
-    _, run = _run_dir(ns.run)
-    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    _, _, path, _ = _run_checkpoint(ns.run, ns.checkpoint)
+    state = load_checkpoint(path)
     cfg = Config.from_dict(state["config"])
     images = sample_images(cfg, state["model"], ns.count, int(state["step"]), seed=ns.seed)
     n = cfg.model.image_size
@@ -100,8 +124,8 @@ def cmd_show(ns) -> int:
     from .train import load_checkpoint
     from .viz import COLUMNS, decomposition_grid
 
-    _, run = _run_dir(ns.run)
-    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    _, _, path, _ = _run_checkpoint(ns.run, ns.checkpoint)
+    state = load_checkpoint(path)
     cfg = Config.from_dict(state["config"])
     data = StoreDataset(ns.data, ns.split, image_size=cfg.model.image_size)
     frames = ns.frames or list(range(min(ns.count, len(data))))
@@ -129,9 +153,10 @@ def cmd_evaluate(ns) -> int:
         raise ConfigError(f"--threshold: a z_pres probability in [0, 1), got {ns.threshold}")
     if ns.frames is not None and ns.frames < 1:
         raise ConfigError(f"--frames: at least 1, got {ns.frames}")
-    mirror, run = _run_dir(ns.run)
-    metrics = evaluate(str(run), ns.data, ns.split, ns.out, ns.threshold, ns.batch_size, ns.frames,
-                       str(pick_device(ns.device, "--device")), progress=not ns.quiet)
+    device = str(pick_device(ns.device, "--device"))
+    mirror, run, path, _ = _run_checkpoint(ns.run, ns.checkpoint)
+    metrics = evaluate(str(run), ns.data, ns.split, ns.out, ns.threshold, ns.batch_size, ns.frames, device,
+                       progress=not ns.quiet, checkpoint=path)
     if ns.out is None:
         mirror.push(f"eval/{ns.split}")  # into the object-store run too, when the run lives there
     print(json.dumps(metrics, indent=2))
@@ -191,14 +216,16 @@ def main(argv=None) -> int:
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="generate scenes from the prior of a trained run (algorithm 3)")
-    s.add_argument("--run", required=True)
+    s.add_argument("--run", required=True, help="run directory (or s3:// URL) written by train")
+    s.add_argument("--checkpoint", default="best", help=CHECKPOINT_HELP)
     s.add_argument("--out", required=True, help="PNG path")
     s.add_argument("--count", type=int, default=16)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_sample)
 
     v = sub.add_parser("show", help="decomposition of store frames by a trained run, as a PNG grid")
-    v.add_argument("--run", required=True)
+    v.add_argument("--run", required=True, help="run directory (or s3:// URL) written by train")
+    v.add_argument("--checkpoint", default="best", help=CHECKPOINT_HELP)
     v.add_argument("--data", required=True)
     v.add_argument("--split", default="test")
     v.add_argument("--out", required=True, help="PNG path")
@@ -211,7 +238,8 @@ def main(argv=None) -> int:
                                    "object-count error and accuracy, reconstruction MSE, with a trivial "
                                    "baseline beside each. Writes metrics.json, detections.json and "
                                    "ground_truth.json (COCO) to --out.")
-    e.add_argument("--run", required=True)
+    e.add_argument("--run", required=True, help="run directory (or s3:// URL) written by train")
+    e.add_argument("--checkpoint", default="best", help=CHECKPOINT_HELP)
     e.add_argument("--data", required=True)
     e.add_argument("--split", default="test")
     e.add_argument("--out", help="output folder (default: RUN/eval/SPLIT)")

@@ -156,12 +156,15 @@ def coco_files(gt_boxes, dets, image_size: int, split: str):
 
 
 def evaluate(run: str, data: str, split: str = "test", out: str | None = None, threshold: float = 0.5,
-             batch_size: int = 32, frames: int | None = None, device: str = "cpu", progress: bool = True) -> dict:
+             batch_size: int = 32, frames: int | None = None, device: str = "cpu", progress: bool = True,
+             checkpoint: str | Path | None = None) -> dict:
+    """Score `checkpoint` (default: the run's last) on a split; writes and returns metrics.json's scores."""
     from tqdm import tqdm
 
     from .train import load_checkpoint
 
-    state = load_checkpoint(Path(run) / "checkpoints" / "last.pt")
+    checkpoint = Path(checkpoint) if checkpoint else Path(run) / "checkpoints" / "last.pt"
+    state = load_checkpoint(checkpoint)
     cfg = Config.from_dict(state["config"])
     step = int(state["step"])
     dataset = StoreDataset(data, split, image_size=cfg.model.image_size)
@@ -214,7 +217,7 @@ def evaluate(run: str, data: str, split: str = "test", out: str | None = None, t
     record = state.get("record") or {}
     metrics.update(trained_on=identity_digest((record.get("store") or {}).get("identity")),
                    scored_on=identity_digest(dataset.store.attrs.get("identity")))
-    metrics.update(frames=n, split=split, step=step, threshold=threshold, objects=sum(len(g) for g in gt_boxes),
+    metrics.update(checkpoint=checkpoint.name, frames=n, split=split, step=step, threshold=threshold, objects=sum(len(g) for g in gt_boxes),
                    detections=sum(len(d[0]) for d in dets), seconds=round(seconds, 2))
     if is_atari:
         metrics["atari"] = atari_scores(dataset.store, split, n, gt_boxes, dets)

@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import Config, ConfigError, check_device
@@ -38,6 +39,7 @@ from .record import (RECORD_FILE, RunError, check_writable, clear_run, describe,
 from .runs import RunMirror
 
 CHECKPOINT_FORMAT = 1
+VAL_THRESHOLD = 0.5  # z_pres probability of a detection in validation, as `space evaluate`'s default
 SCORE_KEYS = ("format", "step", "config", "model")  # what evaluate, show and sample read
 RESUME_KEYS = (*SCORE_KEYS, "opt_fg", "opt_bg", "rng")  # what a resumed run needs besides
 UNUSABLE_FIX = "retrain the run (python -m space train --restart) or use another one"  # ends those errors
@@ -281,23 +283,36 @@ class ParameterWatch:
             )
 
 
+VAL_FIELDS = ("step", "wall_s", "val_mse", "val_ap50", "val_count_error")
+
+
 @torch.no_grad()
-def validation_mse(model, val_set: StoreDataset, batch_size: int, batches: int, seed: int, device, step: int) -> float:
-    """Reconstruction MSE on the same `batches` fixed validation batches every time, so the curve compares
-    across steps and a resumed run scores what an uninterrupted one would."""
+def validate(model, val_set: StoreDataset, batch_size: int, batches: int, seed: int, device, step: int) -> dict:
+    """Reconstruction MSE, COCO AP at IoU 0.5 and the object-count error (table 1) on the same `batches`
+    fixed validation batches every time, so the curve compares across steps and a resumed run scores what
+    an uninterrupted one would. The best checkpoint is chosen by this AP, as the paper's code did."""
+    from .evaluate import detect
+    from .metrics import coco_ap, count_scores
+
     sampler = StepBatchSampler(len(val_set), min(batch_size, len(val_set)), seed)
     channels_last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
     model.eval()
-    total, n = 0.0, 0
+    total, n, gt_boxes, dets = 0.0, 0, [], []
     for k in range(batches):
-        x = val_set.__getitems__(sampler.batch(k)).to(device)
+        idx = sampler.batch(k)
+        x = val_set.__getitems__(idx).to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out = model(x, step)
         total += float(out["mse"].sum())
         n += x.shape[0]
+        dets += detect(out, val_set.image_size, VAL_THRESHOLD)
+        boxes = val_set.store.read(val_set.split, "boxes", idx)  # (b, K, 4) NaN-padded
+        gt_boxes += [g[~np.isnan(g[:, 0])].astype(np.float64) for g in boxes]
     model.train()
-    return total / max(n, 1)
+    counts = count_scores([len(g) for g in gt_boxes], [len(d[0]) for d in dets])
+    ap50 = coco_ap(gt_boxes, [d[0] for d in dets], [d[1] for d in dets], 0.5)
+    return {"val_mse": total / max(n, 1), "val_ap50": ap50, "val_count_error": counts["count_error"]}
 
 
 def open_data(cfg: Config, data: str, world: int):
@@ -453,12 +468,14 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
     watch = ParameterWatch(model, {"foreground": (fg_params, "train.fg_lr"), "background": (bg_params, "train.bg_lr")})
 
     start = 0
+    best = {"val_ap50": -1.0, "step": None}  # the best validation AP so far, and its step (checkpoints/best.pt)
     if state is not None:
         model.load_state_dict(state["model"])
         opt_fg.load_state_dict(state["opt_fg"])
         opt_bg.load_state_dict(state["opt_bg"])
         start = int(state["step"])
         _restore_rng(state, rank, device)
+        best = dict(state.get("best") or best)
     if is_main:  # only now, the run directory being this run's: it describes what it holds
         write_json(run / RECORD_FILE, record)
         (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -478,10 +495,23 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
                                          collate_fn=collate_batch, generator=torch.Generator(),
                                          pin_memory=device.type == "cuda", persistent_workers=t_cfg.workers > 0)
     log = CsvLog(run / "metrics.csv", CSV_FIELDS, start) if is_main else None
-    val_log = CsvLog(run / "val.csv", ("step", "wall_s", "val_mse"), start) if is_main else None
+    val_log = CsvLog(run / "val.csv", VAL_FIELDS, start) if is_main else None
     tb = _tensorboard(run / "tb") if is_main else None
     amp = t_cfg.amp and device.type == "cuda"
     params = fg_params + bg_params
+
+    def training_state(step: int, rng: list) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": step,
+            "config": cfg.to_dict(),
+            "record": record,
+            "model": model.state_dict(),
+            "opt_fg": opt_fg.state_dict(),
+            "opt_bg": opt_bg.state_dict(),
+            "rng": rng,
+            "best": dict(best),
+        }
 
     def checkpoint(step: int) -> None:
         # Every rank's RNG state: each restores its own on resume, so the ranks keep drawing different noise.
@@ -494,16 +524,7 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
             cuda_rng = [c[0] for _, c in every] if cuda_rng is not None else None
         if not is_main:
             return
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "step": step,
-            "config": cfg.to_dict(),
-            "record": record,
-            "model": model.state_dict(),
-            "opt_fg": opt_fg.state_dict(),
-            "opt_bg": opt_bg.state_dict(),
-            "rng": rng,
-        }
+        state = training_state(step, rng)
         if cuda_rng is not None:
             state["cuda_rng"] = cuda_rng
         save_checkpoint(ckpt_path, state)
@@ -566,10 +587,15 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
                 for k in (*TERMS, "mse", "grad_norm"):
                     tb.add_scalar(f"train/{k}", last[k], step)
         if is_main and val_set is not None and (step % t_cfg.val_every == 0 or step == steps):
-            v = validation_mse(model, val_set, t_cfg.batch_size, t_cfg.val_batches, t_cfg.seed + 1, device, step)
-            val_log.write({"step": step, "wall_s": round(time.perf_counter() - t0, 3), "val_mse": v})
+            v = validate(model, val_set, t_cfg.batch_size, t_cfg.val_batches, t_cfg.seed + 1, device, step)
+            val_log.write({"step": step, "wall_s": round(time.perf_counter() - t0, 3), **v})
             if tb is not None:
-                tb.add_scalar("val/mse", v, step)
+                for k, value in v.items():
+                    tb.add_scalar(f"val/{k[4:]}", value, step)
+            if v["val_ap50"] == v["val_ap50"] and v["val_ap50"] > best["val_ap50"]:  # NaN: no objects to find
+                best = {"val_ap50": v["val_ap50"], "step": step}
+                # The paper's test scores are of the checkpoint with the best validation AP (its code kept it).
+                save_checkpoint(run / "checkpoints" / "best.pt", training_state(step, [torch.get_rng_state()]))
         if tb is not None and (step % t_cfg.image_every == 0 or step == steps):
             from .viz import decomposition_grid
 

@@ -213,6 +213,56 @@ def test_resume_continues_the_validation_curve(resume_runs):
         assert float(rb["val_mse"]) == pytest.approx(float(ra["val_mse"]), rel=RESUME_RTOL), ra["step"]
 
 
+def test_resume_keeps_the_best_checkpoint_of_the_uninterrupted_run(resume_runs):
+    a, b, _ = resume_runs
+    best_a = torch.load(a / "checkpoints" / "best.pt", weights_only=True)
+    best_b = torch.load(b / "checkpoints" / "best.pt", weights_only=True)
+    assert best_a["step"] == best_b["step"] and best_a["best"] == best_b["best"]
+
+
+# --------------------------------------------------------------------------- validation AP, best checkpoint
+
+
+def test_validation_scores_agree_with_evaluate_and_the_best_checkpoint_is_scored(store, tmp_path, capsys):
+    """With validation batches covering the whole val split (20 batches of 2 = its 40 frames), val.csv's
+    AP50 and count error at a step are `space evaluate --split val`'s on that step's checkpoint; best.pt is
+    the step with the highest validation AP50, and `--checkpoint best|last|PATH` choose what is scored."""
+    run = tmp_path / "run"
+    train(tiny("train.val_batches=20"), str(store), str(run), progress=False)
+    val = read_csv(run / "val.csv")
+    assert [int(r["step"]) for r in val] == [2, 4]
+    aps = [float(r["val_ap50"]) for r in val]
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert best["step"] == [2, 4][aps.index(max(aps))]
+    scored = {}
+    for which in ("last", "best", str(run / "checkpoints" / "best.pt")):
+        out = tmp_path / f"eval-{len(scored)}"
+        rc = space_main(["evaluate", "--run", str(run), "--data", str(store), "--split", "val", "--out", str(out),
+                         "--checkpoint", which, "--quiet", "--device", "cpu"])
+        assert rc == 0
+        scored[which] = json.loads((out / "metrics.json").read_text())
+    capsys.readouterr()
+    last = scored["last"]
+    assert last["step"] == 4 and last["checkpoint"] == "last.pt"
+    assert last["ap50"] == pytest.approx(aps[1], abs=1e-9)
+    assert last["count_error"] == pytest.approx(float(val[1]["val_count_error"]), abs=1e-9)
+    assert scored["best"]["step"] == best["step"] and scored["best"]["checkpoint"] == "best.pt"
+    assert scored[str(run / "checkpoints" / "best.pt")]["step"] == best["step"]
+    rc, err = run_main(capsys, "evaluate", "--run", str(run), "--data", str(store), "--checkpoint",
+                       str(tmp_path / "nope.pt"), "--quiet", "--device", "cpu")
+    assert rc == 2 and "nope.pt: no such file" in err
+
+
+def test_a_run_that_never_validated_is_scored_on_its_last_checkpoint(cli_run, store, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny("train.steps=2", "train.val_every=0"), str(store), str(run), progress=False)
+    assert not (run / "checkpoints" / "best.pt").exists()
+    out = tmp_path / "eval"
+    assert space_main(["evaluate", "--run", str(run), "--data", str(store), "--split", "val", "--out", str(out),
+                       "--quiet", "--device", "cpu"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["checkpoint"] == "last.pt"
+
+
 # ----------------------------------------------------------------------------------------- divergence
 
 
