@@ -51,7 +51,9 @@ class ModelConfig:
     comp_prior_hidden: int = 64  # the MLP of p(z^c | z^m): two hidden layers of this size
     fg_sigma: float = 0.15
     bg_sigma: float = 0.15
-    tau: float = 2.0  # Gumbel-softmax (relaxed Bernoulli) temperature of z^pres
+    # Gumbel-softmax (relaxed Bernoulli) temperature of z^pres: the paper's table says 2.0; the code behind
+    # its 3D-Room numbers anneals 2.5 -> 0.5 over steps 0 -> 20,000. A number is a constant.
+    tau: Anneal = field(default_factory=lambda: Anneal(2.0, 2.0))
     z_pres_prior: Anneal = field(default_factory=lambda: Anneal(0.1, 0.01, 4000, 10000))
     z_scale_prior_mean: Anneal = field(default_factory=lambda: Anneal(-1.0, -2.0, 10000, 20000))
     z_scale_prior_std: float = 0.1
@@ -67,6 +69,22 @@ class ModelConfig:
     depth_sharpness: float = 10.0
     boundary_width: int = 6  # b of appendix C, in glimpse pixels
     boundary_loss_weight: float = 1.0
+    # Appendix C's boundary loss on the overlap map (each present glimpse's border band times the foreground
+    # mask alpha, summed over glimpses). "linear": the map summed over the canvas (the paper's text).
+    # "gaussian": minus the log density of N(0, boundary_sigma) at the overlap, summed (the code behind the
+    # paper's numbers): quadratic, so far weaker at the small early values.
+    boundary_loss: str = "linear"
+    boundary_sigma: float = 0.7  # "gaussian" only; the paper's code used 0.7
+    boundary_off_step: int = 0  # the boundary loss is off from this step (0 = never; the paper's code: 100,000)
+    # Which cells pay the KL of z_where, z_depth and z_what. "z_pres": weighted by the cell's z_pres sample
+    # (the paper's appendix B). "every_cell": every cell, whatever its z_pres (the code behind its numbers).
+    kl_weighting: str = "z_pres"
+    # Equation 1's mixture of foreground and background. "pixel": one Gaussian over RGB per component, mixed
+    # per pixel. "channel": mixed per colour channel (the code behind the paper's numbers).
+    mixture: str = "pixel"
+    # z_pres logits bounded to bound * tanh(logit) (0: unbounded, the paper's text; the paper's code: 8.8, so
+    # its cells start decided rather than at probability 0.5 wherever the logit is large).
+    z_pres_logit_bound: float = 0.0
     fix_alpha_steps: int = 0  # N/A for 3D-Room; Atari: 2000
     fix_alpha_value: float = 0.1
     # The foreground mean of equation 1. "premultiplied": algorithm 1's mu_fg = sum(w * alpha_hat * o_att),
@@ -77,6 +95,13 @@ class ModelConfig:
     # Cells whose z^pres probability is below this skip their glimpse (sparse mode); 0 = exact model.
     sparse_threshold: float = 0.0
 
+    def __post_init__(self):
+        # A number where a schedule goes is a constant schedule (ModelConfig(tau=2.5), as from YAML).
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type == "Anneal" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                setattr(self, f.name, Anneal(float(v), float(v)))
+
     def validate(self) -> "ModelConfig":
         n = self.image_size
         if n < 16 or n > 128 or n & (n - 1):
@@ -86,10 +111,19 @@ class ModelConfig:
             raise ConfigError(f"model.grid_size: must be a power of two at most image_size/4, got {g}")
         if self.glimpse_size != 32:
             raise ConfigError("model.glimpse_size: the paper's glimpse encoder and decoder are built for 32")
-        for name in ("fg_sigma", "bg_sigma", "tau", "z_scale_prior_std", "z_shift_prior_std",
-                     "z_depth_prior_std", "shift_range", "depth_sharpness"):
+        for name in ("fg_sigma", "bg_sigma", "z_scale_prior_std", "z_shift_prior_std",
+                     "z_depth_prior_std", "shift_range", "depth_sharpness", "boundary_sigma"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"model.{name}: must be above 0, got {getattr(self, name)}")
+        if not (self.tau.start > 0 and self.tau.end > 0):
+            raise ConfigError(f"model.tau: must be above 0 (start and end), got {self.tau.start} -> {self.tau.end}")
+        for name, choices in (("boundary_loss", ("linear", "gaussian")), ("kl_weighting", ("z_pres", "every_cell")),
+                              ("mixture", ("pixel", "channel"))):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"model.{name}: {' or '.join(choices)} (the first is the paper's text), "
+                                  f"got {getattr(self, name)!r}")
+        if self.z_pres_logit_bound < 0 or self.boundary_off_step < 0:
+            raise ConfigError("model.z_pres_logit_bound and model.boundary_off_step: 0 (off) or more")
         if self.n_components < 1:
             raise ConfigError(f"model.n_components: must be at least 1, got {self.n_components}")
         if not 0 <= self.boundary_width < self.glimpse_size // 2:
@@ -214,8 +248,11 @@ def _fill(cls, d: dict, where: str):
             if isinstance(v, Anneal):
                 kw[k] = v
                 continue
+            if isinstance(v, (int, float)) and not isinstance(v, bool):  # a constant
+                kw[k] = Anneal(float(v), float(v))
+                continue
             if not isinstance(v, dict):
-                raise ConfigError(f"{where}.{k}: give {{start, end, start_step, end_step}}, got {v!r}")
+                raise ConfigError(f"{where}.{k}: give a number or {{start, end, start_step, end_step}}, got {v!r}")
             try:
                 v = Anneal(**{name: _typed(f"{where}.{k}.{name}", x, "int" if name.endswith("step") else "float")
                               for name, x in v.items()})

@@ -407,8 +407,8 @@ def composite(maps, z_pres, depth_weight, centre, size, n: int, premultiplied: b
     """Depth-weighted compositing of glimpses into the foreground (algorithm 1, last lines), windowed.
 
     maps: (B, C, 5, S, S) glimpse-space alpha_att, o_att (3), boundary band; z_pres, depth_weight (B, C);
-    centre, size (B, C, 2). Returns alpha (B, 1, N, N), mu_fg (B, 3, N, N) and the boundary-loss map
-    summed per image (B,).
+    centre, size (B, C, 2). Returns alpha (B, 1, N, N), mu_fg (B, 3, N, N) and appendix C's overlap map
+    (B, 1, N, N): the present glimpses' border bands, sum_i z_pres_i band_i, times alpha.
 
     Per pixel, glimpse i has alpha_hat_i = alpha_att_i * z_pres_i and importance
     alpha_hat_i * depth_weight_i; w_i = importance_i / sum_j importance_j, alpha = sum_i w_i alpha_hat_i,
@@ -423,7 +423,8 @@ def composite(maps, z_pres, depth_weight, centre, size, n: int, premultiplied: b
     alpha_hat = win[:, :1] * z_pres.reshape(m, 1, 1, 1)
     imp = alpha_hat * depth_weight.reshape(m, 1, 1, 1)
     colour = alpha_hat * win[:, 1:4] if premultiplied else win[:, 1:4]
-    sums = torch.cat([imp, imp * alpha_hat, imp * colour], 1)  # (M, 5, P, P)
+    band = win[:, 4:5] * z_pres.reshape(m, 1, 1, 1)
+    sums = torch.cat([imp, imp * alpha_hat, imp * colour, band], 1)  # (M, 6, P, P)
 
     # Flat canvas index of every window pixel; pixels off the canvas go to a spill slot n*n.
     offs = torch.arange(p, device=maps.device)
@@ -432,19 +433,16 @@ def composite(maps, z_pres, depth_weight, centre, size, n: int, premultiplied: b
     inside = ((xs >= 0) & (xs < n))[:, None, :] & ((ys >= 0) & (ys < n))[:, :, None]  # (M, P, P)
     flat = torch.where(inside, ys[:, :, None] * n + xs[:, None, :], n * n)  # (M, P, P)
     flat = flat.view(b, 1, c * p * p)
-    canvas = sums.new_zeros(b, 5, n * n + 1)
-    canvas.scatter_add_(2, flat.expand(b, 5, -1), sums.view(b, c, 5, p * p).transpose(1, 2).reshape(b, 5, c * p * p))
-    canvas = canvas[:, :, : n * n].view(b, 5, n, n)
+    canvas = sums.new_zeros(b, 6, n * n + 1)
+    canvas.scatter_add_(2, flat.expand(b, 6, -1), sums.view(b, c, 6, p * p).transpose(1, 2).reshape(b, 6, c * p * p))
+    canvas = canvas[:, :, : n * n].view(b, 6, n, n)
     denom = canvas[:, :1] + EPS
     alpha = canvas[:, 1:2] / denom
     mu_fg = canvas[:, 2:5] / denom
 
-    # Boundary loss (appendix C): each present glimpse's band, placed on the canvas, times the global
-    # foreground mask alpha, summed over the canvas.
-    alpha_at = torch.gather(torch.cat([alpha.view(b, n * n), alpha.new_zeros(b, 1)], 1), 1, flat.view(b, -1))
-    band = win[:, 4] * z_pres.reshape(m, 1, 1)  # (M, P, P)
-    boundary = (band.view(b, -1) * alpha_at).sum(1)
-    return alpha, mu_fg, boundary
+    # Appendix C: each present glimpse's band, placed on the canvas, times the global foreground mask alpha.
+    overlap = canvas[:, 5:6] * alpha  # (B, 1, N, N)
+    return alpha, mu_fg, overlap
 
 
 def to_canvas(maps, centre, size, n: int):
@@ -471,8 +469,8 @@ def composite_full(maps, z_pres, depth_weight, centre, size, n: int, premultipli
     denom = imp.sum(1) + EPS
     alpha = (imp * alpha_hat).sum(1) / denom
     mu_fg = (imp * (alpha_hat if premultiplied else 1) * full[:, :, 1:4]).sum(1) / denom
-    boundary = (full[:, :, 4:5] * z_pres[:, :, None, None, None] * alpha[:, None]).sum((1, 2, 3, 4))
-    return alpha, mu_fg, boundary
+    overlap = (full[:, :, 4:5] * z_pres[:, :, None, None, None]).sum(1) * alpha  # (B, 1, N, N)
+    return alpha, mu_fg, overlap
 
 
 class Foreground(nn.Module):
@@ -497,20 +495,20 @@ class Foreground(nn.Module):
             # and with the prior's spread: softplus(b) = z_scale_prior_std
             self.z_scale_net.bias[2:].fill_(math.log(math.expm1(cfg.z_scale_prior_std)))
 
-    def forward(self, x, z_scale_prior_mean: float, z_pres_prior: float):
+    def forward(self, x, z_scale_prior_mean: float, z_pres_prior: float, tau: float):
         """x (B, 3, N, N) -> the foreground's outputs, a dict of per-image tensors (batch first)."""
         chunk = self.checkpoint_images
         if not (chunk and torch.is_grad_enabled() and x.shape[0] > chunk):
-            return self.infer(x, z_scale_prior_mean, z_pres_prior)
+            return self.infer(x, z_scale_prior_mean, z_pres_prior, tau)
         # Activation checkpointing: every foreground layer works per image, so the batch runs in chunks
         # whose activations are dropped after the forward pass and recomputed, one chunk at a time, in the
         # backward pass (with the same random draws: checkpoint restores the RNG state).
-        parts = [checkpoint(self.infer, xc, z_scale_prior_mean, z_pres_prior, use_reentrant=False)
+        parts = [checkpoint(self.infer, xc, z_scale_prior_mean, z_pres_prior, tau, use_reentrant=False)
                  for xc in x.split(chunk)]
         return {k: sum(p[k] for p in parts) if k == "glimpses_decoded" else torch.cat([p[k] for p in parts])
                 for k in parts[0]}
 
-    def infer(self, x, z_scale_prior_mean: float, z_pres_prior: float):
+    def infer(self, x, z_scale_prior_mean: float, z_pres_prior: float, tau: float):
         """Algorithm 1 on a batch (or a chunk of one)."""
         cfg = self.cfg
         b, g, s = x.shape[0], cfg.grid_size, cfg.glimpse_size
@@ -520,10 +518,12 @@ class Foreground(nn.Module):
 
         # z_pres: relaxed Bernoulli (binary Gumbel-softmax) with temperature tau; hard samples for display.
         pres_logit = cells(self.z_pres_net(e))[..., 0]  # (B, G, G)
+        if cfg.z_pres_logit_bound:
+            pres_logit = cfg.z_pres_logit_bound * torch.tanh(pres_logit)
         pres_prob = torch.sigmoid(pres_logit)
         if self.training:
             u = torch.rand_like(pres_logit).clamp(EPS, 1 - EPS)
-            z_pres = torch.sigmoid((pres_logit + torch.log(u) - torch.log1p(-u)) / cfg.tau)
+            z_pres = torch.sigmoid((pres_logit + torch.log(u) - torch.log1p(-u)) / tau)
         else:
             z_pres = pres_prob
         depth_mu, depth_sigma = normal_params(cells(self.z_depth_net(e)), cfg.z_depth_dim)  # (B, G, G, 1)
@@ -560,10 +560,11 @@ class Foreground(nn.Module):
         # Depth weights exp(-c * sigmoid(z_depth)), shifted per image so they cannot all underflow.
         depth = cfg.depth_sharpness * torch.sigmoid(z_depth[..., 0]).reshape(b, c)  # (B, C)
         depth_weight = torch.exp(-(depth - depth.min(1, keepdim=True).values))
-        alpha, mu_fg, boundary = composite(maps.view(b, c, 5, s, s), z_pres.reshape(b, c), depth_weight,
+        alpha, mu_fg, overlap = composite(maps.view(b, c, 5, s, s), z_pres.reshape(b, c), depth_weight,
                                            centre_f, size_f, cfg.image_size, cfg.fg_mean == "premultiplied")
 
-        # KL terms (appendix B), per cell; z_where, z_depth, z_what weighted by the z_pres sample.
+        # KL terms (appendix B), per cell; z_where, z_depth, z_what weighted by the z_pres sample (the
+        # paper's appendix) or charged for every cell (model.kl_weighting, the paper's code).
         kl_pres = bernoulli_kl(pres_prob, z_pres_prior)  # (B, G, G)
         kl_scale = gaussian_kl(scale_mu, scale_sigma, z_scale_prior_mean, cfg.z_scale_prior_std).sum(-1)
         kl_shift = gaussian_kl(shift_mu, shift_sigma, cfg.z_shift_prior_mean, cfg.z_shift_prior_std).sum(-1)
@@ -574,11 +575,11 @@ class Foreground(nn.Module):
         else:
             kl_what = kl_what_kept
         kl_what = kl_what.view(b, g, g)
-        zp = z_pres
+        zp = z_pres if cfg.kl_weighting == "z_pres" else torch.ones_like(z_pres)
         return {
             "alpha": alpha,  # (B, 1, N, N)
             "mu_fg": mu_fg,  # (B, 3, N, N)
-            "boundary": boundary,  # (B,)
+            "overlap": overlap,  # (B, 1, N, N) appendix C's map
             "kl_pres": kl_pres.sum((1, 2)),
             "kl_where": (zp * (kl_scale + kl_shift)).sum((1, 2)),
             "kl_depth": (zp * kl_depth).sum((1, 2)),
@@ -800,6 +801,20 @@ class Background(nn.Module):
 # ------------------------------------------------------------------------------------------------ SPACE
 
 
+def boundary_loss(overlap, cfg: ModelConfig, step: int):
+    """Appendix C's boundary loss per image (B,) from the overlap map (B, 1, N, N), summed over the canvas
+    like the log-likelihood (both are per image; a per-pixel mean would weigh it 1/N^2 against the ELBO).
+    "linear" (the paper's text): the map itself. "gaussian" (the paper's code): minus the log density of
+    N(0, boundary_sigma) at the overlap, without its constant: overlap^2 / (2 sigma^2). Off from
+    model.boundary_off_step."""
+    if cfg.boundary_off_step and step >= cfg.boundary_off_step:
+        return overlap.new_zeros(overlap.shape[0])
+    if cfg.boundary_loss == "gaussian":
+        return (overlap**2).sum((1, 2, 3)) / (2 * cfg.boundary_sigma**2)
+    return overlap.sum((1, 2, 3))
+
+
+
 class SPACE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -810,25 +825,27 @@ class SPACE(nn.Module):
     def forward(self, x, step: int = 0):
         """x (B, 3, N, N) in [0, 1] -> the loss and everything needed to look at the decomposition."""
         cfg = self.cfg
-        fg = self.fg(x, cfg.z_scale_prior_mean.at(step), cfg.z_pres_prior.at(step))
+        fg = self.fg(x, cfg.z_scale_prior_mean.at(step), cfg.z_pres_prior.at(step), cfg.tau.at(step))
         bg = self.bg(x)
         alpha = fg["alpha"].clamp(EPS, 1 - EPS)  # (B, 1, N, N)
         if step < cfg.fix_alpha_steps:  # appendix D.2: a fixed alpha lets both modules start learning
             alpha = torch.full_like(alpha, cfg.fix_alpha_value)
 
-        # Equation 1, per pixel, in log space: alpha N(x; mu_fg, s_fg) + (1 - alpha) sum_k pi_k N(x; mu_k, s_bg).
-        def log_normal(mu, sigma):  # summed over RGB
-            return (-0.5 * ((x.unsqueeze(1) - mu) / sigma) ** 2 - math.log(sigma) - 0.5 * LOG_2PI).sum(2, keepdim=True)
+        # Equation 1 in log space: alpha N(x; mu_fg, s_fg) + (1 - alpha) sum_k pi_k N(x; mu_k, s_bg), mixed per
+        # pixel (a Gaussian over RGB per component) or per colour channel (model.mixture).
+        per_channel = cfg.mixture == "channel"
 
-        log_fg = torch.log(alpha) + log_normal(fg["mu_fg"][:, None], cfg.fg_sigma)[:, 0]  # (B, 1, N, N)
-        log_bg = torch.log1p(-alpha)[:, None] + bg["log_pi"] + log_normal(bg["mu_bg"], cfg.bg_sigma)  # (B, K, 1, N, N)
-        log_lik = torch.logsumexp(torch.cat([log_fg[:, None], log_bg], 1), 1).sum((1, 2, 3))  # (B,)
+        def log_normal(mu, sigma):  # (B, ., 3, N, N) -> (B, ., 1 or 3, N, N)
+            v = -0.5 * ((x.unsqueeze(1) - mu) / sigma) ** 2 - math.log(sigma) - 0.5 * LOG_2PI
+            return v if per_channel else v.sum(2, keepdim=True)
+
+        log_fg = torch.log(alpha)[:, None] + log_normal(fg["mu_fg"][:, None], cfg.fg_sigma)  # (B, 1, 1|3, N, N)
+        log_bg = torch.log1p(-alpha)[:, None] + bg["log_pi"] + log_normal(bg["mu_bg"], cfg.bg_sigma)  # (B, K, 1|3, N, N)
+        log_lik = torch.logsumexp(torch.cat([log_fg, log_bg], 1), 1).sum((1, 2, 3))  # (B,)
 
         kl = fg["kl_pres"] + fg["kl_where"] + fg["kl_depth"] + fg["kl_what"] + bg["kl_bg_mask"] + bg["kl_bg_comp"]
         elbo = log_lik - kl  # equation 6
-        # Appendix C's boundary-loss map, summed over the canvas like the log-likelihood (both are per
-        # image), then averaged over the batch with the rest of the loss.
-        boundary = cfg.boundary_loss_weight * fg["boundary"]
+        boundary = cfg.boundary_loss_weight * boundary_loss(fg["overlap"], cfg, step)  # (B,)
         loss = (-elbo + boundary).mean()
 
         pi = bg["log_pi"].exp()

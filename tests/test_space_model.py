@@ -84,9 +84,9 @@ def test_extract_glimpses_shape():
 
 def test_composite_shapes():
     b, c, n = 2, 5, 48
-    alpha, mu, boundary = composite(torch.rand(b, c, 5, S, S), torch.rand(b, c), torch.rand(b, c),
-                                    torch.rand(b, c, 2), torch.rand(b, c, 2) * 0.5, n)
-    assert alpha.shape == (b, 1, n, n) and mu.shape == (b, 3, n, n) and boundary.shape == (b,)
+    alpha, mu, overlap = composite(torch.rand(b, c, 5, S, S), torch.rand(b, c), torch.rand(b, c),
+                                   torch.rand(b, c, 2), torch.rand(b, c, 2) * 0.5, n)
+    assert alpha.shape == (b, 1, n, n) and mu.shape == (b, 3, n, n) and overlap.shape == (b, 1, n, n)
 
 
 @pytest.mark.parametrize("n", [32, 64, 128])
@@ -430,7 +430,7 @@ def test_sparse_mode_skips_exactly_the_cells_below_the_threshold():
         r = exact(x)
     hook.remove()
     # (z_where and z_depth are still inferred for every cell, so their KL terms are not compared.)
-    for key in ("alpha", "mu_fg", "kl_what", "boundary"):
+    for key in ("alpha", "mu_fg", "kl_what", "overlap"):
         assert torch.allclose(b["fg"][key], r["fg"][key], rtol=1e-5, atol=1e-6), key
     assert not torch.allclose(a["fg"]["alpha"], b["fg"]["alpha"])  # skipping did change the foreground
 
@@ -489,7 +489,7 @@ def test_composite_gradients_equal_full_canvas_version(n):
     maps, z_pres, depth_w, centre, size = _random_scene(7, 2, 6, 0.05, 0.9)
     z_pres = z_pres.clamp_min(0.05)  # a z_pres of 0 makes d/dmaps zero in both: keep it informative
     w = [torch.randn(2, 1, n, n, dtype=torch.float64), torch.randn(2, 3, n, n, dtype=torch.float64),
-         torch.randn(2, dtype=torch.float64)]
+         torch.randn(2, 1, n, n, dtype=torch.float64)]
     grads = []
     for fn in (composite, composite_full):
         m = maps.clone().requires_grad_()
@@ -608,7 +608,7 @@ def _boundary(mask, centre, size, n, z_pres=1.0, fn=composite):
     maps[0, 0, 4] = _band(6)
     return fn(maps, torch.tensor([[z_pres]], dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64),
               torch.tensor([[centre]], dtype=torch.float64), torch.tensor([[[size, size]]], dtype=torch.float64),
-              n)[2][0]
+              n)[2][0].sum()  # the overlap map, summed: the linear boundary loss
 
 
 @pytest.mark.parametrize("fn", [composite, composite_full])
@@ -738,7 +738,7 @@ def test_room3d_large_preset_has_appendix_d2_values():
     assert (m.z_shift_prior_mean, m.z_shift_prior_std) == (0.0, 1.0)
     assert (m.z_depth_prior_mean, m.z_depth_prior_std) == (0.0, 1.0)
     assert m.fg_sigma == 0.15 and m.bg_sigma == 0.15
-    assert m.n_components == 5 and m.tau == 2.0
+    assert m.n_components == 5 and m.tau.at(0) == m.tau.at(10**6) == 2.0
     assert m.fix_alpha_steps == 0  # N/A for 3D-Room
     # D.3 and C
     assert m.image_size == 128 and m.grid_size == 16 and m.glimpse_size == 32
@@ -759,7 +759,7 @@ def test_room3d_small_preset_is_large_with_an_8x8_grid():
 
 def test_atari_preset_has_appendix_d2_values():
     m = preset("atari").model
-    assert m.n_components == 3 and m.tau == 2.5
+    assert m.n_components == 3 and m.tau.at(0) == m.tau.at(10**6) == 2.5
     assert m.fg_sigma == 0.2 and m.bg_sigma == 0.1
     assert m.fix_alpha_steps == 2000 and m.fix_alpha_value == 0.1
     for step in (0, 1000, 50000):
@@ -796,9 +796,13 @@ def test_settings_are_type_checked_and_numbers_written_as_text_accepted():
     assert cfg.train.fg_lr == 1e-4 and isinstance(cfg.train.steps, int)
     assert cfg.model.z_pres_prior.start == 0.1
     for section, name, value in [("train", "steps", "many"), ("train", "steps", 2.5), ("train", "amp", 1),
-                                 ("model", "fg_mean", 3), ("model", "z_pres_prior", 0.1)]:
+                                 ("model", "fg_mean", 3), ("model", "z_pres_prior", "often"),
+                                 ("model", "tau", [2.5, 0.5])]:
         with pytest.raises(ConfigError, match=f"{section}.{name}"):
             Config.from_dict({section: {name: value}})
+    # A number where a schedule goes is a constant schedule (the Atari preset's tau: 2.5).
+    tau = Config.from_dict({"model": {"tau": 2.5}}).model.tau
+    assert (tau.at(0), tau.at(10**6)) == (2.5, 2.5)
 
 
 def test_unknown_preset_and_setting_are_named():
