@@ -858,3 +858,91 @@ def test_combined_statistics_equal_the_whole_batch():
     var_ref, mean_ref = torch.var_mean(h, dim=(0, 2, 3), correction=0)
     assert torch.allclose(mean, mean_ref, rtol=1e-14) and torch.allclose(var, var_ref, rtol=1e-12)
     assert int(bn.num_batches_tracked) == 1
+
+
+# ------------------------------------------------------------- the paper's text and the paper's code
+
+
+def _forced_z_pres(cfg: ModelConfig, logit: float, seed: int = 0):
+    """An eval-mode forward with every z_pres logit set to `logit` (through a hook on the z_pres head)."""
+    torch.manual_seed(seed)
+    model = SPACE(cfg).eval()
+    hook = model.fg.z_pres_net.register_forward_hook(lambda m, i, o: torch.full_like(o, logit))
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(1)))
+    hook.remove()
+    return out
+
+
+def test_kl_weighting_charges_absent_cells_only_in_the_codes_reading():
+    """Appendix B's reading: z_where's, z_depth's and z_what's KL are weighted by z_pres, so with every cell
+    off they vanish. The code's reading charges every cell whatever its z_pres: the same KL on or off,
+    equal to the weighted reading's with every cell on."""
+    off_text = _forced_z_pres(tiny_cfg(), -50.0)["fg"]
+    on_text = _forced_z_pres(tiny_cfg(), 50.0)["fg"]
+    off_code = _forced_z_pres(tiny_cfg(kl_weighting="every_cell"), -50.0)["fg"]
+    on_code = _forced_z_pres(tiny_cfg(kl_weighting="every_cell"), 50.0)["fg"]
+    for k in ("kl_where", "kl_depth", "kl_what"):
+        assert float(off_text[k].abs().max()) < 1e-6, k
+        assert float(on_code[k].min()) > 0, k
+        assert torch.allclose(off_code[k], on_code[k], rtol=1e-5), k
+        assert torch.allclose(on_code[k], on_text[k], rtol=1e-5), k
+
+
+def _mixture_log_lik(out, x, cfg: ModelConfig, per_channel: bool):
+    """Equation 1 from torch.distributions: alpha N(fg) + (1 - alpha) sum_k pi_k N(bg_k), per pixel over RGB
+    (a product of the channels' densities) or per colour channel."""
+    alpha = out["fg"]["alpha"].clamp(1e-6, 1 - 1e-6).double()  # (B, 1, N, N), as the model clamps it
+    fg = Normal(out["fg"]["mu_fg"].double(), cfg.fg_sigma).log_prob(x.double())  # (B, 3, N, N)
+    bg = Normal(out["bg"]["mu_bg"].double(), cfg.bg_sigma).log_prob(x.double()[:, None])  # (B, K, 3, N, N)
+    if not per_channel:
+        fg, bg = fg.sum(1, keepdim=True), bg.sum(2, keepdim=True)
+    pi = out["bg"]["log_pi"].double().exp()  # (B, K, 1, N, N)
+    lik = alpha * fg.exp() + (1 - alpha) * (pi * bg.exp()).sum(1)
+    return lik.log().sum((1, 2, 3)).mean()
+
+
+@pytest.mark.parametrize("mixture", ["pixel", "channel"])
+def test_the_likelihood_is_equation_1_mixed_per_pixel_or_per_channel(mixture):
+    cfg = tiny_cfg(mixture=mixture, fg_sigma=0.4, bg_sigma=0.4)  # wide: the densities do not underflow
+    torch.manual_seed(0)
+    model = SPACE(cfg).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+    expected = _mixture_log_lik(out, x, cfg, per_channel=mixture == "channel")
+    assert float(out["terms"]["log_lik"]) == pytest.approx(float(expected), rel=1e-5)
+    other = _mixture_log_lik(out, x, cfg, per_channel=mixture != "channel")
+    assert abs(float(out["terms"]["log_lik"]) - float(other)) > 1.0  # the two readings do differ here
+
+
+def test_the_codes_boundary_loss_is_a_gaussian_penalty_on_the_overlap_and_switches_off():
+    from space.model import boundary_loss
+
+    overlap = torch.rand(3, 1, 16, 16, dtype=torch.float64) * 2
+    linear = boundary_loss(overlap, tiny_cfg(), step=0)
+    assert torch.allclose(linear, overlap.sum((1, 2, 3)))
+    cfg = tiny_cfg(boundary_loss="gaussian", boundary_sigma=0.7, boundary_off_step=100)
+    nll = -(Normal(0.0, 0.7).log_prob(overlap) - Normal(0.0, 0.7).log_prob(torch.zeros(()))).sum((1, 2, 3))
+    assert torch.allclose(boundary_loss(overlap, cfg, step=99), nll)
+    assert torch.equal(boundary_loss(overlap, cfg, step=100), torch.zeros(3, dtype=torch.float64))
+
+
+def test_bounded_z_pres_logits_saturate_at_the_bound():
+    out = _forced_z_pres(tiny_cfg(z_pres_logit_bound=8.8), 1e4)
+    assert torch.allclose(out["fg"]["z_pres_prob"], torch.sigmoid(torch.tensor(8.8)))
+    assert torch.allclose(_forced_z_pres(tiny_cfg(), 1e4)["fg"]["z_pres_prob"], torch.ones(()))
+
+
+def test_tau_follows_its_schedule_in_the_relaxed_bernoulli():
+    """The z_pres sample is sigmoid((logit + logistic noise) / tau) with tau at the step's value."""
+    cfg = tiny_cfg(tau=Anneal(2.5, 0.5, 0, 100))
+    model = SPACE(cfg).train()
+    model.fg.z_pres_net.register_forward_hook(lambda m, i, o: torch.full_like(o, 1.0))
+    x = torch.rand(1, 3, 32, 32)
+    for step, tau in ((0, 2.5), (50, 1.5), (100, 0.5), (500, 0.5)):
+        torch.manual_seed(3)
+        z = model(x, step)["fg"]["z_pres"]
+        torch.manual_seed(3)
+        u = torch.rand(1, 4, 4).clamp(1e-6, 1 - 1e-6)  # the first draw of the forward pass
+        assert torch.allclose(z, torch.sigmoid((1.0 + u.log() - (-u).log1p()) / tau), atol=1e-6), step
