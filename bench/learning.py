@@ -1,0 +1,174 @@
+"""How fast variants of SPACE learn to decompose: AP50 and FG-ARI against steps and wall time.
+
+Each variant (a name and `--set` overrides over a preset) is trained for every seed with the project's
+own trainer, `python -m space train`, one segment after another (resuming at each scoring step, which
+continues exactly as an uninterrupted run), and after each segment the checkpoint reached is scored with
+`python -m space evaluate --checkpoint last` on a split of the store. Results go to a JSON file that is
+rewritten after every score, so an interrupted benchmark resumes where it stopped; `--plot` draws AP50
+and FG-ARI against steps and against training wall time, one line per variant (the mean over seeds,
+each seed faint), and prints a table.
+
+    python bench/learning.py --data results/data/room3d_small.zarr --out bench/results/learning_demo.json \\
+        --variant text: --variant code:model.mixture=channel,model.kl_weighting=every_cell \\
+        --seeds 0 1 2 --steps 200 400 600 800
+    python bench/learning.py --out bench/results/learning_demo.json --plot docs/learning_demo.png
+
+A variant is NAME:SECTION.NAME=VALUE,...; `NAME:` alone is the preset. Runs live beside the JSON file
+(`--runs`), so their checkpoints, metrics.csv and TensorBoard logs are there to look at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import machine  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SCORES = ("ap50", "fg_ari", "count_error", "mse")
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, sep, sets = text.partition(":")
+    if not sep or not name:
+        raise SystemExit(f"error: --variant takes NAME:SECTION.NAME=VALUE,... (or NAME: for the preset), got {text!r}")
+    return name, [s for s in sets.split(",") if s]
+
+
+def _run(cmd: list[str], log: Path) -> float:
+    t = time.perf_counter()
+    with open(log, "a") as fh:
+        r = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        raise SystemExit(f"error: {' '.join(cmd)} failed ({r.returncode}); see {log}")
+    return time.perf_counter() - t
+
+
+def train_and_score(ns) -> dict:
+    out = Path(ns.out)
+    results = json.loads(out.read_text()) if out.exists() else {"points": []}
+    results.update(data=ns.data, preset=ns.preset, split=ns.split, threads=ns.threads, machine=machine(),
+                   command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+    done = {(p["variant"], p["seed"], p["step"]) for p in results["points"]}
+    runs = Path(ns.runs or out.with_suffix(""))
+    env = {**os.environ, "OMP_NUM_THREADS": str(ns.threads)}
+    for spec in ns.variant:
+        name, sets = parse_variant(spec)
+        for seed in ns.seeds:
+            run = runs / f"{name}-s{seed}"
+            run.mkdir(parents=True, exist_ok=True)
+            log = run / "bench.log"
+            flags = [a for s in [*sets, f"train.seed={seed}", f"train.threads={ns.threads}", "train.device=cpu"]
+                     for a in ("--set", s)]
+            wall = max([p["train_s"] for p in results["points"] if p["variant"] == name and p["seed"] == seed],
+                       default=0.0)
+            for step in ns.steps:
+                if (name, seed, step) in done:
+                    continue
+                wall += _run([sys.executable, "-m", "space", "train", "--data", ns.data, "--out", str(run),
+                              "--preset", ns.preset, *flags, "--steps", str(step), "--quiet"], log)
+                folder = run / f"eval-{step}"
+                _run([sys.executable, "-m", "space", "evaluate", "--run", str(run), "--data", ns.data, "--split",
+                      ns.split, "--checkpoint", "last", "--out", str(folder), "--quiet", "--device", "cpu"], log)
+                m = json.loads((folder / "metrics.json").read_text())
+                point = {"variant": name, "sets": sets, "seed": seed, "step": step, "train_s": round(wall, 1),
+                         **{k: m.get(k) for k in SCORES}, "baseline_fg_ari": m.get("baseline_fg_ari")}
+                results["points"].append(point)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(results, indent=1))
+                print(json.dumps(point), flush=True)
+    return results
+
+
+def table(results: dict) -> str:
+    """Mean (min-max over seeds) of AP50 and FG-ARI per variant and step, Markdown."""
+    import numpy as np
+
+    rows = {}
+    for p in results["points"]:
+        rows.setdefault((p["variant"], p["step"]), []).append(p)
+    lines = ["| variant | step | seeds | AP50 mean (min-max) | FG-ARI mean (min-max) | count error | train s |",
+             "|---|---|---|---|---|---|---|"]
+    for (name, step), ps in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        def col(k, ps=ps):
+            v = np.array([p[k] if p[k] is not None else np.nan for p in ps], dtype=float)
+            return f"{np.nanmean(v):.3f} ({np.nanmin(v):.3f}-{np.nanmax(v):.3f})"
+        lines.append(f"| {name} | {step} | {len(ps)} | {col('ap50')} | {col('fg_ari')} | "
+                     f"{np.mean([p['count_error'] for p in ps]):.2f} | {np.mean([p['train_s'] for p in ps]):.0f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    names = sorted({p["variant"] for p in results["points"]})
+    for i, name in enumerate(names):
+        colour = f"C{i}"
+        pts = [p for p in results["points"] if p["variant"] == name]
+        seeds = sorted({p["seed"] for p in pts})
+        steps = sorted({p["step"] for p in pts})
+        for row, key in enumerate(("ap50", "fg_ari")):
+            for col, x in enumerate(("step", "train_s")):
+                ax = axes[row, col]
+                for s in seeds:
+                    ps = sorted((p for p in pts if p["seed"] == s), key=lambda p: p["step"])
+                    ax.plot([p[x] for p in ps], [p[key] for p in ps], color=colour, alpha=0.25, lw=1)
+                mean_x = [np.mean([p[x] for p in pts if p["step"] == t]) for t in steps]
+                mean_y = [np.mean([p[key] for p in pts if p["step"] == t]) for t in steps]
+                ax.plot(mean_x, mean_y, color=colour, lw=2, marker="o", label=name if row == col == 0 else None)
+                ax.set_xlabel("training step" if x == "step" else "training wall time (s)")
+                ax.set_ylabel({"ap50": "AP50 (COCO)", "fg_ari": "FG-ARI"}[key])
+    base = [p["baseline_fg_ari"] for p in results["points"] if p.get("baseline_fg_ari") is not None]
+    if base:
+        for ax in axes[1]:
+            ax.axhline(float(np.mean(base)), color="grey", ls="--", lw=1, label="cell-square baseline")
+        axes[1, 0].legend(fontsize=8)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"{results['preset']} preset on {Path(results['data']).name}, {results['split']} split "
+                 f"(mean over seeds; each seed faint)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="results JSON (resumed when it exists)")
+    p.add_argument("--data", help="scene store to train on and score (its train and --split splits)")
+    p.add_argument("--preset", default="demo", help="the preset every variant starts from (default: demo)")
+    p.add_argument("--variant", action="append", default=[], help="NAME:SECTION.NAME=VALUE,... (repeatable)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, nargs="+", default=[200, 400, 600, 800], help="scoring steps")
+    p.add_argument("--split", default="val", help="split to score on (default: val; keep test for the end)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per training (default: 2)")
+    p.add_argument("--runs", help="folder for the runs (default: beside --out, named after it)")
+    p.add_argument("--plot", help="draw the figure here (PNG) from --out, and print the table")
+    ns = p.parse_args(argv)
+    if ns.variant:
+        if not ns.data:
+            p.error("--data is needed to train variants")
+        results = train_and_score(ns)
+    else:
+        if not Path(ns.out).exists():
+            p.error(f"{ns.out} does not exist; give --variant and --data to train")
+        results = json.loads(Path(ns.out).read_text())
+    print(table(results))
+    if ns.plot:
+        plot(results, ns.plot)
+        print(f"wrote {ns.plot}", file=sys.stderr)
+    print(json.dumps({"points": len(results["points"])}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
