@@ -381,10 +381,24 @@ def main(argv=None) -> int:
     from .store import StoreError
 
     try:
-        return ns.func(ns)
+        code = ns.func(ns)
+        sys.stdout.flush()  # a reader that went away (`| head`) shows here, not in Python's exit
+        return code
+    except BrokenPipeError:
+        return broken_pipe()
     except (ConfigError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def broken_pipe() -> int:
+    """The reader of stdout has gone (`... | head`): stop quietly, as a command killed by SIGPIPE does.
+    Further writes (and Python's final flush) go to /dev/null instead of raising again."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + 13  # 141: the shell's status for SIGPIPE
 
 
 if __name__ == "__main__":

@@ -456,10 +456,11 @@ def generate(out: str, cfg: AtariConfig, frames_per_game: dict, seed: int, shard
 
     from tqdm import tqdm
 
-    from .config import StoreConfig
+    from .config import StoreConfig, check_seed
     from .store import StoreWriter
 
     cfg.validate()
+    check_seed(seed)
     StoreConfig(shard_size=shard_size, splits=dict(frames_per_game)).validate()
     if workers < 1:
         raise ConfigError(f"workers: must be at least 1, got {workers}")

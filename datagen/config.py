@@ -183,6 +183,14 @@ class StoreConfig:
         return self
 
 
+def check_seed(seed) -> int:
+    """A dataset seed: numpy's SeedSequence takes non-negative integers only, and fails deep inside a
+    generator on any other, after the store may have been started."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed: a non-negative integer, got {seed!r}; e.g. --seed 0")
+    return seed
+
+
 def merge(base: dict, over: dict) -> dict:
     """`over` merged into `base` key by key (nested mappings merged, anything else replaced), as Snakemake
     merges a --configfile over its configfile; used for params.yaml overlays and for SPACE's presets."""

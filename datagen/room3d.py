@@ -485,10 +485,11 @@ def generate(out: str, cfg: Room3DConfig, splits: dict, seed: int, shard_size: i
 
     from tqdm import tqdm
 
-    from .config import StoreConfig
+    from .config import StoreConfig, check_seed
     from .store import StoreWriter
 
     cfg.validate()
+    check_seed(seed)
     StoreConfig(shard_size=shard_size, splits=dict(splits)).validate()
     if workers < 1:
         from .config import ConfigError

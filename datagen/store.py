@@ -199,6 +199,9 @@ class StoreWriter:
                 raise StoreError(
                     f"{path} exists and is not a Zarr store; move it away or choose another output path"
                 )
+            bad = _node_problem(fs, where, path, "zarr.json", "group")
+            if bad:
+                raise StoreError(f"{bad.removesuffix(REGENERATE)}move it away or choose another output path")
             root = zarr.open_group(str(path), mode="r")
             attrs = dict(root.attrs)
             if _creation_unfinished(root, attrs, spec):
@@ -644,17 +647,73 @@ def validate_store(path: str | Path, check: str = "shards") -> list[str]:
     return problems
 
 
+def _node_problem(fs, where: str, path, rel: str, kind: str | None = None) -> str | None:
+    """What is wrong with the Zarr metadata file `rel` (e.g. "train/images/zarr.json") of the store at
+    `path`, or None when it is a JSON object of a Zarr v3 node (of `kind`, "group" or "array", if given).
+    zarr itself fails on a damaged one with a bare JSONDecodeError or an unrelated TypeError."""
+    import json
+
+    name = f"{str(path).rstrip('/')}/{rel}"
+    try:
+        meta = json.loads(fs.cat_file(f"{where}/{rel}"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        return f"{name} is not valid JSON ({e}): the store's metadata is damaged; {REGENERATE}"
+    node = meta.get("node_type") if isinstance(meta, dict) else None
+    if node not in ("group", "array") or meta.get("zarr_format") != 3 or (kind and node != kind):
+        return (f"{name} does not hold a Zarr v3 {kind or 'group or array'}'s metadata (it holds "
+                f"{_shorten(meta)}): the store's metadata is damaged; {REGENERATE}")
+    return None
+
+
+def _shorten(v, limit: int = 60) -> str:
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _damaged_metadata(fs, where: str, path, splits) -> list[str]:
+    """The damaged metadata files of the split groups and their arrays: zarr names none of them."""
+    problems = []
+    for split in splits:
+        rel = f"{split}/zarr.json"
+        if not fs.exists(f"{where}/{rel}"):
+            continue  # a missing group is reported as such
+        bad = _node_problem(fs, where, path, rel, "group")
+        if bad:
+            problems.append(bad)
+            continue
+        for member in sorted(fs.ls(f"{where}/{split}", detail=False)):
+            rel = f"{split}/{member.rstrip('/').rsplit('/', 1)[-1]}/zarr.json"
+            bad = _node_problem(fs, where, path, rel) if fs.exists(f"{where}/{rel}") else None
+            if bad:
+                problems.append(bad)
+    return problems
+
+
 def _check_metadata(path) -> tuple[list, zarr.Group | None, dict]:
     fs, where = _location(path)
     if not fs.exists(where):
         return [f"{path} does not exist"], None, {}
     if not fs.exists(f"{where}/zarr.json"):
         return [f"{path} is not a Zarr v3 store (no zarr.json)"], None, {}
+    bad = _node_problem(fs, where, path, "zarr.json", "group")
+    if bad:
+        return [bad], None, {}
     try:
         root = zarr.open_group(str(path), mode="r")
     except Exception as e:  # noqa: BLE001 - any failure to open is the problem to report
         return [f"{path} cannot be opened as a Zarr group: {e}"], None, {}
-    a = dict(root.attrs)
+    try:
+        return _check_layout(root, dict(root.attrs))
+    except Exception as e:  # noqa: BLE001 - zarr could not read a member's metadata: find and name the file
+        splits = dict(root.attrs).get("splits")
+        damaged = _damaged_metadata(fs, where, path, [k for k in splits if isinstance(k, str)]
+                                    if isinstance(splits, dict) else [])
+        return damaged or [f"{path}: the metadata of its groups or arrays cannot be read ({type(e).__name__}: "
+                           f"{e}); {REGENERATE}"], None, {}
+
+
+def _check_layout(root: zarr.Group, a: dict) -> tuple[list, zarr.Group | None, dict]:
+    """_check_metadata's checks once the root group is open."""
     problems = []
     if a.get("schema") != SCHEMA:
         return [f"schema is {a.get('schema')!r}, expected {SCHEMA!r}: not a store written by datagen"], root, a

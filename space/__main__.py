@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,9 +13,39 @@ import yaml
 from .config import PRESETS, Config, ConfigError, merge
 
 
-def _parse_value(text: str):
+def _parse_value(item: str, text: str):
     """Values of --set are YAML: 8, 1e-4, true, [0.1, 0.01], {start: 0.1, end: 0.01}."""
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item}: the value is not valid YAML ({_one_line(e)}); e.g. "
+                          "model.grid_size=8, train.fg_lr=1e-4, or a list in brackets [0.1, 0.01]") from None
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def _read_config_file(path: str) -> dict:
+    """A --config file: a YAML mapping of sections (model:, train:), each a mapping of settings."""
+    try:
+        with open(path) as fh:
+            d = yaml.safe_load(fh)
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror or e}); give a YAML file "
+                          "with model: and train: sections") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path} is not valid YAML ({_one_line(e)})") from None
+    if d is None:  # an empty file: nothing over the preset
+        return {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"--config {path} holds a {type(d).__name__}, not a mapping of sections; give "
+                          "model: and train: sections of NAME: VALUE settings")
+    for section, values in d.items():
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"--config {path}: section {section}: holds {values!r}, not a mapping of "
+                              f"settings; write it as {section}: {{NAME: VALUE, ...}} or one NAME: VALUE a line")
+    return {k: v or {} for k, v in d.items()}  # an empty section: no settings over the preset's
 
 
 def resolve_config(preset_name: str, config_file: str | None, sets: list[str]) -> Config:
@@ -22,15 +53,64 @@ def resolve_config(preset_name: str, config_file: str | None, sets: list[str]) -
         raise ConfigError(f"unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}")
     d = merge({}, PRESETS[preset_name])
     if config_file:
-        with open(config_file) as fh:
-            d = merge(d, yaml.safe_load(fh) or {})
+        d = merge(d, _read_config_file(config_file))
     for item in sets or []:
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot or section not in ("model", "train"):
             raise ConfigError(f"--set takes model.NAME=VALUE or train.NAME=VALUE, got {item!r}")
-        d = merge(d, {section: {name: _parse_value(value)}})
+        d = merge(d, {section: {name: _parse_value(item, value)}})
     return Config.from_dict(d).validate()
+
+
+def output_file(path: str, flag: str, formats=None) -> Path:
+    """Check before any work that a file can be written at `path` (its missing parent folders are made
+    when it is written): a bad --out fails now with one line, not in a traceback after the work, and
+    nothing is created for a command that is then refused. `formats`: the file name endings the writer
+    knows, when it picks the format by the name (PIL, matplotlib)."""
+    p = Path(path)
+    if formats is not None and p.suffix.lower() not in formats:
+        raise ConfigError(f"{flag} {path}: give a file name ending in .png (or another of "
+                          f"{', '.join(sorted(formats)[:8])}, ...)")
+    if p.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; give the path of a file")
+    _check_creatable(p.parent, f"{flag} {path}")
+    return p
+
+
+def output_dir(path: str, flag: str) -> Path:
+    """Check before any work that the folder `path` exists or can be made, and files written in it."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{flag} {path} is a file, not a folder; give a folder (made if missing)")
+    _check_creatable(p, f"{flag} {path}")
+    return p
+
+
+def _check_creatable(folder: Path, what: str) -> None:
+    """`folder` exists, or its nearest existing ancestor is a folder where files can be written."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what}: cannot write there, {existing} is a file; choose another path")
+    try:  # a file made and removed: permissions, a read-only filesystem
+        probe = existing / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot write there ({e.strerror or e}: {existing}); choose another path") from None
+
+
+def _write_png(image, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def _image_formats() -> set:
+    from PIL import Image
+
+    return set(Image.registered_extensions())
 
 
 def _run_dir(location: str, only=("checkpoints/last.pt",)):
@@ -78,14 +158,15 @@ def cmd_train(ns) -> int:
     if ns.device is not None:
         cfg.train.device = ns.device
     cfg.validate()
+    summary = output_file(ns.summary, "--summary") if ns.summary else None  # before training, not after
     lean_host_allocator(cfg.train.malloc_mmap_threshold_mib)  # before torch allocates anything
     from .train import train
 
     last = train(cfg, ns.data, ns.out, progress=not ns.quiet, restart=ns.restart)
     print(json.dumps(last), file=sys.stderr)
-    if ns.summary:
-        with open(ns.summary, "w") as fh:
-            json.dump({"run": ns.out, "data": ns.data, **last}, fh, indent=2)
+    if summary:
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(json.dumps({"run": ns.out, "data": ns.data, **last}, indent=2))
     return 0
 
 
@@ -97,7 +178,9 @@ def cmd_sample(ns) -> int:
 
     if ns.count < 1:
         raise ConfigError(f"--count: must be at least 1, got {ns.count}")
-
+    if not 0 <= ns.seed < 2**63:  # torch.manual_seed's range
+        raise ConfigError(f"--seed: a non-negative integer below 2**63, got {ns.seed}")
+    output_file(ns.out, "--out", _image_formats())
     _, _, path, _ = _run_checkpoint(ns.run, ns.checkpoint)
     state = load_checkpoint(path)
     cfg = Config.from_dict(state["config"])
@@ -109,7 +192,7 @@ def cmd_sample(ns) -> int:
     for i, img in enumerate(images):
         arr = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
         sheet.paste(Image.fromarray(arr), ((i % cols) * n, (i // cols) * n))
-    sheet.save(ns.out)
+    _write_png(sheet, ns.out)
     print(f"wrote {ns.out}", file=sys.stderr)
     return 0
 
@@ -124,6 +207,9 @@ def cmd_show(ns) -> int:
     from .train import load_checkpoint
     from .viz import COLUMNS, decomposition_grid
 
+    if ns.count < 1:
+        raise ConfigError(f"--count: must be at least 1, got {ns.count}")
+    output_file(ns.out, "--out", _image_formats())
     _, _, path, _ = _run_checkpoint(ns.run, ns.checkpoint)
     state = load_checkpoint(path)
     cfg = Config.from_dict(state["config"])
@@ -138,7 +224,7 @@ def cmd_show(ns) -> int:
     x = data.__getitems__(np.asarray(frames))
     with torch.no_grad():
         out = model(x, int(state["step"]))
-    Image.fromarray(decomposition_grid(x, out, rows=len(frames))).save(ns.out)
+    _write_png(Image.fromarray(decomposition_grid(x, out, rows=len(frames))), ns.out)
     print(f"wrote {ns.out} (columns: {COLUMNS})", file=sys.stderr)
     return 0
 
@@ -153,8 +239,14 @@ def cmd_evaluate(ns) -> int:
         raise ConfigError(f"--threshold: a z_pres probability in [0, 1), got {ns.threshold}")
     if ns.frames is not None and ns.frames < 1:
         raise ConfigError(f"--frames: at least 1, got {ns.frames}")
+    if ns.batch_size < 1:
+        raise ConfigError(f"--batch-size: at least 1, got {ns.batch_size}")
     device = str(pick_device(ns.device, "--device"))
+    if ns.out is not None:
+        output_dir(ns.out, "--out")
     mirror, run, path, _ = _run_checkpoint(ns.run, ns.checkpoint)
+    if ns.out is None:
+        output_dir(str(run / "eval" / ns.split), "the output folder (default of --out)")
     metrics = evaluate(str(run), ns.data, ns.split, ns.out, ns.threshold, ns.batch_size, ns.frames, device,
                        progress=not ns.quiet, checkpoint=path)
     if ns.out is None:
@@ -172,19 +264,27 @@ def cmd_summary(ns) -> int:
     missing = [f for f in ns.metrics if not Path(f).is_file()]
     if missing:
         raise ConfigError(f"no metrics file at {', '.join(missing)}; run `python -m space evaluate` first")
+    markdown = output_file(ns.out_markdown, "--out-markdown") if ns.out_markdown else None
+    rows_json = output_file(ns.out_json, "--out-json") if ns.out_json else None
     table, rows = summary(ns.metrics)
-    if ns.out_markdown:
-        Path(ns.out_markdown).write_text(table)
+    for f in (markdown, rows_json):
+        if f:
+            f.parent.mkdir(parents=True, exist_ok=True)
+    if markdown:
+        markdown.write_text(table)
     else:
         print(table, end="")
-    if ns.out_json:
-        Path(ns.out_json).write_text(json.dumps(rows, indent=2))
+    if rows_json:
+        rows_json.write_text(json.dumps(rows, indent=2))
     return 0
 
 
 def cmd_curves(ns) -> int:
+    from matplotlib.backend_bases import FigureCanvasBase
+
     from .curves import plot_curves
 
+    output_file(ns.out, "--out", {f".{k}" for k in FigureCanvasBase.get_supported_filetypes()})
     # An object-store run's mirror keeps the run's name, which labels its curves.
     local = [str(_run_dir(r, only=("metrics.csv", "val.csv"))[1]) for r in ns.runs]
     plot_curves(local, ns.out, ns.labels)
@@ -269,7 +369,13 @@ def main(argv=None) -> int:
     from .train import CheckpointError, TrainingDiverged
 
     try:
-        return ns.func(ns)
+        code = ns.func(ns)
+        sys.stdout.flush()  # a reader that went away (`| head`) shows here, not in Python's exit
+        return code
+    except BrokenPipeError:
+        from datagen.__main__ import broken_pipe
+
+        return broken_pipe()
     except (ConfigError, StoreError, CheckpointError, TrainingDiverged, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

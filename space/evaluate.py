@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config
+from .config import Config, ConfigError
 from .data import StoreDataset
 from .metrics import adjusted_rand_index, centre_scores, coco_ap, count_scores, matched_mask_iou, paper_ap, subset_scores
 from .model import SPACE, to_canvas
@@ -164,6 +164,11 @@ def evaluate(run: str, data: str, split: str = "test", out: str | None = None, t
     from .train import load_checkpoint
 
     checkpoint = Path(checkpoint) if checkpoint else Path(run) / "checkpoints" / "last.pt"
+    if batch_size < 1:
+        raise ConfigError(f"batch_size: at least 1, got {batch_size}")
+    folder = Path(out) if out else Path(run) / "eval" / split
+    if folder.exists() and not folder.is_dir():  # found now, not after scoring every frame
+        raise ConfigError(f"the output folder {folder} is a file; give a folder (created if missing)")
     state = load_checkpoint(checkpoint)
     cfg = Config.from_dict(state["config"])
     step = int(state["step"])
@@ -212,20 +217,23 @@ def evaluate(run: str, data: str, split: str = "test", out: str | None = None, t
     metrics.update({f"baseline_{k}": v for k, v in baseline.items()})
     # Which store the model learnt from and which it was scored on (digests of datagen's store identity): a
     # reader of metrics.json can tell a model scored on its own data from one scored on a store since remade.
+    # Both by the run record's store_identity, so a store without an `identity` attribute (written by another
+    # program) is named alike when trained on and when scored.
     from datagen.store import identity_digest
+
+    from .record import store_identity
 
     record = state.get("record") or {}
     metrics.update(trained_on=identity_digest((record.get("store") or {}).get("identity")),
-                   scored_on=identity_digest(dataset.store.attrs.get("identity")))
+                   scored_on=identity_digest(store_identity(dataset.store)))
     metrics.update(checkpoint=checkpoint.name, frames=n, split=split, step=step, threshold=threshold, objects=sum(len(g) for g in gt_boxes),
                    detections=sum(len(d[0]) for d in dets), seconds=round(seconds, 2))
     if is_atari:
         metrics["atari"] = atari_scores(dataset.store, split, n, gt_boxes, dets)
         metrics["baseline_atari"] = atari_scores(dataset.store, split, n, gt_boxes, baseline_dets)
 
-    folder = Path(out) if out else Path(run) / "eval" / split
-    folder.mkdir(parents=True, exist_ok=True)
     gt_json, det_json = coco_files(gt_boxes, dets, size, split)
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "ground_truth.json").write_text(json.dumps(gt_json))
     (folder / "detections.json").write_text(json.dumps(det_json))
     # AP is undefined (NaN) on a split without objects: null in JSON.

@@ -177,6 +177,38 @@ def _check_structure(state, path: Path, need: tuple) -> None:
         wrong.append("rng is not a list of RNG states")
     if wrong:
         raise CheckpointError(f"{what}: {'; '.join(wrong)}; {fix}")
+    if "model" in need and "config" in need:
+        misfit = weight_mismatches(state["model"], Config.from_dict(state["config"]))
+        if misfit:
+            raise CheckpointError(f"{path}: its weights do not fit the model its config describes "
+                                  f"({'; '.join(misfit)}); {fix}")
+
+
+def weight_mismatches(weights: dict, cfg: Config, limit: int = 3) -> list[str]:
+    """How `weights` fail to fit the SPACE model of `cfg` (missing or unexpected keys, other shapes), the
+    first `limit` of each; empty when load_state_dict will take them. Checked on loading, so that a
+    mismatch is named instead of surfacing as load_state_dict's many-line RuntimeError."""
+    try:
+        with torch.random.fork_rng(devices=[]):  # building the model draws initial weights: leave the RNG be
+            expected = SPACE(cfg.model).state_dict()
+    except (ConfigError, ValueError, TypeError, RuntimeError) as e:
+        return [f"the model cannot be built ({type(e).__name__}: {e})"]
+
+    def first(items: list) -> str:
+        return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    shapes = [f"{k} is {tuple(weights[k].shape)}, the model's {tuple(v.shape)}"
+              for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing: {first(missing)}")
+    if unexpected:
+        problems.append(f"not in the model: {first(unexpected)}")
+    if shapes:
+        problems.append(f"other shapes: {first(shapes)}")
+    return problems
 
 
 def load_checkpoint(path: Path, cfg: Config | None = None, map_location="cpu", need: tuple = SCORE_KEYS,
@@ -222,6 +254,9 @@ class CsvLog:
         if resume_step is not None and path.exists():
             with open(path, newline="") as fh:
                 rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
+        # The wall time the kept rows reached: a resumed run's clock continues from it, not from 0.
+        walls = [float(r["wall_s"]) for r in rows if r.get("wall_s") not in ("", None)]
+        self.wall_s = max(walls, default=0.0)
         with open(path, "w", newline="") as fh:
             w = csv.DictWriter(fh, fields)
             w.writeheader()
@@ -281,6 +316,21 @@ class ParameterWatch:
                 f"loss terms at that step: {losses}; stopped without writing a checkpoint (the last good one "
                 f"is kept). Lower {lr_key} (now {lrs[lr_key]:g}) and train again with --restart."
             )
+
+
+def optimiser_step(opt: torch.optim.Optimizer, step: int, group: str, lr_key: str, lr: float) -> None:
+    """opt.step(), with a learning rate too large for float32 (the optimisers' step size, e.g. Adam's
+    lr / (1 - beta1), must fit) named as divergence rather than torch's bare overflow RuntimeError."""
+    try:
+        opt.step()
+    except RuntimeError as e:
+        if "without overflow" not in str(e):
+            raise
+        raise TrainingDiverged(
+            f"step {step}: the {group} optimiser's step overflowed float32 with {lr_key} {lr:g} ({e}); "
+            f"stopped without writing a checkpoint (the last good one is kept). Lower {lr_key} (float32 "
+            "holds at most 3.4e38; useful rates are far below 1) and train again with --restart."
+        ) from None
 
 
 VAL_FIELDS = ("step", "wall_s", "val_mse", "val_ap50", "val_count_error")
@@ -535,7 +585,8 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
     from tqdm import tqdm
 
     bar = tqdm(total=steps, initial=start, unit="step", disable=not (progress and is_main), dynamic_ncols=True)
-    t0 = time.perf_counter()
+    # wall_s counts on from where the logs of a resumed run left off, so curves against time run forwards.
+    t0 = time.perf_counter() - (max(log.wall_s, val_log.wall_s) if is_main else 0.0)
     last = {}
     step = start
     model.train()
@@ -564,8 +615,8 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
         if not torch.isfinite(grad_norm):
             raise TrainingDiverged(f"step {step}: the gradient norm became {float(grad_norm)}; stopped, "
                                    "the last good checkpoint is kept")
-        opt_fg.step()
-        opt_bg.step()
+        optimiser_step(opt_fg, step, "foreground", "train.fg_lr", t_cfg.fg_lr)
+        optimiser_step(opt_bg, step, "background", "train.bg_lr", bg_lr)
         watch.check(step, terms, {"train.fg_lr": t_cfg.fg_lr, "train.bg_lr": bg_lr})
         step += 1
         bar.update(1)

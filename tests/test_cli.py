@@ -85,6 +85,7 @@ BAD = [
     (["--min-visible-pixels", "100000"], ["min_visible_pixels"]),
     # passes every check, but objects this small never show 12 pixels: caught by the trial frame
     (["--image-size", "16"], ["visible objects", "min_visible_pixels"]),
+    (["--seed", "-1"], ["seed", "non-negative"]),  # numpy's SeedSequence refuses it deep in the renderer
 ]
 
 
@@ -104,6 +105,13 @@ def test_bad_input_refused_before_any_work(tmp_path, flags, words):
     assert "Traceback" not in r.stderr
     assert not out.exists(), "output was created although the input was refused"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_negative_atari_seed_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "new.zarr"
+    r = cli("atari", out, "--quiet", "--seed", "-1", "--split", "train=100000", timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("error: seed") and "non-negative" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
 
 
 def test_complete_store_is_not_overwritten(small, tmp_path):
@@ -282,6 +290,18 @@ def test_inspect_json(small):
         assert sum(v["objects_per_category"].values()) == c.sum()
         assert v["arrays"]["images"] == [[len(c), 64, 64, 3], "uint8"]
         assert "_shards_done" not in v["arrays"]
+
+
+def test_inspect_into_a_closed_pipe_stops_quietly(small):
+    """`inspect S | head -2`: the reader is gone before the summary is written (closed here before the
+    child writes anything, so the broken pipe is certain): no BrokenPipeError traceback, status 141 as
+    for a command stopped by SIGPIPE."""
+    p = subprocess.Popen([sys.executable, "-m", "datagen", "inspect", str(small)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, cwd=REPO, env=ENV)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 141, err
+    assert err == "", err
 
 
 def test_inspect_missing_path(tmp_path):

@@ -17,6 +17,7 @@ import torch
 
 from space.__main__ import main as space_main
 from space.__main__ import resolve_config
+from space.model import SPACE
 from space.train import train
 
 from conftest import TORCH_THREADS  # noqa: E402
@@ -87,6 +88,7 @@ def test_evaluate_default_folder_is_in_the_run(trained, capsys):
     (["--split", "val"], ["val"]),
     (["--threshold", "1.5"], ["--threshold"]),
     (["--frames", "0"], ["--frames"]),
+    (["--batch-size", "0"], ["--batch-size", "at least 1"]),
 ])
 def test_evaluate_bad_input_is_named(trained, tmp_path, capsys, argv, words):
     store, run = trained
@@ -97,6 +99,49 @@ def test_evaluate_bad_input_is_named(trained, tmp_path, capsys, argv, words):
     for w in words:
         assert w in err
     assert not (tmp_path / "e").exists()
+
+
+def test_evaluate_output_folder_is_checked_before_scoring_and_made_when_missing(trained, tmp_path, capsys,
+                                                                                monkeypatch):
+    import space.evaluate
+
+    store, run = trained
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    scored = []
+    monkeypatch.setattr(space.evaluate, "SPACE", lambda *a, **kw: scored.append(1) or SPACE(*a, **kw))
+    for out in (blocker, blocker / "eval"):
+        rc = space_main(["evaluate", "--run", str(run), "--data", str(store), "--out", str(out), "--quiet",
+                         "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: --out") and len(err.strip().splitlines()) == 1, err
+    assert not scored and blocker.read_text() == "keep me"
+    out = tmp_path / "a" / "b"
+    assert space_main(["evaluate", "--run", str(run), "--data", str(store), "--out", str(out), "--quiet",
+                       "--device", "cpu", "--frames", "2", "--batch-size", "1"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["frames"] == 2
+
+
+def test_trained_on_and_scored_on_agree_for_a_store_without_an_identity(trained, tmp_path, capsys):
+    """A store written by another program need not carry `identity`: training records a fallback identity
+    for it (space.record.store_identity), and evaluate must name the store the same way, not None."""
+    import shutil
+
+    store, _ = trained
+    copy = tmp_path / "other.zarr"
+    shutil.copytree(store, copy)
+    meta = json.loads((copy / "zarr.json").read_text())
+    del meta["attributes"]["identity"]
+    (copy / "zarr.json").write_text(json.dumps(meta))
+    cfg = resolve_config("demo", None, ["model.n_components=2", "train.batch_size=2", "train.steps=1",
+                                        "train.val_every=0", f"train.threads={TORCH_THREADS}", "train.device=cpu"])
+    run = tmp_path / "run"
+    train(cfg, str(copy), str(run), progress=False)
+    assert space_main(["evaluate", "--run", str(run), "--data", str(copy), "--quiet", "--device", "cpu",
+                       "--frames", "2"]) == 0
+    capsys.readouterr()
+    metrics = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    assert metrics["scored_on"] is not None and metrics["scored_on"] == metrics["trained_on"], metrics
 
 
 def test_evaluate_without_a_checkpoint_is_named(trained, tmp_path, capsys):
@@ -119,6 +164,17 @@ def test_summary_table_over_runs(trained, tmp_path, capsys):
     assert lines[0].startswith("| run | split | ap50 |") and len(lines) == 4
     assert space_main(["summary", str(tmp_path / "missing.json")]) == 2
     assert "space evaluate" in capsys.readouterr().err
+    # outputs: under a file refused before anything is written, missing folders made
+    assert space_main(["summary", f, "--out-json", str(md / "s.json")]) == 2
+    assert f"{md} is a file" in capsys.readouterr().err
+    assert space_main(["summary", f, "--out-markdown", str(tmp_path / "new" / "s.md")]) == 0
+    assert (tmp_path / "new" / "s.md").read_text().splitlines() == md.read_text().splitlines()[:3]
+    # printed into a pipe whose reader has gone (`| head -1`): quiet, status 141 as for SIGPIPE
+    p = subprocess.Popen([sys.executable, "-m", "space", "summary", f], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, cwd=REPO)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 141 and err == "", err
 
 
 def test_instance_labels_give_each_pixel_to_the_front_glimpse():
@@ -152,6 +208,12 @@ def test_curves_figure_of_a_run(trained, tmp_path, capsys):
     assert space_main(["curves", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
     assert "no metrics.csv" in capsys.readouterr().err
     assert space_main(["curves", str(run), "--labels", "a", "b", "--out", str(tmp_path / "y.png")]) == 2
+    capsys.readouterr()
+    # an output under a file, or in a format matplotlib does not write: one line, before the figure
+    assert space_main(["curves", str(run), "--out", str(out / "c.png")]) == 2
+    assert f"{out} is a file" in capsys.readouterr().err
+    assert space_main(["curves", str(run), "--out", str(tmp_path / "c.foo")]) == 2
+    assert "ending in .png" in capsys.readouterr().err
 
 
 def test_evaluate_on_an_atari_store_scores_games_and_categories(tmp_path, capsys):

@@ -213,6 +213,17 @@ def test_resume_continues_the_validation_curve(resume_runs):
         assert float(rb["val_mse"]) == pytest.approx(float(ra["val_mse"]), rel=RESUME_RTOL), ra["step"]
 
 
+def test_a_resumed_runs_wall_time_runs_on(resume_runs):
+    """wall_s of the resumed run continues from the kept rows (step 2, then 3 and 4 after the resume):
+    restarted from 0, curves against wall time would run backwards."""
+    _, b, _ = resume_runs
+    for name in ("metrics.csv", "val.csv"):
+        walls = [float(r["wall_s"]) for r in read_csv(b / name)]
+        assert walls == sorted(walls), (name, walls)
+    rows = read_csv(b / "metrics.csv")
+    assert float(rows[2]["wall_s"]) > float(rows[1]["wall_s"])  # step 3, the first after the resume
+
+
 def test_resume_keeps_the_best_checkpoint_of_the_uninterrupted_run(resume_runs):
     a, b, _ = resume_runs
     best_a = torch.load(a / "checkpoints" / "best.pt", weights_only=True)
@@ -416,6 +427,38 @@ def test_bad_settings_are_named(store, tmp_path, capsys, argv, words):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("text,words", [
+    ("model: {grid_size: [4\n", ["is not valid YAML"]),
+    ("- 1\n- 2\n", ["holds a list", "not a mapping of sections"]),
+    ("train: 5\n", ["section train:", "holds 5"]),  # was silently the preset's train settings
+    ("model: [4, 8]\n", ["section model:"]),
+    (None, ["cannot read it", "No such file"]),
+])
+def test_a_bad_config_file_is_named(store, tmp_path, capsys, text, words):
+    config = tmp_path / "c.yaml"
+    if text is not None:
+        config.write_text(text)
+    rc, err = run_main(capsys, "train", "--data", str(store), "--out", str(tmp_path / "run"), *tiny_args(),
+                       "--config", str(config))
+    assert one_line_error(rc, err) and f"--config {config}" in err, (rc, err)
+    for w in words:
+        assert w in err, (w, err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_file_with_empty_sections_is_the_preset(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\ntrain: {}\n")
+    assert resolve_config("demo", str(config), []) == resolve_config("demo", None, [])
+
+
+def test_a_set_value_that_is_not_yaml_is_named(store, tmp_path, capsys):
+    rc, err = run_main(capsys, "train", "--data", str(store), "--out", str(tmp_path / "run"), *tiny_args(),
+                       "--set", "model.grid_size=[4")
+    assert one_line_error(rc, err) and "--set model.grid_size=[4: the value is not valid YAML" in err, (rc, err)
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_subprocess_exit_code_for_unknown_preset(store, tmp_path):
     r = subprocess.run([sys.executable, "-m", "space", "train", "--data", str(store), "--out", str(tmp_path / "r"),
                         "--preset", "nope"], capture_output=True, text=True, timeout=300, cwd=REPO, env=ENV)
@@ -581,6 +624,27 @@ def test_a_blow_up_stops_naming_the_parameters_and_terms_and_saves_nothing(store
     assert not (run / "checkpoints").exists()  # nothing that a resume would crash on
 
 
+def test_a_learning_rate_that_overflows_the_optimiser_is_named(store, tmp_path, capsys):
+    """Adam's step size lr / (1 - beta1) = 1e39 does not fit float32: torch raises 'value cannot be
+    converted to type float without overflow' inside the optimiser step."""
+    run = tmp_path / "run"
+    rc, err = train_cli(capsys, store, run, "--set", "train.bg_lr=1e38", "--set", "train.checkpoint_every=1")
+    assert one_line_error(rc, err), (rc, err)
+    assert "step 0: the background optimiser's step overflowed" in err and "Lower train.bg_lr" in err, err
+    assert not (run / "checkpoints").exists()
+
+
+def test_an_rmsprop_learning_rate_beyond_float32_is_named():
+    from space.train import optimiser_step
+
+    w = torch.nn.Parameter(torch.ones(3))
+    w.grad = torch.ones(3)
+    with pytest.raises(TrainingDiverged, match=r"step 7: the foreground optimiser's step overflowed float32 with "
+                                               r"train\.fg_lr 1e\+39 .* Lower train\.fg_lr"):
+        optimiser_step(torch.optim.RMSprop([w], lr=1e39), 7, "foreground", "train.fg_lr", 1e39)
+    optimiser_step(torch.optim.RMSprop([w], lr=1e-3), 8, "foreground", "train.fg_lr", 1e-3)  # a usual rate steps
+
+
 def test_the_parameter_watch_names_nan_and_infinity_but_not_large_weights():
     from space.train import ParameterWatch
 
@@ -614,6 +678,10 @@ def break_checkpoint(source: Path, target: Path, kind: str) -> None:
         state = [state["step"], state["model"]]
     elif kind == "no config":
         del state["config"]
+    elif kind == "missing weight":
+        del state["model"][BROKEN_WEIGHT]
+    elif kind == "weight shape":
+        state["model"][BROKEN_WEIGHT] = state["model"][BROKEN_WEIGHT][:1]
     else:  # "nan": as a run that diverged before the checks left it; "huge": finite weights that overflow
         state["model"][BROKEN_WEIGHT] = state["model"][BROKEN_WEIGHT] * (float("nan") if kind == "nan" else 1e30)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -622,10 +690,15 @@ def break_checkpoint(source: Path, target: Path, kind: str) -> None:
 
 @pytest.mark.parametrize("kind,words", [("list", ["holds a list", "format, step, config, model"]),
                                         ("no config", ["lacks config"]),
-                                        ("nan", ["NaN or infinite weights", BROKEN_WEIGHT])])
+                                        ("nan", ["NaN or infinite weights", BROKEN_WEIGHT]),
+                                        # load_state_dict's many-line RuntimeError, named in one line
+                                        ("missing weight", ["do not fit", f"missing: {BROKEN_WEIGHT}"]),
+                                        ("weight shape", ["do not fit", f"{BROKEN_WEIGHT} is (1, "])])
 @pytest.mark.parametrize("command", ["evaluate", "show", "sample", "train"])
 def test_a_broken_checkpoint_is_named_by_every_command(finished, store, tmp_path, capsys, kind, words, command):
-    break_checkpoint(finished / "checkpoints" / "last.pt", finished / "checkpoints" / "last.pt", kind)
+    for name in ("last.pt", "best.pt"):  # evaluate, show and sample score best.pt when the run has one
+        if (finished / "checkpoints" / name).exists():
+            break_checkpoint(finished / "checkpoints" / name, finished / "checkpoints" / name, kind)
     png = tmp_path / "x.png"
     argv = {"evaluate": ["--data", str(store), "--split", "val", "--out", str(tmp_path / "eval"), "--quiet",
                          "--device", "cpu"],
@@ -645,6 +718,39 @@ def test_a_broken_checkpoint_is_named_by_every_command(finished, store, tmp_path
             rc, err = train_cli(capsys, store, finished, "--steps", "1", "--restart")
             assert rc == 0, err
             assert torch.load(finished / "checkpoints" / "last.pt", weights_only=True)["step"] == 1
+
+
+def test_outputs_are_checked_before_the_work_and_their_folders_made(finished, store, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    run = tmp_path / "new_run"
+    # --summary under a file: refused before training (the run directory is not even made), not after it
+    rc, err = run_main(capsys, "train", "--data", str(store), "--out", str(run), *tiny_args(),
+                       "--summary", str(blocker / "s.json"))
+    assert one_line_error(rc, err) and "--summary" in err and f"{blocker} is a file" in err, (rc, err)
+    assert not run.exists()
+    show = ["show", "--run", str(finished), "--data", str(store), "--split", "val", "--count", "2"]
+    sample = ["sample", "--run", str(finished), "--count", "2"]
+    for argv, out, words in ((show, blocker / "x.png", [f"{blocker} is a file"]),
+                             (sample, blocker / "x.png", [f"{blocker} is a file"]),
+                             (sample, tmp_path / "x.txt", ["ending in .png"]),
+                             (show, tmp_path / "x", ["ending in .png"]),
+                             (show[:-1] + ["0"], tmp_path / "y.png", ["--count"]),
+                             (sample + ["--seed", str(2**64)], tmp_path / "z.png", ["--seed"])):
+        rc, err = run_main(capsys, *argv, "--out", str(out))
+        assert one_line_error(rc, err), (argv, rc, err)
+        for w in words:
+            assert w in err, (w, err)
+        assert not out.exists()
+    assert blocker.read_text() == "keep me"
+    # missing folders are made
+    summary = tmp_path / "a" / "b" / "s.json"
+    rc, err = train_cli(capsys, store, finished, "--summary", str(summary))
+    assert rc == 0, err
+    assert json.loads(summary.read_text())["step"] == 2
+    for argv, out in ((show, tmp_path / "c" / "show.png"), (sample, tmp_path / "d" / "e" / "sample.png")):
+        rc, err = run_main(capsys, *argv, "--out", str(out))
+        assert rc == 0 and out.is_file(), err
 
 
 @pytest.mark.parametrize("kind", ["nan", "huge"])

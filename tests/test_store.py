@@ -290,6 +290,30 @@ def test_not_a_store(tmp_path):
     assert "schema" in validate_store(g)[0]
 
 
+@pytest.mark.parametrize("rel, text, says", [
+    ("train/images/zarr.json", "{bad", "not valid JSON"),
+    ("train/images/zarr.json", "[1, 2]", "metadata"),
+    ("val/zarr.json", "{bad", "not valid JSON"),
+    ("zarr.json", "[1, 2]", "group's metadata"),
+])
+def test_damaged_metadata_file_is_named(small, tmp_path, rel, text, says):
+    """zarr fails on these with a bare JSONDecodeError or 'pop expected at most 1 argument'."""
+    copy = _copy(small, tmp_path)
+    (copy / rel).write_text(text)
+    problems = validate_store(copy)
+    assert len(problems) == 1 and f"{copy}/{rel}" in problems[0] and says in problems[0], problems
+    assert REGEN in problems[0]
+    with pytest.raises(StoreError, match=re.escape(f"{copy}/{rel}")):
+        Store(copy)
+    r = cli("coco", copy, "--split", "train")
+    assert r.returncode == 2 and r.stderr.startswith("error:") and rel in r.stderr, r.stderr
+    r = cli("inspect", copy, "--full")
+    assert r.returncode == 1 and "NOT a valid" in r.stderr and rel in r.stderr, r.stderr
+    if rel == "zarr.json":  # a writer asked to finish the store refuses it rather than fail inside zarr
+        with pytest.raises(StoreError, match="group's metadata"):
+            StoreWriter.create_or_resume(copy, _tiny_spec())
+
+
 # ------------------------------------------------------------------------ damaged stores (missing, truncated)
 
 
