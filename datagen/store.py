@@ -115,18 +115,6 @@ def _identity_diff(old: dict, new: dict) -> list:
     return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
-def identity_digest(identity: dict | None) -> str | None:
-    """A short, stable name for a store's identity (StoreSpec.identity: generator, parameters, seed,
-    splits, ...): the first 16 hex digits of SHA-256 over its canonical JSON. None for no identity."""
-    import hashlib
-    import json
-
-    if not identity:
-        return None
-    text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 class StoreError(Exception):
     """A store is missing, incomplete, of another schema, or would be overwritten."""
 

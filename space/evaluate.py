@@ -215,17 +215,15 @@ def evaluate(run: str, data: str, split: str = "test", out: str | None = None, t
     if has_masks:
         baseline.update(fg_ari=mean(base_aris), mask_miou=mean(base_ious))
     metrics.update({f"baseline_{k}": v for k, v in baseline.items()})
-    # Which store the model learnt from and which it was scored on (digests of datagen's store identity): a
-    # reader of metrics.json can tell a model scored on its own data from one scored on a store since remade.
-    # Both by the run record's store_identity, so a store without an `identity` attribute (written by another
-    # program) is named alike when trained on and when scored.
-    from datagen.store import identity_digest
-
-    from .record import store_identity
+    # Which store the model learnt from and which it was scored on (digests of how each was made and of its
+    # bytes, space/record.py): a reader of metrics.json can tell a model scored on its own data from one
+    # scored on a store since remade. Both through the run record's functions, so a store without an
+    # `identity` attribute (written by another program) is named alike when trained on and when scored.
+    from .record import store_digest, store_record
 
     record = state.get("record") or {}
-    metrics.update(trained_on=identity_digest((record.get("store") or {}).get("identity")),
-                   scored_on=identity_digest(store_identity(dataset.store)))
+    metrics.update(trained_on=store_digest(record.get("store")),
+                   scored_on=store_digest(store_record(dataset.store, data)))
     metrics.update(checkpoint=checkpoint.name, frames=n, split=split, step=step, threshold=threshold, objects=sum(len(g) for g in gt_boxes),
                    detections=sum(len(d[0]) for d in dets), seconds=round(seconds, 2))
     if is_atari:

@@ -74,14 +74,19 @@ def test_evaluate_default_folder_is_in_the_run(trained, capsys):
     assert space_main(["evaluate", "--run", str(run), "--data", str(store), "--quiet", "--device", "cpu"]) == 0
     metrics = json.loads((run / "eval" / "test" / "metrics.json").read_text())
     assert metrics["threshold"] == 0.5 and metrics["split"] == "test"
-    # The store the model learnt from, and the one it was scored on: here the same, by its identity.
+    # The store the model learnt from, and the one it was scored on: here the same, by how it was made
+    # (its identity attribute) and by its bytes (every file of it, hashed here independently).
     import hashlib
 
     import zarr
 
     identity = dict(zarr.open_group(str(store), mode="r").attrs)["identity"]
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
-    assert metrics["trained_on"] == metrics["scored_on"] == digest
+    content = hashlib.blake2b(digest_size=16)
+    for f in sorted(p for p in store.rglob("*") if p.is_file()):
+        content.update(f.relative_to(store).as_posix().encode() + b"\0")
+        content.update(f.read_bytes())
+    text = json.dumps({"identity": identity, "content": content.hexdigest()}, sort_keys=True)
+    assert metrics["trained_on"] == metrics["scored_on"] == hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @pytest.mark.parametrize("argv,words", [

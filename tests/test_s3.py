@@ -156,7 +156,8 @@ def test_a_run_on_s3_resumes_on_another_machine_and_is_scored_there(s3, tmp_path
         for k in TERMS:
             assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-4, abs=1e-3), (a["step"], k)
 
-    sh([sys.executable, "-m", "space", "evaluate", "--run", url, "--data", str(store), "--quiet"], env)
+    sh([sys.executable, "-m", "space", "evaluate", "--run", url, "--data", str(store), "--checkpoint", "last",
+        "--quiet"], env)
     import json
 
     metrics = json.loads(fs.cat(f"{BUCKET}/runs/demo/eval/test/metrics.json"))

@@ -547,6 +547,22 @@ def test_a_run_on_another_store_is_refused_but_the_same_store_elsewhere_resumes(
     assert json.loads((finished / "run.json").read_text())["store"]["path"] == str(moved)
 
 
+def test_a_store_with_the_same_parameters_but_other_frames_is_another_store(finished, store, tmp_path, capsys):
+    """A store remade by changed generator code (or edited in place) has the same identity attribute but
+    other bytes: the record's content digest tells them apart, so the run is not resumed on it."""
+    import zarr
+
+    changed = tmp_path / "changed.zarr"
+    shutil.copytree(store, changed)
+    images = zarr.open_group(str(changed), mode="r+")["train"]["images"]
+    images[0] = 255 - images[0]  # one frame inverted; every attribute unchanged
+    before = snapshot(finished)
+    rc, err = train_cli(capsys, changed, finished, "--steps", "3")
+    assert one_line_error(rc, err), (rc, err)
+    assert "store content" in err and "--restart" in err and "params" not in err
+    assert snapshot(finished) == before
+
+
 def test_more_steps_extend_a_run_and_fewer_than_its_checkpoint_are_refused(finished, store, capsys):
     before, rows_before = snapshot(finished), read_csv(finished / "metrics.csv")
     rc, err = train_cli(capsys, store, finished, "--steps", "1")
