@@ -146,7 +146,7 @@ def _run_checkpoint(location: str, which: str):
     for name in names:
         if mirror.exists(name):
             return mirror, mirror.pull((name,)), mirror.local / name, which
-    raise CheckpointError(f"no {names[-1]} in {location}; train the run first (python -m space train)")
+    raise CheckpointError(f"no {names[-1]} at {location}; train the run first (python -m space train)")
 
 
 def cmd_train(ns) -> int:
