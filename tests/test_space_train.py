@@ -87,15 +87,19 @@ def run_main(capsys, *argv: str) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
-@pytest.fixture(scope="session")
-def store(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("space_store") / "room.zarr"
+def make_store(path: Path, objects: tuple, train: int, val: int) -> Path:
+    """A 64x64 3D-Room store rendered by the generator's CLI."""
     r = subprocess.run(
-        [sys.executable, "-m", "datagen", "room3d", str(path), "--objects", "4", "8", "--split", "train=240",
-         "--split", "val=40", "--image-size", "64", "--seed", "11", "--quiet"],
+        [sys.executable, "-m", "datagen", "room3d", str(path), "--objects", *map(str, objects), "--split",
+         f"train={train}", "--split", f"val={val}", "--image-size", "64", "--seed", "11", "--quiet"],
         capture_output=True, text=True, timeout=600, cwd=REPO, env=ENV)
     assert r.returncode == 0, r.stderr
     return path
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory) -> Path:
+    return make_store(tmp_path_factory.mktemp("space_store") / "room.zarr", (4, 8), train=240, val=40)
 
 
 # ----------------------------------------------------------------------------------------- a CLI run
@@ -486,13 +490,7 @@ def finished(cli_run, tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def other_store(tmp_path_factory) -> Path:
     """Another store: other objects (and fewer frames, to be quick)."""
-    path = tmp_path_factory.mktemp("other_store") / "room.zarr"
-    r = subprocess.run(
-        [sys.executable, "-m", "datagen", "room3d", str(path), "--objects", "3", "6", "--split", "train=8",
-         "--split", "val=4", "--image-size", "64", "--seed", "11", "--quiet"],
-        capture_output=True, text=True, timeout=600, cwd=REPO, env=ENV)
-    assert r.returncode == 0, r.stderr
-    return path
+    return make_store(tmp_path_factory.mktemp("other_store") / "room.zarr", (3, 6), train=8, val=4)
 
 
 def train_cli(capsys, store, run, *extra) -> tuple[int, str]:
