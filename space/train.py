@@ -345,6 +345,7 @@ def validate(model, val_set: StoreDataset, batch_size: int, batches: int, seed: 
     from .metrics import coco_ap, count_scores
 
     sampler = StepBatchSampler(len(val_set), min(batch_size, len(val_set)), seed)
+    batches = min(batches, sampler.per_epoch)  # a split smaller than the batches asked is scored once over
     channels_last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
     model.eval()
     total, n, gt_boxes, dets = 0.0, 0, [], []

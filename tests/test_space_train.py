@@ -268,6 +268,18 @@ def test_validation_scores_agree_with_evaluate_and_the_best_checkpoint_is_scored
     assert rc == 2 and "nope.pt: no such file" in err
 
 
+def test_validation_scores_a_small_split_once_over(store):
+    """More validation batches than the split holds score each frame once, not some of them twice."""
+    from space.data import StoreDataset
+
+    cfg = tiny()
+    torch.manual_seed(0)
+    model = SPACE(cfg.model)
+    val = StoreDataset(str(store), "val", image_size=64)
+    once = space_train.validate(model, val, 2, 20, seed=1, device="cpu", step=0)  # 20 x 2 = the 40 frames
+    assert space_train.validate(model, val, 2, 30, seed=1, device="cpu", step=0) == once  # not 1.5 times over
+
+
 def test_a_run_that_never_validated_is_scored_on_its_last_checkpoint(cli_run, store, tmp_path, capsys):
     run = tmp_path / "run"
     train(tiny("train.steps=2", "train.val_every=0"), str(store), str(run), progress=False)
