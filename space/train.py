@@ -182,6 +182,32 @@ def _check_structure(state, path: Path, need: tuple) -> None:
         if misfit:
             raise CheckpointError(f"{path}: its weights do not fit the model its config describes "
                                   f"({'; '.join(misfit)}); {fix}")
+    if "opt_fg" in need and "opt_bg" in need:
+        with torch.random.fork_rng(devices=[]):
+            groups = SPACE(Config.from_dict(state["config"]).model).param_groups()  # (fg, bg) parameters
+        for name, params in zip(("opt_fg", "opt_bg"), groups):
+            why = optimiser_misfit(state[name], params)
+            if why:
+                raise CheckpointError(f"{path}: its {name} optimiser state does not fit the model ({why}); {fix}")
+
+
+def optimiser_misfit(saved: dict, params: list) -> str | None:
+    """How an optimiser's saved state fails to fit `params` (one group, as train builds them), or None.
+    torch's load_state_dict checks the group sizes only late and the state's shapes not at all: a misfit
+    would surface as a traceback inside the first optimiser step."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)
+            and len(groups[0].get("params", ())) == len(params)):
+        return f"its parameter groups do not hold the model's {len(params)} parameters"
+    index = dict(zip(groups[0]["params"], params))
+    for i, per in (saved.get("state") or {}).items():
+        p = index.get(i)
+        if p is None or not isinstance(per, dict):
+            return f"state for parameter {i!r}, which the group does not list"
+        for k, v in per.items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                return f"{k} of parameter {i} is {tuple(v.shape)}, the parameter's {tuple(p.shape)}"
+    return None
 
 
 def weight_mismatches(weights: dict, cfg: Config, limit: int = 3) -> list[str]:

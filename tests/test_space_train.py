@@ -746,6 +746,23 @@ def test_a_broken_checkpoint_is_named_by_every_command(finished, store, tmp_path
             assert torch.load(finished / "checkpoints" / "last.pt", weights_only=True)["step"] == 1
 
 
+@pytest.mark.parametrize("kind,words", [("state shape", ["opt_fg optimiser state does not fit", "is (1,)"]),
+                                        ("group size", ["opt_bg optimiser state does not fit", "parameter groups"])])
+def test_an_optimiser_state_that_does_not_fit_is_named_before_resuming(finished, store, capsys, kind, words):
+    """torch's load_state_dict would take a state of other shapes and fail inside the first step."""
+    path = finished / "checkpoints" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    if kind == "state shape":
+        first = next(iter(state["opt_fg"]["state"]))
+        state["opt_fg"]["state"][first]["square_avg"] = torch.zeros(1)
+    else:
+        state["opt_bg"]["param_groups"][0]["params"] = state["opt_bg"]["param_groups"][0]["params"][:3]
+    torch.save(state, path)
+    rc, err = train_cli(capsys, store, finished, "--steps", "3")
+    assert one_line_error(rc, err), (rc, err)
+    assert "cannot be resumed" in err and "--restart" in err and all(w in err for w in words), err
+
+
 def test_outputs_are_checked_before_the_work_and_their_folders_made(finished, store, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("keep me")
