@@ -177,15 +177,20 @@ def _check_structure(state, path: Path, need: tuple) -> None:
         wrong.append("rng is not a list of RNG states")
     if wrong:
         raise CheckpointError(f"{what}: {'; '.join(wrong)}; {fix}")
-    if "model" in need and "config" in need:
-        misfit = weight_mismatches(state["model"], Config.from_dict(state["config"]))
-        if misfit:
-            raise CheckpointError(f"{path}: its weights do not fit the model its config describes "
-                                  f"({'; '.join(misfit)}); {fix}")
+    if not ("model" in need and "config" in need):
+        return
+    try:
+        with torch.random.fork_rng(devices=[]):  # building the model draws initial weights: leave the RNG be
+            model = SPACE(Config.from_dict(state["config"]).model)
+    except (ConfigError, ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: its weights do not fit the model its config describes (the model "
+                              f"cannot be built: {type(e).__name__}: {e}); {fix}") from None
+    misfit = weight_mismatches(state["model"], model)
+    if misfit:
+        raise CheckpointError(f"{path}: its weights do not fit the model its config describes "
+                              f"({'; '.join(misfit)}); {fix}")
     if "opt_fg" in need and "opt_bg" in need:
-        with torch.random.fork_rng(devices=[]):
-            groups = SPACE(Config.from_dict(state["config"]).model).param_groups()  # (fg, bg) parameters
-        for name, params in zip(("opt_fg", "opt_bg"), groups):
+        for name, params in zip(("opt_fg", "opt_bg"), model.param_groups()):  # (fg, bg) parameters
             why = optimiser_misfit(state[name], params)
             if why:
                 raise CheckpointError(f"{path}: its {name} optimiser state does not fit the model ({why}); {fix}")
@@ -210,15 +215,11 @@ def optimiser_misfit(saved: dict, params: list) -> str | None:
     return None
 
 
-def weight_mismatches(weights: dict, cfg: Config, limit: int = 3) -> list[str]:
-    """How `weights` fail to fit the SPACE model of `cfg` (missing or unexpected keys, other shapes), the
-    first `limit` of each; empty when load_state_dict will take them. Checked on loading, so that a
-    mismatch is named instead of surfacing as load_state_dict's many-line RuntimeError."""
-    try:
-        with torch.random.fork_rng(devices=[]):  # building the model draws initial weights: leave the RNG be
-            expected = SPACE(cfg.model).state_dict()
-    except (ConfigError, ValueError, TypeError, RuntimeError) as e:
-        return [f"the model cannot be built ({type(e).__name__}: {e})"]
+def weight_mismatches(weights: dict, model: torch.nn.Module, limit: int = 3) -> list[str]:
+    """How `weights` fail to fit `model` (missing or unexpected keys, other shapes), the first `limit` of
+    each; empty when load_state_dict will take them. Checked on loading, so that a mismatch is named
+    instead of surfacing as load_state_dict's many-line RuntimeError."""
+    expected = model.state_dict()
 
     def first(items: list) -> str:
         return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
