@@ -495,21 +495,37 @@ class Foreground(nn.Module):
             # and with the prior's spread: softplus(b) = z_scale_prior_std
             self.z_scale_net.bias[2:].fill_(math.log(math.expm1(cfg.z_scale_prior_std)))
 
-    def forward(self, x, z_scale_prior_mean: float, z_pres_prior: float, tau: float):
+    def glimpse_nll(self, glimpses, o_att, size, keep):
+        """Each glimpse's appearance o_att scored as a reconstruction of the glimpse itself: minus the log
+        density of N(o_att, fg_sigma), averaged over the glimpse's pixels and scaled to the image pixels it
+        covers, so it weighs like the image likelihood over that region. (M,)
+
+        Not in the paper (model.glimpse_loss_weight). The ELBO trains a glimpse's decoder only where the
+        foreground already explains pixels better than the background, so a decoder that has learnt one
+        colour never gets the gradient to learn another; this term trains it on every glimpse. The
+        glimpses and their sizes are constants here: it trains the glimpse encoder and decoder only."""
+        size = size.detach() if keep is None else size.detach()[keep]  # (M, 2)
+        area = size[:, 0] * size[:, 1] * self.cfg.image_size**2  # (M,) image pixels under the glimpse
+        sq = ((glimpses.detach() - o_att) / self.cfg.fg_sigma) ** 2  # (M, 3, S, S)
+        nll = 0.5 * sq.sum(1).mean((1, 2)) + 3 * (math.log(self.cfg.fg_sigma) + 0.5 * LOG_2PI)
+        return nll * area
+
+    def forward(self, x, z_scale_prior_mean: float, z_pres_prior: float, tau: float, glimpse_weight: float = 0.0):
         """x (B, 3, N, N) -> the foreground's outputs, a dict of per-image tensors (batch first)."""
         chunk = self.checkpoint_images
         if not (chunk and torch.is_grad_enabled() and x.shape[0] > chunk):
-            return self.infer(x, z_scale_prior_mean, z_pres_prior, tau)
+            return self.infer(x, z_scale_prior_mean, z_pres_prior, tau, glimpse_weight)
         # Activation checkpointing: every foreground layer works per image, so the batch runs in chunks
         # whose activations are dropped after the forward pass and recomputed, one chunk at a time, in the
         # backward pass (with the same random draws: checkpoint restores the RNG state).
-        parts = [checkpoint(self.infer, xc, z_scale_prior_mean, z_pres_prior, tau, use_reentrant=False)
+        parts = [checkpoint(self.infer, xc, z_scale_prior_mean, z_pres_prior, tau, glimpse_weight,
+                            use_reentrant=False)
                  for xc in x.split(chunk)]
         return {k: sum(p[k] for p in parts) if k == "glimpses_decoded" else torch.cat([p[k] for p in parts])
                 for k in parts[0]}
 
-    def infer(self, x, z_scale_prior_mean: float, z_pres_prior: float, tau: float):
-        """Algorithm 1 on a batch (or a chunk of one)."""
+    def infer(self, x, z_scale_prior_mean: float, z_pres_prior: float, tau: float, glimpse_weight: float = 0.0):
+        """Algorithm 1 on a batch (or a chunk of one). glimpse_weight: model.glimpse_loss_weight at this step."""
         cfg = self.cfg
         b, g, s = x.shape[0], cfg.grid_size, cfg.glimpse_size
         c = g * g
@@ -544,14 +560,20 @@ class Foreground(nn.Module):
         if keep is not None:
             glimpses = glimpses[keep]
         m = glimpses.shape[0]
+        glimpse_loss = self.training and glimpse_weight > 0
         if m:
-            what_mu, what_sigma = self.glimpse_encoder(glimpses)  # (M, D)
+            # While the glimpse loss is on, z_what's encoder reads the glimpses as constants: that loss would
+            # otherwise move z_where to glimpses easy to reconstruct (whole blurred frames).
+            what_mu, what_sigma = self.glimpse_encoder(glimpses.detach() if glimpse_loss else glimpses)  # (M, D)
             z_what = rs(what_mu, what_sigma)
             alpha_att, o_att = self.glimpse_decoder(z_what)  # (M, 1, S, S), (M, 3, S, S)
             att = torch.cat([alpha_att, o_att], 1)  # (M, 4, S, S)
+            glimpse_nll = (self.glimpse_nll(glimpses, o_att, size_f.reshape(-1, 2), keep) if glimpse_loss
+                           else o_att.new_zeros(m))  # (M,)
         else:  # sparse mode with no cell above the threshold: nothing to encode or decode
             what_mu = what_sigma = glimpses.new_zeros(0, cfg.z_what_dim)
             att = glimpses.new_zeros(0, 4, s, s)
+            glimpse_nll = glimpses.new_zeros(0)
         maps = torch.cat([att, self.band.expand(m, 1, s, s)], 1)  # (M, 5, S, S) alpha_att, o_att, band
         if keep is not None:
             full = maps.new_zeros(b * c, 5, s, s)
@@ -575,6 +597,8 @@ class Foreground(nn.Module):
         else:
             kl_what = kl_what_kept
         kl_what = kl_what.view(b, g, g)
+        if keep is not None:
+            glimpse_nll = glimpse_nll.new_zeros(b * c).index_copy(0, keep, glimpse_nll)
         zp = z_pres if cfg.kl_weighting == "z_pres" else torch.ones_like(z_pres)
         return {
             "alpha": alpha,  # (B, 1, N, N)
@@ -584,6 +608,7 @@ class Foreground(nn.Module):
             "kl_where": (zp * (kl_scale + kl_shift)).sum((1, 2)),
             "kl_depth": (zp * kl_depth).sum((1, 2)),
             "kl_what": (zp * kl_what).sum((1, 2)),
+            "glimpse_nll": glimpse_nll.view(b, c).sum(1),  # (B,) model.glimpse_loss_weight's term
             "z_pres": z_pres,  # (B, G, G) relaxed sample
             "z_pres_prob": pres_prob,  # (B, G, G)
             "centre": centre,  # (B, G, G, 2) fraction of the image, (x, y)
@@ -825,7 +850,8 @@ class SPACE(nn.Module):
     def forward(self, x, step: int = 0):
         """x (B, 3, N, N) in [0, 1] -> the loss and everything needed to look at the decomposition."""
         cfg = self.cfg
-        fg = self.fg(x, cfg.z_scale_prior_mean.at(step), cfg.z_pres_prior.at(step), cfg.tau.at(step))
+        glimpse_weight = cfg.glimpse_loss_weight.at(step)
+        fg = self.fg(x, cfg.z_scale_prior_mean.at(step), cfg.z_pres_prior.at(step), cfg.tau.at(step), glimpse_weight)
         bg = self.bg(x)
         alpha = fg["alpha"].clamp(EPS, 1 - EPS)  # (B, 1, N, N)
         if step < cfg.fix_alpha_steps:  # appendix D.2: a fixed alpha lets both modules start learning
@@ -846,7 +872,8 @@ class SPACE(nn.Module):
         kl = fg["kl_pres"] + fg["kl_where"] + fg["kl_depth"] + fg["kl_what"] + bg["kl_bg_mask"] + bg["kl_bg_comp"]
         elbo = log_lik - kl  # equation 6
         boundary = cfg.boundary_loss_weight * boundary_loss(fg["overlap"], cfg, step)  # (B,)
-        loss = (-elbo + boundary).mean()
+        glimpse_loss = glimpse_weight * fg["glimpse_nll"]  # (B,) not in the paper
+        loss = (-elbo + boundary + glimpse_loss).mean()
 
         pi = bg["log_pi"].exp()
         bg_image = (pi * bg["mu_bg"]).sum(1)  # (B, 3, N, N)
@@ -862,6 +889,7 @@ class SPACE(nn.Module):
             "kl_bg_mask": bg["kl_bg_mask"].mean(),
             "kl_bg_comp": bg["kl_bg_comp"].mean(),
             "boundary_loss": boundary.mean(),
+            "glimpse_loss": glimpse_loss.mean(),
         }
         return {
             "terms": terms,

@@ -168,7 +168,7 @@ def test_space_forward_shapes(space_out):
     assert out["fg"]["centre"].shape == out["fg"]["size"].shape == (2, g, g, 2)
     assert out["fg"]["glimpses_decoded"] == 2 * g * g
     names = {"loss", "elbo", "log_lik", "kl_pres", "kl_where", "kl_depth", "kl_what", "kl_bg_mask",
-             "kl_bg_comp", "boundary_loss"}
+             "kl_bg_comp", "boundary_loss", "glimpse_loss"}
     assert set(out["terms"]) == names
     for k, v in out["terms"].items():
         assert v.dim() == 0, k
@@ -181,7 +181,8 @@ def test_space_terms_add_up(space_out):
     t = {k: float(v.detach()) for k, v in out["terms"].items()}
     kl = sum(t[k] for k in ("kl_pres", "kl_where", "kl_depth", "kl_what", "kl_bg_mask", "kl_bg_comp"))
     assert t["elbo"] == pytest.approx(t["log_lik"] - kl, rel=1e-5)
-    assert t["loss"] == pytest.approx(-t["elbo"] + t["boundary_loss"], rel=1e-5)
+    assert t["loss"] == pytest.approx(-t["elbo"] + t["boundary_loss"] + t["glimpse_loss"], rel=1e-5)
+    assert t["glimpse_loss"] == 0  # off by default: the paper's objective
     for k in ("kl_pres", "kl_where", "kl_depth", "kl_what", "kl_bg_mask", "kl_bg_comp", "boundary_loss"):
         assert t[k] >= 0, k
     mse = ((out["recon"] - x) ** 2).mean((1, 2, 3))
@@ -946,3 +947,40 @@ def test_tau_follows_its_schedule_in_the_relaxed_bernoulli():
         torch.manual_seed(3)
         u = torch.rand(1, 4, 4).clamp(1e-6, 1 - 1e-6)  # the first draw of the forward pass
         assert torch.allclose(z, torch.sigmoid((1.0 + u.log() - (-u).log1p()) / tau), atol=1e-6), step
+
+
+def test_glimpse_loss_is_each_glimpses_gaussian_reconstruction_scaled_to_its_area():
+    """model.glimpse_loss_weight (not in the paper): the decoder's o_att scored against the glimpse it was
+    encoded from, minus the log density of N(o_att, fg_sigma) averaged over the glimpse's pixels, times the
+    image pixels the glimpse covers; no gradient reaches z_where through it."""
+    from space.model import extract_glimpses
+
+    cfg = tiny_cfg(glimpse_loss_weight=Anneal(2.0, 0.0, 10, 20))
+    torch.manual_seed(0)
+    model = SPACE(cfg).train()
+    x = torch.rand(2, 3, 32, 32)
+    decoded = []
+    model.fg.glimpse_decoder.register_forward_hook(lambda m, i, o: decoded.append(o[1]))
+    torch.manual_seed(1)
+    out = model(x, step=15)
+    fg = out["fg"]
+    b, c = 2, cfg.grid_size**2
+    glimpses = extract_glimpses(x, fg["centre"].reshape(b, c, 2), fg["size"].reshape(b, c, 2), 32)
+    logp = Normal(decoded[0].detach().double(), cfg.fg_sigma).log_prob(glimpses.detach().double())  # (M, 3, S, S)
+    area = fg["size"].detach().double().reshape(-1, 2).prod(1) * 32**2  # (M,)
+    expected = (-logp.sum(1).mean((1, 2)) * area).view(b, c).sum(1)  # (B,)
+    assert torch.allclose(fg["glimpse_nll"].double(), expected, rtol=1e-4)
+    assert float(out["terms"]["glimpse_loss"].detach()) == pytest.approx(float(expected.mean()), rel=1e-4)  # weight 1
+    # Its gradient trains the glimpse VAE only: not z_where, z_pres or the background.
+    fg["glimpse_nll"].sum().backward()
+    assert model.fg.glimpse_decoder.net[-1].weight.grad.abs().sum() > 0
+    assert model.fg.glimpse_encoder.head.weight.grad.abs().sum() > 0
+    for module in (model.fg.encoder, model.fg.z_scale_net, model.fg.z_shift_net, model.fg.z_pres_net, model.bg):
+        assert all(p.grad is None or not p.grad.any() for p in module.parameters())
+    # Weighted by its schedule: 2 before step 10, 0 from step 20.
+    torch.manual_seed(1)
+    with torch.no_grad():
+        early = model(x, step=0)["terms"]
+    assert float(early["glimpse_loss"]) == pytest.approx(2 * float(expected.mean()), rel=1e-4)
+    with torch.no_grad():
+        assert float(model(x, step=20)["terms"]["glimpse_loss"]) == 0

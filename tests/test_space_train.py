@@ -136,8 +136,9 @@ def test_cli_run_writes_the_run_directory(cli_run, store):
     for r in rows:
         for k in (*TERMS, "mse", "grad_norm"):
             assert math.isfinite(float(r[k])), k
-        # loss = -elbo + boundary_loss, as the model defines it
-        assert float(r["loss"]) == pytest.approx(-float(r["elbo"]) + float(r["boundary_loss"]), rel=1e-4, abs=1e-2)
+        # loss = -elbo + boundary_loss + glimpse_loss, as the model defines it
+        assert float(r["loss"]) == pytest.approx(-float(r["elbo"]) + float(r["boundary_loss"])
+                                                 + float(r["glimpse_loss"]), rel=1e-4, abs=1e-2)
         assert int(r["glimpses"]) == 2 * 4 * 4  # batch * cells
 
     val = read_csv(cli_run / "val.csv")
@@ -920,3 +921,39 @@ def test_concurrent_runs_claim_different_gpus(tmp_path):
     finally:
         while len(_CLAIMED) > held:
             _CLAIMED.pop().close()
+
+
+# ------------------------------------------------------------------------------- background split check
+
+
+def test_background_split_verdict_reads_the_largest_components_share():
+    from space.train import background_split
+
+    t = tiny("train.bg_split_step=100", "train.bg_split_share=0.9").train
+    assert background_split({"val_bg_share": 0.99}, 99, t) is None  # not yet judged
+    failed = background_split({"val_bg_share": 0.95}, 100, t)
+    assert failed["split"] is False and failed["largest_share"] == 0.95 and "train.seed" in failed["advice"]
+    ok = background_split({"val_bg_share": 0.6}, 200, t)
+    assert ok == {"step": 200, "largest_share": 0.6, "split": True}
+    assert background_split({"val_bg_share": 0.99}, 10**6, tiny("train.bg_split_step=0").train) is None
+
+
+def test_validation_shares_are_the_mixing_weights_and_a_failed_split_reaches_the_log_and_summary(store, tmp_path,
+                                                                                                   capsys):
+    """val.csv's bg share is the largest component's mean mixing weight (K weights summing to 1 per pixel,
+    so it lies in [1/K, 1]); with a threshold every run trips, the log and train.json say the background
+    has not split and what to do."""
+    run = tmp_path / "run"
+    summary = tmp_path / "train.json"
+    rc = space_main(["train", *tiny_args("train.bg_split_step=1", "train.bg_split_share=0.01"), "--data",
+                     str(store), "--out", str(run), "--summary", str(summary), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    val = read_csv(run / "val.csv")
+    k = tiny().model.n_components
+    for r in val:
+        assert 1 / k - 1e-6 <= float(r["val_bg_share"]) <= 1 + 1e-6
+        assert 0 <= float(r["val_fg_share"]) <= 1
+    assert "the background has not split" in err and err.count("has not split") == 1  # said once, not per check
+    verdict = json.loads(summary.read_text())["background_split"]
+    assert verdict["split"] is False and verdict["step"] == int(val[-1]["step"])
