@@ -269,6 +269,10 @@ def _fill(cls, d: dict, where: str):
                 continue
             if not isinstance(v, dict):
                 raise ConfigError(f"{where}.{k}: give a number or {{start, end, start_step, end_step}}, got {v!r}")
+            glued = [name for name, x in v.items() if x is None and ":" in str(name)]
+            if glued:  # YAML reads {start:2.5} as the key "start:2.5" with no value
+                raise ConfigError(f"{where}.{k}: {glued[0]!r} has no value; in YAML put a space after each colon, "
+                                  f"e.g. {{start: 2.5, end: 0.5, start_step: 0, end_step: 20000}}")
             try:
                 v = Anneal(**{name: _typed(f"{where}.{k}.{name}", x, "int" if name.endswith("step") else "float")
                               for name, x in v.items()})

@@ -495,37 +495,51 @@ class Foreground(nn.Module):
             # and with the prior's spread: softplus(b) = z_scale_prior_std
             self.z_scale_net.bias[2:].fill_(math.log(math.expm1(cfg.z_scale_prior_std)))
 
-    def glimpse_nll(self, glimpses, o_att, size, keep):
-        """Each glimpse's appearance o_att scored as a reconstruction of the glimpse itself: minus the log
-        density of N(o_att, fg_sigma), averaged over the glimpse's pixels and scaled to the image pixels it
-        covers, so it weighs like the image likelihood over that region. (M,)
+    def glimpse_nll(self, glimpses, bg_glimpses, alpha_att, o_att, size):
+        """Each glimpse, present or not, explaining its own window: minus the log density of the glimpse
+        under N(o_att, fg_sigma), which trains the appearance o_att, plus minus the log of equation 1 inside
+        the glimpse, alpha_att N(o_att, fg_sigma) + (1 - alpha_att) N(background, bg_sigma) with o_att held
+        fixed, which trains the mask alpha_att to cover what the appearance explains better than the
+        background. Each averaged over the glimpse's pixels and scaled to the image pixels the glimpse covers
+        (so it weighs like the image likelihood over that region). glimpses, bg_glimpses, o_att
+        (M, 3, S, S); alpha_att (M, 1, S, S); size (M, 2) -> (M,)
 
-        Not in the paper (model.glimpse_loss_weight). The ELBO trains a glimpse's decoder only where the
-        foreground already explains pixels better than the background, so a decoder that has learnt one
-        colour never gets the gradient to learn another; this term trains it on every glimpse. The
-        glimpses and their sizes are constants here: it trains the glimpse encoder and decoder only."""
-        size = size.detach() if keep is None else size.detach()[keep]  # (M, 2)
-        area = size[:, 0] * size[:, 1] * self.cfg.image_size**2  # (M,) image pixels under the glimpse
-        sq = ((glimpses.detach() - o_att) / self.cfg.fg_sigma) ** 2  # (M, 3, S, S)
-        nll = 0.5 * sq.sum(1).mean((1, 2)) + 3 * (math.log(self.cfg.fg_sigma) + 0.5 * LOG_2PI)
-        return nll * area
+        Not in the paper (model.glimpse_loss_weight). The ELBO trains a glimpse's decoder only through
+        present cells, and only where the foreground already explains pixels better than the background:
+        a decoder that has learnt one colour never gets the gradient to learn another, and a cell switched
+        off early never learns its mask. (Equation 1 alone inside the glimpse has the same lock: its masks
+        close before the appearance has learnt anything.) The image, the background and the glimpses'
+        placement are constants here: this trains the glimpse encoder and decoder only."""
+        cfg = self.cfg
+        area = size[:, 0] * size[:, 1] * cfg.image_size**2  # (M,) image pixels under the glimpse
+        alpha = alpha_att.clamp(EPS, 1 - EPS)
 
-    def forward(self, x, z_scale_prior_mean: float, z_pres_prior: float, tau: float, glimpse_weight: float = 0.0):
-        """x (B, 3, N, N) -> the foreground's outputs, a dict of per-image tensors (batch first)."""
+        def log_normal(mu, sigma):  # -> (M, 1|3, S, S), per pixel or per channel as the image likelihood
+            v = -0.5 * ((glimpses - mu) / sigma) ** 2 - math.log(sigma) - 0.5 * LOG_2PI
+            return v if cfg.mixture == "channel" else v.sum(1, keepdim=True)
+
+        appearance = log_normal(o_att, cfg.fg_sigma)
+        mask = torch.logaddexp(torch.log(alpha) + appearance.detach(),
+                               torch.log1p(-alpha) + log_normal(bg_glimpses, cfg.bg_sigma))
+        return -(appearance + mask).sum(1).mean((1, 2)) * area
+
+    def forward(self, x, z_scale_prior_mean: float, z_pres_prior: float, tau: float, background=None):
+        """x (B, 3, N, N) -> the foreground's outputs, a dict of per-image tensors (batch first).
+        background (B, 3, N, N): the background image, for the glimpse loss (None: that loss is off)."""
         chunk = self.checkpoint_images
         if not (chunk and torch.is_grad_enabled() and x.shape[0] > chunk):
-            return self.infer(x, z_scale_prior_mean, z_pres_prior, tau, glimpse_weight)
+            return self.infer(x, z_scale_prior_mean, z_pres_prior, tau, background)
         # Activation checkpointing: every foreground layer works per image, so the batch runs in chunks
         # whose activations are dropped after the forward pass and recomputed, one chunk at a time, in the
         # backward pass (with the same random draws: checkpoint restores the RNG state).
-        parts = [checkpoint(self.infer, xc, z_scale_prior_mean, z_pres_prior, tau, glimpse_weight,
-                            use_reentrant=False)
-                 for xc in x.split(chunk)]
+        bgs = background.split(chunk) if background is not None else [None] * len(x.split(chunk))
+        parts = [checkpoint(self.infer, xc, z_scale_prior_mean, z_pres_prior, tau, bc, use_reentrant=False)
+                 for xc, bc in zip(x.split(chunk), bgs)]
         return {k: sum(p[k] for p in parts) if k == "glimpses_decoded" else torch.cat([p[k] for p in parts])
                 for k in parts[0]}
 
-    def infer(self, x, z_scale_prior_mean: float, z_pres_prior: float, tau: float, glimpse_weight: float = 0.0):
-        """Algorithm 1 on a batch (or a chunk of one). glimpse_weight: model.glimpse_loss_weight at this step."""
+    def infer(self, x, z_scale_prior_mean: float, z_pres_prior: float, tau: float, background=None):
+        """Algorithm 1 on a batch (or a chunk of one); background as for forward."""
         cfg = self.cfg
         b, g, s = x.shape[0], cfg.grid_size, cfg.glimpse_size
         c = g * g
@@ -560,7 +574,7 @@ class Foreground(nn.Module):
         if keep is not None:
             glimpses = glimpses[keep]
         m = glimpses.shape[0]
-        glimpse_loss = self.training and glimpse_weight > 0
+        glimpse_loss = self.training and background is not None
         if m:
             # While the glimpse loss is on, z_what's encoder reads the glimpses as constants: that loss would
             # otherwise move z_where to glimpses easy to reconstruct (whole blurred frames).
@@ -568,8 +582,14 @@ class Foreground(nn.Module):
             z_what = rs(what_mu, what_sigma)
             alpha_att, o_att = self.glimpse_decoder(z_what)  # (M, 1, S, S), (M, 3, S, S)
             att = torch.cat([alpha_att, o_att], 1)  # (M, 4, S, S)
-            glimpse_nll = (self.glimpse_nll(glimpses, o_att, size_f.reshape(-1, 2), keep) if glimpse_loss
-                           else o_att.new_zeros(m))  # (M,)
+            glimpse_nll = o_att.new_zeros(m)  # (M,)
+            if glimpse_loss:
+                cen, siz = centre_f.detach(), size_f.detach()
+                bg_glimpses = extract_glimpses(background.detach(), cen, siz, s)  # (B*C, 3, S, S)
+                siz = siz.reshape(-1, 2)
+                if keep is not None:
+                    bg_glimpses, siz = bg_glimpses[keep], siz[keep]
+                glimpse_nll = self.glimpse_nll(glimpses.detach(), bg_glimpses, alpha_att, o_att, siz)
         else:  # sparse mode with no cell above the threshold: nothing to encode or decode
             what_mu = what_sigma = glimpses.new_zeros(0, cfg.z_what_dim)
             att = glimpses.new_zeros(0, 4, s, s)
@@ -851,8 +871,11 @@ class SPACE(nn.Module):
         """x (B, 3, N, N) in [0, 1] -> the loss and everything needed to look at the decomposition."""
         cfg = self.cfg
         glimpse_weight = cfg.glimpse_loss_weight.at(step)
-        fg = self.fg(x, cfg.z_scale_prior_mean.at(step), cfg.z_pres_prior.at(step), cfg.tau.at(step), glimpse_weight)
         bg = self.bg(x)
+        pi = bg["log_pi"].exp()
+        bg_image = (pi * bg["mu_bg"]).sum(1)  # (B, 3, N, N)
+        fg = self.fg(x, cfg.z_scale_prior_mean.at(step), cfg.z_pres_prior.at(step), cfg.tau.at(step),
+                     bg_image.detach() if glimpse_weight > 0 else None)
         alpha = fg["alpha"].clamp(EPS, 1 - EPS)  # (B, 1, N, N)
         if step < cfg.fix_alpha_steps:  # appendix D.2: a fixed alpha lets both modules start learning
             alpha = torch.full_like(alpha, cfg.fix_alpha_value)
@@ -875,8 +898,6 @@ class SPACE(nn.Module):
         glimpse_loss = glimpse_weight * fg["glimpse_nll"]  # (B,) not in the paper
         loss = (-elbo + boundary + glimpse_loss).mean()
 
-        pi = bg["log_pi"].exp()
-        bg_image = (pi * bg["mu_bg"]).sum(1)  # (B, 3, N, N)
         recon = fg["alpha"] * fg["mu_fg"] + (1 - fg["alpha"]) * bg_image
         terms = {
             "loss": loss,

@@ -354,8 +354,8 @@ def test_background_checkpointing_is_exact_in_training_mode():
     x = torch.rand(4, 3, 32, 32, dtype=torch.float64)
     (l0, g0), (l1, g1) = _background_grads(plain, x), _background_grads(light, x)
     assert torch.allclose(l0, l1, rtol=1e-12)
-    for name in g0:
-        assert torch.allclose(g0[name], g1[name], rtol=1e-9, atol=1e-12), name
+    for name in g0:  # atol: a bias before BatchNorm has gradient 0, here float64 noise of order 1e-13
+        assert torch.allclose(g0[name], g1[name], rtol=1e-9, atol=1e-11), name
     b0, b1 = dict(plain.named_buffers()), dict(light.named_buffers())
     for name in b0:  # one running-statistics update per forward pass (sums in another order: float64 rounding)
         assert torch.allclose(b0[name], b1[name], rtol=1e-12, atol=1e-15), name
@@ -801,6 +801,11 @@ def test_settings_are_type_checked_and_numbers_written_as_text_accepted():
                                  ("model", "tau", [2.5, 0.5])]:
         with pytest.raises(ConfigError, match=f"{section}.{name}"):
             Config.from_dict({section: {name: value}})
+    # A YAML flow mapping without spaces ({start:2.5}) reads as keys without values: said so.
+    import yaml
+
+    with pytest.raises(ConfigError, match="space after each colon"):
+        Config.from_dict({"model": {"tau": yaml.safe_load("{start:2.5,end:0.5,start_step:0,end_step:9}")}})
     # A number where a schedule goes is a constant schedule (the Atari preset's tau: 2.5).
     tau = Config.from_dict({"model": {"tau": 2.5}}).model.tau
     assert (tau.at(0), tau.at(10**6)) == (2.5, 2.5)
@@ -941,37 +946,49 @@ def test_tau_follows_its_schedule_in_the_relaxed_bernoulli():
     model = SPACE(cfg).train()
     model.fg.z_pres_net.register_forward_hook(lambda m, i, o: torch.full_like(o, 1.0))
     x = torch.rand(1, 3, 32, 32)
+    noise = []
     for step, tau in ((0, 2.5), (50, 1.5), (100, 0.5), (500, 0.5)):
-        torch.manual_seed(3)
-        z = model(x, step)["fg"]["z_pres"]
-        torch.manual_seed(3)
-        u = torch.rand(1, 4, 4).clamp(1e-6, 1 - 1e-6)  # the first draw of the forward pass
-        assert torch.allclose(z, torch.sigmoid((1.0 + u.log() - (-u).log1p()) / tau), atol=1e-6), step
+        torch.manual_seed(3)  # the same logistic noise at every step
+        z = model(x, step)["fg"]["z_pres"].double()
+        noise.append(tau * torch.log(z / (1 - z)) - 1.0)  # sigmoid((logit + noise) / tau) solved for the noise
+    for step, n in zip((50, 100, 500), noise[1:]):
+        assert torch.allclose(n, noise[0], atol=1e-4), step
+    assert float(noise[0].std()) > 0.1  # it is noise, not a constant
 
 
-def test_glimpse_loss_is_each_glimpses_gaussian_reconstruction_scaled_to_its_area():
-    """model.glimpse_loss_weight (not in the paper): the decoder's o_att scored against the glimpse it was
-    encoded from, minus the log density of N(o_att, fg_sigma) averaged over the glimpse's pixels, times the
-    image pixels the glimpse covers; no gradient reaches z_where through it."""
+@pytest.mark.parametrize("mixture", ["pixel", "channel"])
+def test_glimpse_loss_is_equation_1_inside_each_glimpse_scaled_to_its_area(mixture):
+    """model.glimpse_loss_weight (not in the paper): each glimpse, present or not, explains its own window:
+    -log N(glimpse; o_att, fg_sigma) plus -log of alpha_att N(o_att, fg_sigma) + (1 - alpha_att)
+    N(background, bg_sigma), mixed as the image likelihood is, averaged over the glimpse's pixels, times the
+    image pixels the glimpse covers. Checked against torch.distributions; its gradient trains only the
+    glimpse encoder and decoder, and the mixture term only the mask."""
     from space.model import extract_glimpses
 
-    cfg = tiny_cfg(glimpse_loss_weight=Anneal(2.0, 0.0, 10, 20))
+    cfg = tiny_cfg(glimpse_loss_weight=Anneal(2.0, 0.0, 10, 20), mixture=mixture, fg_sigma=0.3, bg_sigma=0.2)
     torch.manual_seed(0)
     model = SPACE(cfg).train()
     x = torch.rand(2, 3, 32, 32)
     decoded = []
-    model.fg.glimpse_decoder.register_forward_hook(lambda m, i, o: decoded.append(o[1]))
+    model.fg.glimpse_decoder.register_forward_hook(lambda m, i, o: decoded.append(o))
     torch.manual_seed(1)
     out = model(x, step=15)
     fg = out["fg"]
     b, c = 2, cfg.grid_size**2
-    glimpses = extract_glimpses(x, fg["centre"].reshape(b, c, 2), fg["size"].reshape(b, c, 2), 32)
-    logp = Normal(decoded[0].detach().double(), cfg.fg_sigma).log_prob(glimpses.detach().double())  # (M, 3, S, S)
+    boxes = fg["centre"].reshape(b, c, 2), fg["size"].reshape(b, c, 2)
+    glimpses = extract_glimpses(x, *boxes, 32).double()
+    bg_glimpses = extract_glimpses(out["bg_image"], *boxes, 32).double()
+    alpha, o_att = (t.detach().double() for t in decoded[0])  # (M, 1, S, S), (M, 3, S, S)
+    fg_logp = Normal(o_att, cfg.fg_sigma).log_prob(glimpses)  # (M, 3, S, S)
+    bg_logp = Normal(bg_glimpses, cfg.bg_sigma).log_prob(glimpses)
+    if mixture == "pixel":
+        fg_logp, bg_logp = fg_logp.sum(1, keepdim=True), bg_logp.sum(1, keepdim=True)
+    lik = alpha * fg_logp.exp() + (1 - alpha) * bg_logp.exp()  # equation 1 inside the glimpse
     area = fg["size"].detach().double().reshape(-1, 2).prod(1) * 32**2  # (M,)
-    expected = (-logp.sum(1).mean((1, 2)) * area).view(b, c).sum(1)  # (B,)
+    expected = (-(fg_logp + lik.log()).sum(1).mean((1, 2)) * area).view(b, c).sum(1)  # (B,)
     assert torch.allclose(fg["glimpse_nll"].double(), expected, rtol=1e-4)
     assert float(out["terms"]["glimpse_loss"].detach()) == pytest.approx(float(expected.mean()), rel=1e-4)  # weight 1
-    # Its gradient trains the glimpse VAE only: not z_where, z_pres or the background.
+    # Its gradient trains the glimpse VAE only: not z_where, z_pres, the image encoder or the background.
     fg["glimpse_nll"].sum().backward()
     assert model.fg.glimpse_decoder.net[-1].weight.grad.abs().sum() > 0
     assert model.fg.glimpse_encoder.head.weight.grad.abs().sum() > 0
@@ -981,6 +998,21 @@ def test_glimpse_loss_is_each_glimpses_gaussian_reconstruction_scaled_to_its_are
     torch.manual_seed(1)
     with torch.no_grad():
         early = model(x, step=0)["terms"]
-    assert float(early["glimpse_loss"]) == pytest.approx(2 * float(expected.mean()), rel=1e-4)
-    with torch.no_grad():
+        assert float(early["glimpse_loss"]) == pytest.approx(2 * float(expected.mean()), rel=1e-4)
         assert float(model(x, step=20)["terms"]["glimpse_loss"]) == 0
+
+
+def test_glimpse_loss_trains_the_appearance_by_reconstruction_and_the_mask_by_equation_1():
+    """The mixture term holds o_att fixed: o_att's gradient is the reconstruction term's alone."""
+    cfg = tiny_cfg(glimpse_loss_weight=1.0)
+    fg = SPACE(cfg).fg
+    torch.manual_seed(0)
+    g, bg = torch.rand(5, 3, 32, 32, dtype=torch.float64), torch.rand(5, 3, 32, 32, dtype=torch.float64)
+    alpha = torch.rand(5, 1, 32, 32, dtype=torch.float64, requires_grad=True)
+    o_att = torch.rand(5, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    size = torch.full((5, 2), 0.25, dtype=torch.float64)
+    fg.glimpse_nll(g, bg, alpha, o_att, size).sum().backward()
+    area = 0.25 * 0.25 * 32 * 32
+    expected = -(g - o_att.detach()) / cfg.fg_sigma**2 / (32 * 32) * area  # d/d o_att of the Gaussian NLL, per pixel mean
+    assert torch.allclose(o_att.grad, expected)
+    assert alpha.grad.abs().sum() > 0
