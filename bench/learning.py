@@ -38,7 +38,15 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     name, sep, sets = text.partition(":")
     if not sep or not name:
         raise SystemExit(f"error: --variant takes NAME:SECTION.NAME=VALUE,... (or NAME: for the preset), got {text!r}")
-    return name, [s for s in sets.split(",") if s]
+    parts, depth, cur = [], 0, ""
+    for ch in sets:  # split at the commas outside braces: a schedule {start: 2.5, end: 0.5, ...} is one value
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return name, [s for s in [*parts, cur] if s]
 
 
 def _run(cmd: list[str], log: Path) -> float:

@@ -518,9 +518,13 @@ class Foreground(nn.Module):
             v = -0.5 * ((glimpses - mu) / sigma) ** 2 - math.log(sigma) - 0.5 * LOG_2PI
             return v if cfg.mixture == "channel" else v.sum(1, keepdim=True)
 
-        appearance = log_normal(o_att, cfg.fg_sigma)
-        mask = torch.logaddexp(torch.log(alpha) + appearance.detach(),
-                               torch.log1p(-alpha) + log_normal(bg_glimpses, cfg.bg_sigma))
+        fg_lik = log_normal(o_att, cfg.fg_sigma)  # (M, 1|3, S, S)
+        bg_lik = log_normal(bg_glimpses, cfg.bg_sigma)
+        # The appearance learns what the background leaves unexplained: each pixel weighted by the chance it
+        # is an outlier to the background (against a uniform density on the unit colour cube, evens prior).
+        unexplained = torch.sigmoid(-bg_lik).detach()
+        appearance = unexplained * fg_lik
+        mask = torch.logaddexp(torch.log(alpha) + fg_lik.detach(), torch.log1p(-alpha) + bg_lik)
         return -(appearance + mask).sum(1).mean((1, 2)) * area
 
     def forward(self, x, z_scale_prior_mean: float, z_pres_prior: float, tau: float, background=None):

@@ -959,7 +959,8 @@ def test_tau_follows_its_schedule_in_the_relaxed_bernoulli():
 @pytest.mark.parametrize("mixture", ["pixel", "channel"])
 def test_glimpse_loss_is_equation_1_inside_each_glimpse_scaled_to_its_area(mixture):
     """model.glimpse_loss_weight (not in the paper): each glimpse, present or not, explains its own window:
-    -log N(glimpse; o_att, fg_sigma) plus -log of alpha_att N(o_att, fg_sigma) + (1 - alpha_att)
+    -log N(glimpse; o_att, fg_sigma) on the pixels the background leaves unexplained (weighted by their
+    chance of being outliers to it), plus -log of alpha_att N(o_att, fg_sigma) + (1 - alpha_att)
     N(background, bg_sigma), mixed as the image likelihood is, averaged over the glimpse's pixels, times the
     image pixels the glimpse covers. Checked against torch.distributions; its gradient trains only the
     glimpse encoder and decoder, and the mixture term only the mask."""
@@ -985,7 +986,8 @@ def test_glimpse_loss_is_equation_1_inside_each_glimpse_scaled_to_its_area(mixtu
         fg_logp, bg_logp = fg_logp.sum(1, keepdim=True), bg_logp.sum(1, keepdim=True)
     lik = alpha * fg_logp.exp() + (1 - alpha) * bg_logp.exp()  # equation 1 inside the glimpse
     area = fg["size"].detach().double().reshape(-1, 2).prod(1) * 32**2  # (M,)
-    expected = (-(fg_logp + lik.log()).sum(1).mean((1, 2)) * area).view(b, c).sum(1)  # (B,)
+    unexplained = torch.sigmoid(-bg_logp)  # the chance a pixel is an outlier to the background
+    expected = (-(unexplained * fg_logp + lik.log()).sum(1).mean((1, 2)) * area).view(b, c).sum(1)  # (B,)
     assert torch.allclose(fg["glimpse_nll"].double(), expected, rtol=1e-4)
     assert float(out["terms"]["glimpse_loss"].detach()) == pytest.approx(float(expected.mean()), rel=1e-4)  # weight 1
     # Its gradient trains the glimpse VAE only: not z_where, z_pres, the image encoder or the background.
@@ -1003,7 +1005,8 @@ def test_glimpse_loss_is_equation_1_inside_each_glimpse_scaled_to_its_area(mixtu
 
 
 def test_glimpse_loss_trains_the_appearance_by_reconstruction_and_the_mask_by_equation_1():
-    """The mixture term holds o_att fixed: o_att's gradient is the reconstruction term's alone."""
+    """The mixture term holds o_att fixed: o_att's gradient is the reconstruction term's alone, each pixel
+    weighted by its chance of being an outlier to the background (pixel mixture: the RGB density)."""
     cfg = tiny_cfg(glimpse_loss_weight=1.0)
     fg = SPACE(cfg).fg
     torch.manual_seed(0)
@@ -1013,6 +1016,8 @@ def test_glimpse_loss_trains_the_appearance_by_reconstruction_and_the_mask_by_eq
     size = torch.full((5, 2), 0.25, dtype=torch.float64)
     fg.glimpse_nll(g, bg, alpha, o_att, size).sum().backward()
     area = 0.25 * 0.25 * 32 * 32
-    expected = -(g - o_att.detach()) / cfg.fg_sigma**2 / (32 * 32) * area  # d/d o_att of the Gaussian NLL, per pixel mean
+    unexplained = torch.sigmoid(-Normal(bg, cfg.bg_sigma).log_prob(g).sum(1, keepdim=True))  # (5, 1, 32, 32)
+    # d/d o_att of the weighted Gaussian NLL, as a mean over the glimpse's pixels times its area
+    expected = -unexplained * (g - o_att.detach()) / cfg.fg_sigma**2 / (32 * 32) * area
     assert torch.allclose(o_att.grad, expected)
     assert alpha.grad.abs().sum() > 0
