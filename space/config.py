@@ -85,9 +85,6 @@ class ModelConfig:
     # z_pres logits bounded to bound * tanh(logit) (0: unbounded, the paper's text; the paper's code: 8.8, so
     # its cells start decided rather than at probability 0.5 wherever the logit is large).
     z_pres_logit_bound: float = 0.0
-    # Not in the paper: a weight (a schedule) on each glimpse's reconstruction of itself by its decoder,
-    # added to the loss (Foreground.glimpse_nll). 0 is the paper's objective.
-    glimpse_loss_weight: Anneal = field(default_factory=lambda: Anneal(0.0, 0.0))
     fix_alpha_steps: int = 0  # N/A for 3D-Room; Atari: 2000
     fix_alpha_value: float = 0.1
     # The foreground mean of equation 1. "premultiplied": algorithm 1's mu_fg = sum(w * alpha_hat * o_att),

@@ -495,55 +495,21 @@ class Foreground(nn.Module):
             # and with the prior's spread: softplus(b) = z_scale_prior_std
             self.z_scale_net.bias[2:].fill_(math.log(math.expm1(cfg.z_scale_prior_std)))
 
-    def glimpse_nll(self, glimpses, bg_glimpses, alpha_att, o_att, size):
-        """Each glimpse, present or not, explaining its own window: minus the log density of the glimpse
-        under N(o_att, fg_sigma), which trains the appearance o_att, plus minus the log of equation 1 inside
-        the glimpse, alpha_att N(o_att, fg_sigma) + (1 - alpha_att) N(background, bg_sigma) with o_att held
-        fixed, which trains the mask alpha_att to cover what the appearance explains better than the
-        background. Each averaged over the glimpse's pixels and scaled to the image pixels the glimpse covers
-        (so it weighs like the image likelihood over that region). glimpses, bg_glimpses, o_att
-        (M, 3, S, S); alpha_att (M, 1, S, S); size (M, 2) -> (M,)
-
-        Not in the paper (model.glimpse_loss_weight). The ELBO trains a glimpse's decoder only through
-        present cells, and only where the foreground already explains pixels better than the background:
-        a decoder that has learnt one colour never gets the gradient to learn another, and a cell switched
-        off early never learns its mask. (Equation 1 alone inside the glimpse has the same lock: its masks
-        close before the appearance has learnt anything.) The image, the background and the glimpses'
-        placement are constants here: this trains the glimpse encoder and decoder only."""
-        cfg = self.cfg
-        area = size[:, 0] * size[:, 1] * cfg.image_size**2  # (M,) image pixels under the glimpse
-        alpha = alpha_att.clamp(EPS, 1 - EPS)
-
-        def log_normal(mu, sigma):  # -> (M, 1|3, S, S), per pixel or per channel as the image likelihood
-            v = -0.5 * ((glimpses - mu) / sigma) ** 2 - math.log(sigma) - 0.5 * LOG_2PI
-            return v if cfg.mixture == "channel" else v.sum(1, keepdim=True)
-
-        fg_lik = log_normal(o_att, cfg.fg_sigma)  # (M, 1|3, S, S)
-        bg_lik = log_normal(bg_glimpses, cfg.bg_sigma)
-        # The appearance learns what the background leaves unexplained: each pixel weighted by the chance it
-        # is an outlier to the background (against a uniform density on the unit colour cube, evens prior).
-        unexplained = torch.sigmoid(-bg_lik).detach()
-        appearance = unexplained * fg_lik
-        mask = torch.logaddexp(torch.log(alpha) + fg_lik.detach(), torch.log1p(-alpha) + bg_lik)
-        return -(appearance + mask).sum(1).mean((1, 2)) * area
-
-    def forward(self, x, z_scale_prior_mean: float, z_pres_prior: float, tau: float, background=None):
-        """x (B, 3, N, N) -> the foreground's outputs, a dict of per-image tensors (batch first).
-        background (B, 3, N, N): the background image, for the glimpse loss (None: that loss is off)."""
+    def forward(self, x, z_scale_prior_mean: float, z_pres_prior: float, tau: float):
+        """x (B, 3, N, N) -> the foreground's outputs, a dict of per-image tensors (batch first)."""
         chunk = self.checkpoint_images
         if not (chunk and torch.is_grad_enabled() and x.shape[0] > chunk):
-            return self.infer(x, z_scale_prior_mean, z_pres_prior, tau, background)
+            return self.infer(x, z_scale_prior_mean, z_pres_prior, tau)
         # Activation checkpointing: every foreground layer works per image, so the batch runs in chunks
         # whose activations are dropped after the forward pass and recomputed, one chunk at a time, in the
         # backward pass (with the same random draws: checkpoint restores the RNG state).
-        bgs = background.split(chunk) if background is not None else [None] * len(x.split(chunk))
-        parts = [checkpoint(self.infer, xc, z_scale_prior_mean, z_pres_prior, tau, bc, use_reentrant=False)
-                 for xc, bc in zip(x.split(chunk), bgs)]
+        parts = [checkpoint(self.infer, xc, z_scale_prior_mean, z_pres_prior, tau, use_reentrant=False)
+                 for xc in x.split(chunk)]
         return {k: sum(p[k] for p in parts) if k == "glimpses_decoded" else torch.cat([p[k] for p in parts])
                 for k in parts[0]}
 
-    def infer(self, x, z_scale_prior_mean: float, z_pres_prior: float, tau: float, background=None):
-        """Algorithm 1 on a batch (or a chunk of one); background as for forward."""
+    def infer(self, x, z_scale_prior_mean: float, z_pres_prior: float, tau: float):
+        """Algorithm 1 on a batch (or a chunk of one)."""
         cfg = self.cfg
         b, g, s = x.shape[0], cfg.grid_size, cfg.glimpse_size
         c = g * g
@@ -578,26 +544,14 @@ class Foreground(nn.Module):
         if keep is not None:
             glimpses = glimpses[keep]
         m = glimpses.shape[0]
-        glimpse_loss = self.training and background is not None
         if m:
-            # While the glimpse loss is on, z_what's encoder reads the glimpses as constants: that loss would
-            # otherwise move z_where to glimpses easy to reconstruct (whole blurred frames).
-            what_mu, what_sigma = self.glimpse_encoder(glimpses.detach() if glimpse_loss else glimpses)  # (M, D)
+            what_mu, what_sigma = self.glimpse_encoder(glimpses)  # (M, D)
             z_what = rs(what_mu, what_sigma)
             alpha_att, o_att = self.glimpse_decoder(z_what)  # (M, 1, S, S), (M, 3, S, S)
             att = torch.cat([alpha_att, o_att], 1)  # (M, 4, S, S)
-            glimpse_nll = o_att.new_zeros(m)  # (M,)
-            if glimpse_loss:
-                cen, siz = centre_f.detach(), size_f.detach()
-                bg_glimpses = extract_glimpses(background.detach(), cen, siz, s)  # (B*C, 3, S, S)
-                siz = siz.reshape(-1, 2)
-                if keep is not None:
-                    bg_glimpses, siz = bg_glimpses[keep], siz[keep]
-                glimpse_nll = self.glimpse_nll(glimpses.detach(), bg_glimpses, alpha_att, o_att, siz)
         else:  # sparse mode with no cell above the threshold: nothing to encode or decode
             what_mu = what_sigma = glimpses.new_zeros(0, cfg.z_what_dim)
             att = glimpses.new_zeros(0, 4, s, s)
-            glimpse_nll = glimpses.new_zeros(0)
         maps = torch.cat([att, self.band.expand(m, 1, s, s)], 1)  # (M, 5, S, S) alpha_att, o_att, band
         if keep is not None:
             full = maps.new_zeros(b * c, 5, s, s)
@@ -621,8 +575,6 @@ class Foreground(nn.Module):
         else:
             kl_what = kl_what_kept
         kl_what = kl_what.view(b, g, g)
-        if keep is not None:
-            glimpse_nll = glimpse_nll.new_zeros(b * c).index_copy(0, keep, glimpse_nll)
         zp = z_pres if cfg.kl_weighting == "z_pres" else torch.ones_like(z_pres)
         return {
             "alpha": alpha,  # (B, 1, N, N)
@@ -632,7 +584,6 @@ class Foreground(nn.Module):
             "kl_where": (zp * (kl_scale + kl_shift)).sum((1, 2)),
             "kl_depth": (zp * kl_depth).sum((1, 2)),
             "kl_what": (zp * kl_what).sum((1, 2)),
-            "glimpse_nll": glimpse_nll.view(b, c).sum(1),  # (B,) model.glimpse_loss_weight's term
             "z_pres": z_pres,  # (B, G, G) relaxed sample
             "z_pres_prob": pres_prob,  # (B, G, G)
             "centre": centre,  # (B, G, G, 2) fraction of the image, (x, y)
@@ -874,12 +825,10 @@ class SPACE(nn.Module):
     def forward(self, x, step: int = 0):
         """x (B, 3, N, N) in [0, 1] -> the loss and everything needed to look at the decomposition."""
         cfg = self.cfg
-        glimpse_weight = cfg.glimpse_loss_weight.at(step)
         bg = self.bg(x)
         pi = bg["log_pi"].exp()
         bg_image = (pi * bg["mu_bg"]).sum(1)  # (B, 3, N, N)
-        fg = self.fg(x, cfg.z_scale_prior_mean.at(step), cfg.z_pres_prior.at(step), cfg.tau.at(step),
-                     bg_image.detach() if glimpse_weight > 0 else None)
+        fg = self.fg(x, cfg.z_scale_prior_mean.at(step), cfg.z_pres_prior.at(step), cfg.tau.at(step))
         alpha = fg["alpha"].clamp(EPS, 1 - EPS)  # (B, 1, N, N)
         if step < cfg.fix_alpha_steps:  # appendix D.2: a fixed alpha lets both modules start learning
             alpha = torch.full_like(alpha, cfg.fix_alpha_value)
@@ -899,8 +848,7 @@ class SPACE(nn.Module):
         kl = fg["kl_pres"] + fg["kl_where"] + fg["kl_depth"] + fg["kl_what"] + bg["kl_bg_mask"] + bg["kl_bg_comp"]
         elbo = log_lik - kl  # equation 6
         boundary = cfg.boundary_loss_weight * boundary_loss(fg["overlap"], cfg, step)  # (B,)
-        glimpse_loss = glimpse_weight * fg["glimpse_nll"]  # (B,) not in the paper
-        loss = (-elbo + boundary + glimpse_loss).mean()
+        loss = (-elbo + boundary).mean()
 
         recon = fg["alpha"] * fg["mu_fg"] + (1 - fg["alpha"]) * bg_image
         terms = {
@@ -914,7 +862,6 @@ class SPACE(nn.Module):
             "kl_bg_mask": bg["kl_bg_mask"].mean(),
             "kl_bg_comp": bg["kl_bg_comp"].mean(),
             "boundary_loss": boundary.mean(),
-            "glimpse_loss": glimpse_loss.mean(),
         }
         return {
             "terms": terms,

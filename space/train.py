@@ -44,7 +44,7 @@ SCORE_KEYS = ("format", "step", "config", "model")  # what evaluate, show and sa
 RESUME_KEYS = (*SCORE_KEYS, "opt_fg", "opt_bg", "rng")  # what a resumed run needs besides
 UNUSABLE_FIX = "retrain the run (python -m space train --restart) or use another one"  # ends those errors
 TERMS = ("loss", "elbo", "log_lik", "kl_pres", "kl_where", "kl_depth", "kl_what", "kl_bg_mask", "kl_bg_comp",
-         "boundary_loss", "glimpse_loss")
+         "boundary_loss")
 CSV_FIELDS = ("step", "wall_s", *TERMS, "mse", "grad_norm", "fg_lr", "bg_lr", "glimpses")
 
 

@@ -168,7 +168,7 @@ def test_space_forward_shapes(space_out):
     assert out["fg"]["centre"].shape == out["fg"]["size"].shape == (2, g, g, 2)
     assert out["fg"]["glimpses_decoded"] == 2 * g * g
     names = {"loss", "elbo", "log_lik", "kl_pres", "kl_where", "kl_depth", "kl_what", "kl_bg_mask",
-             "kl_bg_comp", "boundary_loss", "glimpse_loss"}
+             "kl_bg_comp", "boundary_loss"}
     assert set(out["terms"]) == names
     for k, v in out["terms"].items():
         assert v.dim() == 0, k
@@ -181,8 +181,7 @@ def test_space_terms_add_up(space_out):
     t = {k: float(v.detach()) for k, v in out["terms"].items()}
     kl = sum(t[k] for k in ("kl_pres", "kl_where", "kl_depth", "kl_what", "kl_bg_mask", "kl_bg_comp"))
     assert t["elbo"] == pytest.approx(t["log_lik"] - kl, rel=1e-5)
-    assert t["loss"] == pytest.approx(-t["elbo"] + t["boundary_loss"] + t["glimpse_loss"], rel=1e-5)
-    assert t["glimpse_loss"] == 0  # off by default: the paper's objective
+    assert t["loss"] == pytest.approx(-t["elbo"] + t["boundary_loss"], rel=1e-5)
     for k in ("kl_pres", "kl_where", "kl_depth", "kl_what", "kl_bg_mask", "kl_bg_comp", "boundary_loss"):
         assert t[k] >= 0, k
     mse = ((out["recon"] - x) ** 2).mean((1, 2, 3))
@@ -954,70 +953,3 @@ def test_tau_follows_its_schedule_in_the_relaxed_bernoulli():
     for step, n in zip((50, 100, 500), noise[1:]):
         assert torch.allclose(n, noise[0], atol=1e-4), step
     assert float(noise[0].std()) > 0.1  # it is noise, not a constant
-
-
-@pytest.mark.parametrize("mixture", ["pixel", "channel"])
-def test_glimpse_loss_is_equation_1_inside_each_glimpse_scaled_to_its_area(mixture):
-    """model.glimpse_loss_weight (not in the paper): each glimpse, present or not, explains its own window:
-    -log N(glimpse; o_att, fg_sigma) on the pixels the background leaves unexplained (weighted by their
-    chance of being outliers to it), plus -log of alpha_att N(o_att, fg_sigma) + (1 - alpha_att)
-    N(background, bg_sigma), mixed as the image likelihood is, averaged over the glimpse's pixels, times the
-    image pixels the glimpse covers. Checked against torch.distributions; its gradient trains only the
-    glimpse encoder and decoder, and the mixture term only the mask."""
-    from space.model import extract_glimpses
-
-    cfg = tiny_cfg(glimpse_loss_weight=Anneal(2.0, 0.0, 10, 20), mixture=mixture, fg_sigma=0.3, bg_sigma=0.2)
-    torch.manual_seed(0)
-    model = SPACE(cfg).train()
-    x = torch.rand(2, 3, 32, 32)
-    decoded = []
-    model.fg.glimpse_decoder.register_forward_hook(lambda m, i, o: decoded.append(o))
-    torch.manual_seed(1)
-    out = model(x, step=15)
-    fg = out["fg"]
-    b, c = 2, cfg.grid_size**2
-    boxes = fg["centre"].reshape(b, c, 2), fg["size"].reshape(b, c, 2)
-    glimpses = extract_glimpses(x, *boxes, 32).double()
-    bg_glimpses = extract_glimpses(out["bg_image"], *boxes, 32).double()
-    alpha, o_att = (t.detach().double() for t in decoded[0])  # (M, 1, S, S), (M, 3, S, S)
-    fg_logp = Normal(o_att, cfg.fg_sigma).log_prob(glimpses)  # (M, 3, S, S)
-    bg_logp = Normal(bg_glimpses, cfg.bg_sigma).log_prob(glimpses)
-    if mixture == "pixel":
-        fg_logp, bg_logp = fg_logp.sum(1, keepdim=True), bg_logp.sum(1, keepdim=True)
-    lik = alpha * fg_logp.exp() + (1 - alpha) * bg_logp.exp()  # equation 1 inside the glimpse
-    area = fg["size"].detach().double().reshape(-1, 2).prod(1) * 32**2  # (M,)
-    unexplained = torch.sigmoid(-bg_logp)  # the chance a pixel is an outlier to the background
-    expected = (-(unexplained * fg_logp + lik.log()).sum(1).mean((1, 2)) * area).view(b, c).sum(1)  # (B,)
-    assert torch.allclose(fg["glimpse_nll"].double(), expected, rtol=1e-4)
-    assert float(out["terms"]["glimpse_loss"].detach()) == pytest.approx(float(expected.mean()), rel=1e-4)  # weight 1
-    # Its gradient trains the glimpse VAE only: not z_where, z_pres, the image encoder or the background.
-    fg["glimpse_nll"].sum().backward()
-    assert model.fg.glimpse_decoder.net[-1].weight.grad.abs().sum() > 0
-    assert model.fg.glimpse_encoder.head.weight.grad.abs().sum() > 0
-    for module in (model.fg.encoder, model.fg.z_scale_net, model.fg.z_shift_net, model.fg.z_pres_net, model.bg):
-        assert all(p.grad is None or not p.grad.any() for p in module.parameters())
-    # Weighted by its schedule: 2 before step 10, 0 from step 20.
-    torch.manual_seed(1)
-    with torch.no_grad():
-        early = model(x, step=0)["terms"]
-        assert float(early["glimpse_loss"]) == pytest.approx(2 * float(expected.mean()), rel=1e-4)
-        assert float(model(x, step=20)["terms"]["glimpse_loss"]) == 0
-
-
-def test_glimpse_loss_trains_the_appearance_by_reconstruction_and_the_mask_by_equation_1():
-    """The mixture term holds o_att fixed: o_att's gradient is the reconstruction term's alone, each pixel
-    weighted by its chance of being an outlier to the background (pixel mixture: the RGB density)."""
-    cfg = tiny_cfg(glimpse_loss_weight=1.0)
-    fg = SPACE(cfg).fg
-    torch.manual_seed(0)
-    g, bg = torch.rand(5, 3, 32, 32, dtype=torch.float64), torch.rand(5, 3, 32, 32, dtype=torch.float64)
-    alpha = torch.rand(5, 1, 32, 32, dtype=torch.float64, requires_grad=True)
-    o_att = torch.rand(5, 3, 32, 32, dtype=torch.float64, requires_grad=True)
-    size = torch.full((5, 2), 0.25, dtype=torch.float64)
-    fg.glimpse_nll(g, bg, alpha, o_att, size).sum().backward()
-    area = 0.25 * 0.25 * 32 * 32
-    unexplained = torch.sigmoid(-Normal(bg, cfg.bg_sigma).log_prob(g).sum(1, keepdim=True))  # (5, 1, 32, 32)
-    # d/d o_att of the weighted Gaussian NLL, as a mean over the glimpse's pixels times its area
-    expected = -unexplained * (g - o_att.detach()) / cfg.fg_sigma**2 / (32 * 32) * area
-    assert torch.allclose(o_att.grad, expected)
-    assert alpha.grad.abs().sum() > 0
