@@ -13,6 +13,9 @@ each seed faint), and prints a table.
         --seeds 0 1 2 --steps 200 400 600 800
     python bench/learning.py --out bench/results/learning_demo.json --plot docs/learning_demo.png
 
+Variants may also run as separate processes, each with its own --out (one thread each, side by side on a
+2-core machine); `--with B.json C.json` then draws and tabulates them together with --out.
+
 A variant is NAME:SECTION.NAME=VALUE,...; `NAME:` alone is the preset. Runs live beside the JSON file
 (`--runs`), so their checkpoints, metrics.csv and TensorBoard logs are there to look at.
 """
@@ -161,6 +164,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads per training (default: 2)")
     p.add_argument("--runs", help="folder for the runs (default: beside --out, named after it)")
     p.add_argument("--plot", help="draw the figure here (PNG) from --out, and print the table")
+    p.add_argument("--with", dest="also", nargs="+", default=[], metavar="JSON",
+                   help="more results files to draw and tabulate with --out (variants run as separate processes)")
     ns = p.parse_args(argv)
     if ns.variant:
         if not ns.data:
@@ -170,6 +175,10 @@ def main(argv=None) -> int:
         if not Path(ns.out).exists():
             p.error(f"{ns.out} does not exist; give --variant and --data to train")
         results = json.loads(Path(ns.out).read_text())
+    for extra in ns.also:
+        if not Path(extra).exists():
+            p.error(f"--with {extra}: no such results file")
+        results["points"] = results["points"] + json.loads(Path(extra).read_text())["points"]
     print(table(results))
     if ns.plot:
         plot(results, ns.plot)
