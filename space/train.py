@@ -398,14 +398,16 @@ def validate(model, val_set: StoreDataset, batch_size: int, batches: int, seed: 
             "val_bg_share": bg_share / max(n, 1), "val_fg_share": fg_share / max(n, 1)}
 
 
-def background_split(v: dict, step: int, t_cfg) -> dict | None:
+def background_split(v: dict, step: int, cfg: Config) -> dict | None:
     """Whether the background has split into components, read from a validation's statistics.
 
     The code behind the paper's numbers warns that on 3D-Room Large the background sometimes fails to split
     by 10-15k steps and the run needs another seed. Such a run keeps one component over (nearly) the whole
     frame: from train.bg_split_step on, a largest component holding train.bg_split_share of the pixels or
     more is reported as that failure. None before that step, or with one component (nothing to split)."""
-    if not t_cfg.bg_split_step or step < t_cfg.bg_split_step or v.get("val_bg_share") is None:
+    t_cfg = cfg.train
+    if (cfg.model.n_components < 2 or not t_cfg.bg_split_step or step < t_cfg.bg_split_step
+            or v.get("val_bg_share") is None):
         return None
     failed = v["val_bg_share"] >= t_cfg.bg_split_share
     return {"step": step, "largest_share": round(v["val_bg_share"], 4), "split": not failed,
@@ -694,7 +696,7 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
             if tb is not None:
                 for k, value in v.items():
                     tb.add_scalar(f"val/{k[4:]}", value, step)
-            check = background_split(v, step, t_cfg) if cfg.model.n_components > 1 else None
+            check = background_split(v, step, cfg)
             if check is not None:
                 if not check["split"] and (bg_check is None or bg_check["split"]):
                     tqdm.write(f"{out}: step {step}: the background has not split: one component holds "

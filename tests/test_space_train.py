@@ -928,13 +928,14 @@ def test_concurrent_runs_claim_different_gpus(tmp_path):
 def test_background_split_verdict_reads_the_largest_components_share():
     from space.train import background_split
 
-    t = tiny("train.bg_split_step=100", "train.bg_split_share=0.9").train
+    t = tiny("train.bg_split_step=100", "train.bg_split_share=0.9")
     assert background_split({"val_bg_share": 0.99}, 99, t) is None  # not yet judged
     failed = background_split({"val_bg_share": 0.95}, 100, t)
     assert failed["split"] is False and failed["largest_share"] == 0.95 and "train.seed" in failed["advice"]
     ok = background_split({"val_bg_share": 0.6}, 200, t)
     assert ok == {"step": 200, "largest_share": 0.6, "split": True}
-    assert background_split({"val_bg_share": 0.99}, 10**6, tiny("train.bg_split_step=0").train) is None
+    assert background_split({"val_bg_share": 0.99}, 10**6, tiny("train.bg_split_step=0")) is None
+    assert background_split({"val_bg_share": 1.0}, 200, tiny("train.bg_split_step=100", "model.n_components=1")) is None
 
 
 def test_validation_shares_are_the_mixing_weights_and_a_failed_split_reaches_the_log_and_summary(store, tmp_path,
