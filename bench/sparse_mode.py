@@ -1,6 +1,6 @@
 """Sparse mode on a trained run: step time, glimpses decoded, loss and box AP at several thresholds.
 
-    python bench/sparse_mode.py --run results/runs/space_room3d_small --data results/data/room3d_small.zarr
+    python bench/sparse_mode.py --run results/runs/space_room3d_small/seeds/0 --data results/data/room3d_small.zarr
 
 `model.sparse_threshold` skips the glimpses of cells whose z_pres probability is below it. For each
 threshold (0 is the exact model) this measures, side by side in one process on the same weights:

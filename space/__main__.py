@@ -292,6 +292,15 @@ def cmd_curves(ns) -> int:
     return 0
 
 
+def cmd_seeds(ns) -> int:
+    from .seeds import combine_files
+
+    output_file(ns.out, "--out")
+    combine_files(ns.files, ns.out, ns.allow_missing)
+    print(f"wrote {ns.out} ({len(ns.files)} seeds)", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m space", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -361,6 +370,17 @@ def main(argv=None) -> int:
     c.add_argument("--out", required=True, help="PNG path")
     c.add_argument("--labels", nargs="+", help="one legend label per run (default: the directory names)")
     c.set_defaults(func=cmd_curves)
+
+    d = sub.add_parser("seeds", help="combine one file per seed into an experiment's: means over seeds",
+                       description="Combine an experiment's per-seed files (each under a seeds/SEED/ folder): "
+                                   "JSON (train.json, metrics.json) into the mean over seeds of every number, "
+                                   "with its spread and each seed's document; CSV (metrics.csv, val.csv) into "
+                                   "the mean over seeds at each step all of them logged.")
+    d.add_argument("files", nargs="+", help="one file per seed, e.g. results/runs/x/seeds/*/train.json")
+    d.add_argument("--out", required=True, help="the combined file, .json or .csv like the inputs")
+    d.add_argument("--allow-missing", action="store_true",
+                   help="leave out files that do not exist (a run that never validated has no val.csv)")
+    d.set_defaults(func=cmd_seeds)
 
     ns = p.parse_args(argv)
     from datagen.store import StoreError

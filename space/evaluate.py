@@ -253,19 +253,23 @@ SUMMARY_COLUMNS = ("ap50", "ap50_95", "ap50_paper", "ap50_95_paper", "count_erro
 def summary(metric_files: list[str]) -> tuple[str, list[dict]]:
     """A Markdown table and its rows, one per run, from `evaluate`'s metrics.json files.
 
-    The run is named by its directory: results/runs/NAME/eval/SPLIT/metrics.json -> NAME.
+    The run is named by its directory: results/runs/NAME/eval/SPLIT/metrics.json -> NAME. A file combined
+    over seeds (`python -m space seeds`) gives their means, the number of seeds and AP50's standard deviation.
     """
     rows = []
     for f in metric_files:
         path = Path(f)
         m = json.loads(path.read_text())
         name = path.parents[2].name if len(path.parents) > 2 and path.parent.parent.name == "eval" else str(path)
-        rows.append({"run": name, "split": m.get("split"), **{k: m.get(k) for k in SUMMARY_COLUMNS}})
+        spread = (m.get("spread") or {}).get("ap50") or {}
+        rows.append({"run": name, "split": m.get("split"), "seeds": len(m.get("seeds") or [None]),
+                     **{k: m.get(k) for k in SUMMARY_COLUMNS[:1]}, "ap50_std": spread.get("std"),
+                     **{k: m.get(k) for k in SUMMARY_COLUMNS[1:]}})
 
     def cell(v):
         return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
-    head = ["run", "split", *SUMMARY_COLUMNS]
+    head = list(rows[0]) if rows else ["run", "split", "seeds", SUMMARY_COLUMNS[0], "ap50_std", *SUMMARY_COLUMNS[1:]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(cell(r[k]) for k in head) + " |" for r in rows]
     return "\n".join(lines) + "\n", rows

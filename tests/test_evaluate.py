@@ -166,7 +166,8 @@ def test_summary_table_over_runs(trained, tmp_path, capsys):
     rows = json.loads(js.read_text())
     assert [r["run"] for r in rows] == ["run", "run"]
     lines = md.read_text().splitlines()
-    assert lines[0].startswith("| run | split | ap50 |") and len(lines) == 4
+    assert lines[0].startswith("| run | split | seeds | ap50 | ap50_std |") and len(lines) == 4
+    assert [r["seeds"] for r in rows] == [1, 1]  # a single run: one seed
     assert space_main(["summary", str(tmp_path / "missing.json")]) == 2
     assert "space evaluate" in capsys.readouterr().err
     # outputs: under a file refused before anything is written, missing folders made

@@ -119,6 +119,10 @@ def test_demo_config_and_full_default_dry_runs_resolve():
         (lambda p: (p["datasets"]["room3d_small"]["splits"].update(train=5),
                     p.update(experiments={"x": {"dataset": "room3d_small", "preset": "demo"}})),
          "fewer than one batch of 8"),
+        (lambda p: p.update(experiments={"x": {"dataset": "room3d_small", "preset": "demo", "seeds": [0, 1],
+                                               "set": {"train.seed": 3}}}), "both seeds and set: train.seed"),
+        (lambda p: p.update(experiments={"x": {"dataset": "room3d_small", "preset": "demo", "seeds": [1, 1]}}),
+         "seeds"),
     ],
 )
 def test_bad_params_are_refused_before_any_job(tmp_path, mutate, named):
@@ -153,11 +157,14 @@ def test_values_from_params_reach_the_shell_as_data(tmp_path):
 
 
 def test_snakemake_train_runs_then_eval_all_scores_each_experiment(tmp_path):
+    """An experiment with two seeds: each trained with its own train.seed, scored and pictured; the
+    experiment's scores are their means, with each seed's beside them."""
     params = yaml.safe_load(yaml.safe_dump(TINY))
     params["experiments"] = {
         "tiny": {
             "dataset": "room3d_small",
             "preset": "demo",
+            "seeds": [0, 5],
             "set": {"train.steps": 2, "train.batch_size": 2, "train.log_every": 1, "train.val_every": 0},
         }
     }
@@ -165,45 +172,54 @@ def test_snakemake_train_runs_then_eval_all_scores_each_experiment(tmp_path):
     run(["snakemake", "--cores", "2", "train_runs"], proj)
     summary = json.loads((proj / "results/runs/tiny/train.json").read_text())
     assert summary["step"] == 2 and summary["loss"] == summary["loss"]  # finite, not NaN
-    assert (proj / "results/runs/tiny/checkpoints/last.pt").exists()
-    assert (proj / "logs/train/tiny.log").exists()
+    assert summary["seeds"] == ["0", "5"]
+    per_seed_loss = [summary["per_seed"][s]["loss"] for s in ("0", "5")]
+    assert per_seed_loss[0] != per_seed_loss[1]  # two seeds, two models
+    assert summary["loss"] == pytest.approx(sum(per_seed_loss) / 2)
+    for seed in (0, 5):
+        assert _trained_on(proj, "tiny", seed)["config"]["train"]["seed"] == seed
+        assert (proj / f"logs/train/tiny.seed{seed}.log").exists()
     # Then scored and pictured, with the table over runs.
     run(["snakemake", "--cores", "2", "eval_all"], proj)
     metrics = json.loads((proj / "results/runs/tiny/eval/test/metrics.json").read_text())
     assert metrics["step"] == 2 and metrics["split"] == "test"
-    for name in ("detections.json", "ground_truth.json", "decomposition.png"):
-        assert (proj / "results/runs/tiny/eval/test" / name).exists(), name
-    assert "| tiny | test |" in (proj / "results/summary.md").read_text()
+    mse = [json.loads((proj / f"results/runs/tiny/eval/seeds/{s}/test/metrics.json").read_text())["mse"]
+           for s in (0, 5)]
+    assert metrics["mse"] == pytest.approx(sum(mse) / 2) and metrics["per_seed"]["5"]["mse"] == mse[1]
+    for seed in (0, 5):
+        for name in ("detections.json", "ground_truth.json", "decomposition.png"):
+            assert (proj / f"results/runs/tiny/eval/seeds/{seed}/test" / name).exists(), name
+    assert "| tiny | test | 2 |" in (proj / "results/summary.md").read_text()
     assert (proj / "results/runs/tiny/eval/curves.png").exists()
 
     # A changed training setting trains a new model, from step 0, and scores it.
     params["experiments"]["tiny"]["set"]["train.fg_lr"] = 2e-4
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["snakemake", "--cores", "2", "train_all"], proj)
-    record = _trained_on(proj, "tiny")
-    assert record["config"]["train"]["fg_lr"] == 2e-4
-    assert _logged_steps(proj, "tiny") == [1, 2]  # one fresh run: no rows of the old one, none twice
+    for seed in (0, 5):
+        assert _trained_on(proj, "tiny", seed)["config"]["train"]["fg_lr"] == 2e-4
+        assert _logged_steps(proj, "tiny", seed) == [1, 2]  # one fresh run: no rows of the old one, none twice
     # A dataset regenerated with new object counts trains a new model on it, and that model is scored.
     params["datasets"]["room3d_small"]["objects"] = [2, 3]
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["snakemake", "--cores", "2", "train_all"], proj)
     _assert_scored_model_trained_on_the_store(proj, "tiny", "room3d_small", objects=[2, 3])
-    assert _logged_steps(proj, "tiny") == [1, 2]
+    assert _logged_steps(proj, "tiny", 0) == _logged_steps(proj, "tiny", 5) == [1, 2]
     assert "Nothing to be done" in run(["snakemake", "-n", "train_all"], proj).stdout
 
 
-def _trained_on(proj: Path, experiment: str) -> dict:
+def _trained_on(proj: Path, experiment: str, seed: int = 0) -> dict:
     """The record inside the run's checkpoint (the one the weights travel with)."""
     import torch
 
-    state = torch.load(proj / f"results/runs/{experiment}/checkpoints/last.pt", weights_only=True)
+    state = torch.load(proj / f"results/runs/{experiment}/seeds/{seed}/checkpoints/last.pt", weights_only=True)
     return state["record"]
 
 
-def _logged_steps(proj: Path, experiment: str) -> list:
+def _logged_steps(proj: Path, experiment: str, seed: int = 0) -> list:
     import csv
 
-    with open(proj / f"results/runs/{experiment}/metrics.csv") as fh:
+    with open(proj / f"results/runs/{experiment}/seeds/{seed}/metrics.csv") as fh:
         return [int(r["step"]) for r in csv.DictReader(fh)]
 
 
@@ -220,6 +236,8 @@ def _assert_scored_model_trained_on_the_store(proj: Path, experiment: str, datas
 
     now = store_digest(store_record(store, str(proj / f"results/data/{dataset}.zarr")))
     assert metrics["trained_on"] == metrics["scored_on"] == now
+    for seed, m in metrics["per_seed"].items():  # every seed's model, not only their common value
+        assert m["trained_on"] == m["scored_on"] == now, seed
 
 
 def _one_dataset(parts: int) -> dict:
@@ -254,9 +272,11 @@ def test_full_default_dag_dry_runs_and_lints_clean():
         assert f"experiment={name}" in p.stdout or name in p.stdout, name
     # Every dataset generated and pictured, every experiment trained, scored and drawn, one summary.
     jobs = {rule: p.stdout.count(f"\nrule {rule}:") for rule in (
-        "room3d", "atari", "show_dataset", "train", "evaluate", "decomposition_figure", "curves", "summary")}
-    assert jobs == {"room3d": 2, "atari": 5, "show_dataset": 7, "train": 7, "evaluate": 7,
-                    "decomposition_figure": 7, "curves": 7, "summary": 1}, jobs
+        "room3d", "atari", "show_dataset", "train", "combine_seeds_training", "evaluate", "decomposition_figure",
+        "combine_seeds_scores", "curves", "summary")}
+    assert jobs == {"room3d": 2, "atari": 5, "show_dataset": 7, "train": 7, "combine_seeds_training": 7,
+                    "evaluate": 7, "decomposition_figure": 7, "combine_seeds_scores": 7, "curves": 7,
+                    "summary": 1}, jobs
     p = run(["snakemake", "--lint"], REPO, check=False)
     assert p.returncode == 0 and "Congratulations" in p.stdout + p.stderr, p.stdout + p.stderr
 
@@ -380,7 +400,7 @@ def test_the_cpu_demo_dag_end_to_end_in_a_fresh_copy(tmp_path, runner):
     minutes = (time.perf_counter() - t) / 60
     print(f"demo DAG under {runner}: {minutes:.1f} min")
     for f in ("results/summary.md", "results/summary.json", "results/runs/space_room3d_small/eval/test/metrics.json",
-              "results/runs/space_room3d_small/eval/test/decomposition.png",
+              "results/runs/space_room3d_small/eval/seeds/0/test/decomposition.png",
               "results/runs/space_room3d_small/eval/curves.png", "results/data/room3d_small.train.png"):
         assert (proj / f).exists(), f
     assert "| space_room3d_small | test |" in (proj / "results/summary.md").read_text()

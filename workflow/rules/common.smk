@@ -46,14 +46,16 @@ def set_flags(overrides: dict) -> str:
     return " ".join(f"--set {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in overrides.items())
 
 
-def _check_experiments():
+def _check_experiments() -> dict:
     """Each experiment names a dataset that exists, its settings resolve (space's own checks), and it can
-    run on that dataset: the model's frame size is the store's, and the train split holds a batch."""
+    run on that dataset: the model's frame size is the store's, and the train split holds a batch.
+    Returns each experiment's seeds: its `seeds` list, or its settings' train.seed alone."""
     import json
 
     from space.__main__ import resolve_config
     from space.config import ConfigError
 
+    seeds = {}
     for name in EXPERIMENTS:
         exp = config["experiments"][name]
         if exp["dataset"] not in config["datasets"]:
@@ -79,9 +81,27 @@ def _check_experiments():
                 f"{where}: the train split has {ds['train_frames']} frames, fewer than one batch of "
                 f"{cfg.train.batch_size}; enlarge splits.train or lower train.batch_size"
             )
+        if "seeds" in exp and "train.seed" in exp.get("set", {}):
+            raise ValueError(
+                f"params: experiments.{name}: both seeds and set: train.seed; list the seeds in seeds alone"
+            )
+        seeds[name] = exp.get("seeds", [cfg.train.seed])
+    return seeds
 
 
-_check_experiments()
+# Each experiment trains one run per seed, in results/runs/{experiment}/seeds/{seed}/; the experiment's
+# train.json, metrics.csv, val.csv and eval/test/metrics.json combine them (python -m space seeds).
+SEEDS = _check_experiments()
+
+
+def seed_paths(pattern: str):
+    """A per-seed path pattern ({seed} in it) -> a function of wildcards giving the experiment's paths."""
+    return lambda wc: expand(pattern, experiment=wc.experiment, seed=SEEDS[wc.experiment])
+
+
+def every_seed(pattern: str) -> list:
+    """A per-seed path pattern ({experiment} and {seed} in it) -> its paths for every seed of every experiment."""
+    return [p for e in EXPERIMENTS for p in expand(pattern, experiment=e, seed=SEEDS[e])]
 
 
 def cli_flags(params: dict) -> str:

@@ -1,25 +1,28 @@
-# Evaluation: every trained run scored on its dataset's test split (python -m space evaluate), its
-# decomposition figure (python -m space show) and curves (python -m space curves), and one table over all
-# runs (python -m space summary).
+# Evaluation: every trained run (each seed of each experiment) scored on its dataset's test split (python -m
+# space evaluate) and its decomposition figure (python -m space show); per experiment, the scores combined
+# over seeds (python -m space seeds) and the seeds' curves in one figure (python -m space curves); and one
+# table over all experiments (python -m space summary).
 
 
 rule evaluate:
-    """Scores of table 1 (AP, count error, MSE) with a baseline, and the COCO files behind them."""
+    """Scores of table 1 (AP, count error, MSE) with a baseline, and the COCO files behind them, of one
+    seed's best checkpoint (by validation AP; the last where the run never validated)."""
     input:
-        summary="results/runs/{experiment}/train.json",
+        summary="results/runs/{experiment}/seeds/{seed}/train.json",
         data=lambda wc: f"results/data/{config['experiments'][wc.experiment]['dataset']}.zarr",
     output:
-        metrics="results/runs/{experiment}/eval/test/metrics.json",
-        detections="results/runs/{experiment}/eval/test/detections.json",
-        ground_truth="results/runs/{experiment}/eval/test/ground_truth.json",
+        metrics="results/runs/{experiment}/eval/seeds/{seed}/test/metrics.json",
+        detections="results/runs/{experiment}/eval/seeds/{seed}/test/detections.json",
+        ground_truth="results/runs/{experiment}/eval/seeds/{seed}/test/ground_truth.json",
     wildcard_constraints:
         experiment="|".join(EXPERIMENTS) or "^$",
+        seed=r"\d+",
     params:
         run=lambda wc, input: os.path.dirname(input.summary),
         folder=lambda wc, output: os.path.dirname(output.metrics),
     threads: workflow.cores
     log:
-        "logs/evaluate/{experiment}.log",
+        "logs/evaluate/{experiment}.seed{seed}.log",
     conda:
         "../../envs/space.yaml"
     shell:
@@ -30,42 +33,64 @@ rule evaluate:
 rule decomposition_figure:
     """Input, reconstruction, boxes, foreground, alpha, background and its components, 8 test frames."""
     input:
-        summary="results/runs/{experiment}/train.json",
+        summary="results/runs/{experiment}/seeds/{seed}/train.json",
         data=lambda wc: f"results/data/{config['experiments'][wc.experiment]['dataset']}.zarr",
     output:
-        "results/runs/{experiment}/eval/test/decomposition.png",
+        "results/runs/{experiment}/eval/seeds/{seed}/test/decomposition.png",
     wildcard_constraints:
         experiment="|".join(EXPERIMENTS) or "^$",
+        seed=r"\d+",
     params:
         run=lambda wc, input: os.path.dirname(input.summary),
     log:
-        "logs/evaluate/{experiment}.figure.log",
+        "logs/evaluate/{experiment}.seed{seed}.figure.log",
     conda:
         "../../envs/space.yaml"
     shell:
         "python -m space show --run {params.run} --data {input.data} --split test --out {output} 2> {log}"
 
 
-rule curves:
-    """Training loss and validation MSE against steps and wall time (figure 5's convergence panels)."""
+rule combine_seeds_scores:
+    """The experiment's test scores: the mean over seeds of each score, its spread, and each seed's. Made
+    once every seed is scored and pictured, so this one file stands for the experiment's evaluation (DVC's
+    evaluate stage asks for it)."""
     input:
-        "results/runs/{experiment}/train.json",
+        scores=seed_paths("results/runs/{experiment}/eval/seeds/{seed}/test/metrics.json"),
+        figures=seed_paths("results/runs/{experiment}/eval/seeds/{seed}/test/decomposition.png"),
+    output:
+        "results/runs/{experiment}/eval/test/metrics.json",
+    wildcard_constraints:
+        experiment="|".join(EXPERIMENTS) or "^$",
+    log:
+        "logs/evaluate/{experiment}.seeds.log",
+    conda:
+        "../../envs/space.yaml"
+    shell:
+        "python -m space seeds {input.scores} --out {output} 2> {log}"
+
+
+rule curves:
+    """Training loss, validation MSE against steps and wall time (figure 5's convergence panels) and
+    validation AP50, one line per seed."""
+    input:
+        seed_paths("results/runs/{experiment}/seeds/{seed}/train.json"),
     output:
         "results/runs/{experiment}/eval/curves.png",
     wildcard_constraints:
         experiment="|".join(EXPERIMENTS) or "^$",
     params:
-        run=lambda wc, input: os.path.dirname(input[0]),
+        runs=lambda wc, input: " ".join(os.path.dirname(f) for f in input),
+        labels=lambda wc: " ".join(f"seed{s}" for s in SEEDS[wc.experiment]),
     log:
         "logs/evaluate/{experiment}.curves.log",
     conda:
         "../../envs/space.yaml"
     shell:
-        "python -m space curves {params.run} --out {output} 2> {log}"
+        "python -m space curves {params.runs} --labels {params.labels} --out {output} 2> {log}"
 
 
 rule summary:
-    """One table (Markdown and JSON) over every run's test scores."""
+    """One table (Markdown and JSON) over every experiment's test scores (means over its seeds)."""
     input:
         expand("results/runs/{experiment}/eval/test/metrics.json", experiment=EXPERIMENTS),
     output:
@@ -80,9 +105,9 @@ rule summary:
 
 
 rule eval_all:
-    """Every enabled experiment trained, scored and pictured, and the table over them."""
+    """Every enabled experiment trained, scored and pictured (each seed), and the table over them."""
     input:
         expand("results/runs/{experiment}/eval/test/metrics.json", experiment=EXPERIMENTS),
-        expand("results/runs/{experiment}/eval/test/decomposition.png", experiment=EXPERIMENTS),
+        every_seed("results/runs/{experiment}/eval/seeds/{seed}/test/decomposition.png"),
         expand("results/runs/{experiment}/eval/curves.png", experiment=EXPERIMENTS),
         "results/summary.md",
