@@ -24,6 +24,8 @@ from .config import ModelConfig
 
 LOG_2PI = math.log(2 * math.pi)
 EPS = 1e-6
+# log(pi + LOG_PI_FLOOR) is the component encoder's input in the paper's code (model.comp_encoder_input)
+LOG_PI_FLOOR = 1e-5
 
 
 # --------------------------------------------------------------------------------------- building blocks
@@ -289,21 +291,33 @@ class FgImageEncoder(nn.Module):
 
 
 class GlimpseEncoder(nn.Module):
-    """Glimpse (M, 3, 32, 32) -> z_what mean and std, (M, D) each."""
+    """Glimpse (M, 3, 32, 32) -> z_what mean and std, (M, D) each.
 
-    def __init__(self, z_what_dim: int):
+    layout "paper": appendix D.3's table, feature maps 32-16-16-13-6-3; "code": the code behind the
+    paper's numbers, 32-16-8-4-1 (model.glimpse_encoder). Either ends in one linear layer."""
+
+    def __init__(self, z_what_dim: int, layout: str = "paper"):
         super().__init__()
         self.dim = z_what_dim
-        self.net = nn.Sequential(
-            conv_gn(3, 16, 3, 1, 1, 4),  # 32
-            conv_gn(16, 32, 4, 2, 1, 8),  # 16
-            conv_gn(32, 32, 3, 1, 1, 4),  # 16
-            conv_gn(32, 64, 4, 1, 0, 8),  # 13
-            conv_gn(64, 128, 4, 2, 1, 8),  # 6
-            conv_gn(128, 256, 4, 1, 0, 16),  # 3
-            nn.Flatten(),
-        )
-        self.head = nn.Linear(256 * 3 * 3, 2 * z_what_dim)
+        if layout == "code":
+            layers, side = [
+                conv_gn(3, 16, 3, 1, 1, 4),  # 32
+                conv_gn(16, 32, 4, 2, 1, 8),  # 16
+                conv_gn(32, 64, 4, 2, 1, 8),  # 8
+                conv_gn(64, 128, 4, 2, 1, 8),  # 4
+                conv_gn(128, 256, 4, 1, 0, 16),  # 1
+            ], 1
+        else:
+            layers, side = [
+                conv_gn(3, 16, 3, 1, 1, 4),  # 32
+                conv_gn(16, 32, 4, 2, 1, 8),  # 16
+                conv_gn(32, 32, 3, 1, 1, 4),  # 16
+                conv_gn(32, 64, 4, 1, 0, 8),  # 13
+                conv_gn(64, 128, 4, 2, 1, 8),  # 6
+                conv_gn(128, 256, 4, 1, 0, 16),  # 3
+            ], 3
+        self.net = nn.Sequential(*layers, nn.Flatten())
+        self.head = nn.Linear(256 * side * side, 2 * z_what_dim)
 
     def forward(self, glimpse):
         return normal_params(self.head(self.net(glimpse)), self.dim)
@@ -484,7 +498,7 @@ class Foreground(nn.Module):
         self.z_depth_net = nn.Conv2d(128, 2 * cfg.z_depth_dim, 1)
         self.z_scale_net = nn.Conv2d(128, 4, 1)
         self.z_shift_net = nn.Conv2d(128, 4, 1)
-        self.glimpse_encoder = GlimpseEncoder(cfg.z_what_dim)
+        self.glimpse_encoder = GlimpseEncoder(cfg.z_what_dim, cfg.glimpse_encoder)
         self.glimpse_decoder = GlimpseDecoder(cfg.z_what_dim)
         self.register_buffer("band", boundary_band(cfg.glimpse_size, cfg.boundary_width), persistent=False)
         self.checkpoint_images = 0  # images per activation-checkpointed chunk (0: keep every activation)
@@ -633,13 +647,18 @@ class MaskDecoder(nn.Module):
 
 
 class CompDecoder(nn.Module):
-    """Spatial broadcast decoder: z_c (M, Dc) -> component mean image (M, 3, N, N)."""
+    """Spatial broadcast decoder: z_c (M, Dc) -> component mean image (M, 3, N, N).
 
-    def __init__(self, z_dim: int, image_size: int):
+    layout "paper": appendix D.3's table, three 3x3 BN/ELU layers and a 3x3 output layer; "code": the code
+    behind the paper's numbers, four 3x3 BN/ELU layers and a 1x1 output layer (model.comp_decoder). Both
+    take 8 pixels off the broadcast canvas."""
+
+    def __init__(self, z_dim: int, image_size: int, layout: str = "paper"):
         super().__init__()
         self.n = image_size
+        hidden, out_kernel = (4, 1) if layout == "code" else (3, 3)
         self.net = nn.Sequential(
-            conv_bn(z_dim + 2, 32, 3), conv_bn(32, 32, 3), conv_bn(32, 32, 3), nn.Conv2d(32, 3, 3)
+            conv_bn(z_dim + 2, 32, 3), *(conv_bn(32, 32, 3) for _ in range(hidden - 1)), nn.Conv2d(32, 3, out_kernel)
         )
         side = image_size + 8  # four unpadded 3x3 convolutions take 8 pixels off
         lin = torch.linspace(-1, 1, side)
@@ -672,7 +691,10 @@ class CompDecoder(nn.Module):
         chunk's activations at a time instead of all M (184 MB a tensor for 3D-Room at batch 16). Nothing
         but BatchNorm and ELU is recomputed (tested against the plain pass with gradients).
         """
-        (_, bn0, _), (conv1, bn1, _), (conv2, bn2, _), conv3 = self.net  # conv0 is z_part + coord_part
+        *blocks, out = self.net  # blocks of (conv, BatchNorm, ELU); the first conv is z_part + coord_part
+        bns = [blk[1] for blk in blocks]
+        convs = [blk[0] for blk in blocks[1:]] + [out]  # the convolution after each BatchNorm and ELU
+        bn0, conv1 = bns[0], convs[0]
 
         # The first layer's input zp_i + cp_p over rows i and pixels p is never built whole: its mean is
         # mean(zp) + mean(cp) and its variance var(zp) + var(cp), exactly.
@@ -687,8 +709,8 @@ class CompDecoder(nn.Module):
         def block(conv, bn):
             return lambda h, mean, var: conv(F.elu(bn_apply(h, mean, var, bn)))
 
-        h = [_checkpoint(first, zp, coord_part, mean, var) for zp in z_part.split(rows)]  # (m, 32, N+4, N+4)
-        for conv, bn in ((conv2, bn1), (conv3, bn2)):
+        h = [_checkpoint(first, zp, coord_part, mean, var) for zp in z_part.split(rows)]  # (m, 32, ., .)
+        for conv, bn in zip(convs[1:], bns[1:]):
             mean, var = combine_stats([chunk_stats(x) for x in h], bn)
             h = [_checkpoint(block(conv, bn), x, mean, var) for x in h]
         return torch.sigmoid(torch.cat(h))  # (M, 3, N, N)
@@ -728,7 +750,10 @@ class Background(nn.Module):
         self.comp_head = nn.Linear(flat_c, 2 * dc)
         hc = cfg.comp_prior_hidden
         self.predict_comp = nn.Sequential(nn.Linear(dm, hc), nn.ELU(), nn.Linear(hc, hc), nn.ELU(), nn.Linear(hc, 2 * dc))
-        self.comp_decoder = CompDecoder(dc, cfg.image_size)
+        self.comp_decoder = CompDecoder(dc, cfg.image_size, cfg.comp_decoder)
+        if cfg.bg_initial_state == "learned":  # h_0, c_0 of both LSTMs and the dummy z^m_0, learned (from zeros)
+            self.h0, self.c0, self.prior_h0, self.prior_c0 = (nn.Parameter(torch.zeros(h)) for _ in range(4))
+            self.z_m0 = nn.Parameter(torch.zeros(dm))
         self.checkpoint_layers = False  # the encoders keep only convolution outputs for the backward pass
 
     def encode(self, encoder, x):
@@ -743,14 +768,23 @@ class Background(nn.Module):
         log_pi = torch.cat([log_m[:, :-1] + scope[:, :-1], scope[:, -1:]], 1)
         return log_pi
 
+    def initial_state(self, b: int, like: torch.Tensor):
+        """Algorithms 2 and 3's h_0, c_0 (inference and prior LSTMs) and dummy z^m_0, each (B, .): zeros
+        (the paper does not say) or learned (model.bg_initial_state, the paper's code)."""
+        cfg = self.cfg
+        if cfg.bg_initial_state == "learned":
+            rows = lambda p: p.to(like.dtype).expand(b, -1)  # noqa: E731
+            return rows(self.z_m0), (rows(self.h0), rows(self.c0)), (rows(self.prior_h0), rows(self.prior_c0))
+        zeros = lambda d: like.new_zeros(b, d)  # noqa: E731
+        hd = cfg.lstm_hidden
+        return zeros(cfg.z_mask_dim), (zeros(hd), zeros(hd)), (zeros(hd), zeros(hd))
+
     def forward(self, x):
         cfg = self.cfg
         b, k, n = x.shape[0], cfg.n_components, cfg.image_size
         dm, dc, hd = cfg.z_mask_dim, cfg.z_comp_dim, cfg.lstm_hidden
         e = self.image_fc(self.encode(self.image_encoder, x))  # (B, 64)
-        z_prev = x.new_zeros(b, dm)
-        state = (x.new_zeros(b, hd), x.new_zeros(b, hd))
-        prior_state = (x.new_zeros(b, hd), x.new_zeros(b, hd))
+        z_prev, state, prior_state = self.initial_state(b, x)
         z_m, kl_m = [], []
         for _ in range(k):  # the only sequential part: z^m_k depends on z^m_<k
             prior_state = self.prior_lstm(z_prev, prior_state)
@@ -765,7 +799,9 @@ class Background(nn.Module):
         logits = self.mask_decoder(z_m.view(b * k, dm)).view(b, k, 1, n, n)
         log_pi = self.stick_breaking(logits)  # (B, K, 1, N, N)
         pi = log_pi.exp()
-        enc_in = torch.cat([pi, x[:, None].expand(b, k, 3, n, n)], 2).view(b * k, 4, n, n)
+        # The component encoder sees [pi_k, x] (algorithm 2) or [log(pi_k + floor), x] (the paper's code)
+        mask_in = pi if cfg.comp_encoder_input == "pi" else torch.log(pi + LOG_PI_FLOOR)
+        enc_in = torch.cat([mask_in, x[:, None].expand(b, k, 3, n, n)], 2).view(b * k, 4, n, n)
         c_mu, c_sigma = normal_params(self.comp_head(self.encode(self.comp_encoder, enc_in)), dc)  # (B*K, Dc)
         z_c = c_mu + c_sigma * torch.randn_like(c_sigma) if self.training else c_mu
         pc_mu, pc_sigma = normal_params(self.predict_comp(z_m.view(b * k, dm)), dc)
@@ -782,9 +818,8 @@ class Background(nn.Module):
     def generate(self, b: int, device=None):
         """Algorithm 3: background components from the prior."""
         cfg = self.cfg
-        k, n, dm, dc, hd = cfg.n_components, cfg.image_size, cfg.z_mask_dim, cfg.z_comp_dim, cfg.lstm_hidden
-        z_prev = torch.zeros(b, dm, device=device)
-        state = (torch.zeros(b, hd, device=device), torch.zeros(b, hd, device=device))
+        k, n, dm, dc = cfg.n_components, cfg.image_size, cfg.z_mask_dim, cfg.z_comp_dim
+        z_prev, _, state = self.initial_state(b, torch.zeros((), device=device))
         z_m = []
         for _ in range(k):
             state = self.prior_lstm(z_prev, state)
@@ -813,6 +848,25 @@ def boundary_loss(overlap, cfg: ModelConfig, step: int):
         return (overlap**2).sum((1, 2, 3)) / (2 * cfg.boundary_sigma**2)
     return overlap.sum((1, 2, 3))
 
+
+
+def tempered_log_likelihood(log_fg, log_bg, temperature: float):
+    """Equation 1's log-likelihood per image (B,), its gradient tempered (model.mixture_temperature).
+
+    log_fg (B, 1, C, N, N) and log_bg (B, K, C, N, N): log alpha N(x; mu_fg) and log (1 - alpha) pi_k
+    N(x; mu_k), C = 1 (mixed per pixel) or 3 (per channel). The value is always the exact log-sum-exp. Its
+    gradient is that of r_fg log p_fg + r_bg log p_bg, with p_bg = sum_k p_k and r = softmax(log p / T)
+    held fixed: at T = 1 exactly the log-sum-exp's gradient; above 1 the side that explains a pixel worse
+    still gets a share of it (deterministic annealing). Among the background's components the share stays
+    exact, so they still specialise."""
+    log_bg_all = torch.logsumexp(log_bg, 1, keepdim=True)  # (B, 1, C, N, N)
+    pair = torch.cat([log_fg, log_bg_all], 1)  # (B, 2, C, N, N)
+    log_lik = torch.logsumexp(pair, 1).sum((1, 2, 3))  # (B,)
+    if temperature == 1.0 or not torch.is_grad_enabled():
+        return log_lik
+    r = torch.softmax(pair.detach() / temperature, 1)
+    tempered = (r * pair).sum(1).sum((1, 2, 3))
+    return log_lik.detach() + tempered - tempered.detach()
 
 
 class SPACE(nn.Module):
@@ -849,6 +903,13 @@ class SPACE(nn.Module):
         elbo = log_lik - kl  # equation 6
         boundary = cfg.boundary_loss_weight * boundary_loss(fg["overlap"], cfg, step)  # (B,)
         loss = (-elbo + boundary).mean()
+        # Training schedules not in the paper (both off by default): the loss's value stays -ELBO + boundary
+        # at 1 and its gradient is the paper's; otherwise z_what's KL is reweighted and the mixture's
+        # gradient tempered.
+        kl_what_weight, temperature = cfg.kl_what_weight.at(step), cfg.mixture_temperature.at(step)
+        if kl_what_weight != 1.0 or temperature != 1.0:
+            lik_for_loss = tempered_log_likelihood(log_fg, log_bg, temperature)
+            loss = (-(lik_for_loss - kl) + (kl_what_weight - 1.0) * fg["kl_what"] + boundary).mean()
 
         recon = fg["alpha"] * fg["mu_fg"] + (1 - fg["alpha"]) * bg_image
         terms = {

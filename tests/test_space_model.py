@@ -108,12 +108,13 @@ def test_comp_decoder_shape_and_range(n):
     assert ((out >= 0) & (out <= 1)).all()
 
 
+@pytest.mark.parametrize("layout", ["paper", "code"])
 @pytest.mark.parametrize("train_mode", [True, False])
-def test_comp_decoder_equals_the_tiled_spatial_broadcast(train_mode):
+def test_comp_decoder_equals_the_tiled_spatial_broadcast(train_mode, layout):
     """The first convolution's z part computed once per component equals convolving the tiled z: outputs
-    and every gradient (BatchNorm in training and eval mode)."""
+    and every gradient (BatchNorm in training and eval mode), in either layout."""
     torch.manual_seed(0)
-    dec = CompDecoder(8, 32).double().train(train_mode)
+    dec = CompDecoder(8, 32, layout).double().train(train_mode)
     z = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
     results = []
     for fn in (dec.forward, dec.forward_tiled):
@@ -337,14 +338,18 @@ def _background_grads(model, x):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_background_checkpointing_is_exact_in_training_mode():
+CODE_BACKGROUND = dict(comp_decoder="code", bg_initial_state="learned", comp_encoder_input="log_pi")
+
+
+@pytest.mark.parametrize("arch", [{}, CODE_BACKGROUND], ids=["paper", "code"])
+def test_background_checkpointing_is_exact_in_training_mode(arch):
     """The background under train.checkpoint_images: the encoders keep only their convolutions' outputs
     (BatchNorm recomputed with batch statistics), the mask decoder runs in recomputed chunks of rows, and
     the component decoder goes layer by layer in chunks with whole-batch BatchNorm statistics. Same loss,
-    same gradients, running statistics updated once, as without."""
+    same gradients, running statistics updated once, as without; in the text's architecture and the code's."""
     torch.manual_seed(0)
-    plain = SPACE(tiny_cfg()).double().train()
-    light = SPACE(tiny_cfg()).double().train()
+    plain = SPACE(tiny_cfg(**arch)).double().train()
+    light = SPACE(tiny_cfg(**arch)).double().train()
     light.load_state_dict(plain.state_dict())
     # the background only: the foreground's chunks would draw their noise in another order
     light.bg.checkpoint_layers = True
@@ -953,3 +958,128 @@ def test_tau_follows_its_schedule_in_the_relaxed_bernoulli():
     for step, n in zip((50, 100, 500), noise[1:]):
         assert torch.allclose(n, noise[0], atol=1e-4), step
     assert float(noise[0].std()) > 0.1  # it is noise, not a constant
+
+
+# ------------------------------------------------------------------ training schedules not in the paper
+
+
+def _log_densities(k: int = 3, c: int = 1, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    log_fg = (torch.randn(2, 1, c, 5, 5, generator=g, dtype=torch.float64) * 6).requires_grad_()
+    log_bg = (torch.randn(2, k, c, 5, 5, generator=g, dtype=torch.float64) * 6).requires_grad_()
+    return log_fg, log_bg
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_tempered_likelihood_has_the_exact_value_and_at_t1_the_exact_gradient(channels):
+    from space.model import tempered_log_likelihood
+
+    log_fg, log_bg = _log_densities(c=channels)
+    exact = torch.logsumexp(torch.cat([log_fg, log_bg], 1), 1).sum((1, 2, 3))
+    g_exact = torch.autograd.grad(exact.sum(), (log_fg, log_bg))
+    for t in (1.0, 4.0):
+        value = tempered_log_likelihood(log_fg, log_bg, t)
+        assert torch.allclose(value, exact, rtol=1e-12)
+    g_t1 = torch.autograd.grad(tempered_log_likelihood(log_fg, log_bg, 1.0).sum(), (log_fg, log_bg))
+    assert all(torch.allclose(a, b, rtol=1e-12) for a, b in zip(g_t1, g_exact))
+
+
+def test_tempered_likelihood_shares_each_pixel_by_tempered_responsibilities():
+    """At T, d/d log p_fg = sigmoid((log p_fg - log p_bg) / T) with p_bg = sum_k p_k, and each background
+    component gets the rest in proportion to its exact posterior among the background's."""
+    from space.model import tempered_log_likelihood
+
+    log_fg, log_bg = _log_densities()
+    t = 4.0
+    g_fg, g_bg = torch.autograd.grad(tempered_log_likelihood(log_fg, log_bg, t).sum(), (log_fg, log_bg))
+    with torch.no_grad():
+        log_bg_all = torch.logsumexp(log_bg, 1, keepdim=True)
+        r_fg = torch.sigmoid((log_fg - log_bg_all) / t)
+        assert torch.allclose(g_fg, r_fg, rtol=1e-12)
+        assert torch.allclose(g_bg, (1 - r_fg) * torch.softmax(log_bg, 1), rtol=1e-12)
+        # tempering moves the share toward evens: where the exact posterior is lopsided, the tempered is less
+        exact_fg = torch.sigmoid(log_fg - log_bg_all)
+        assert bool(((r_fg - 0.5).abs() <= (exact_fg - 0.5).abs() + 1e-12).all())
+
+
+def test_kl_what_weight_reweights_z_whats_kl_in_the_loss_only():
+    """loss(w) - loss(1) = (w - 1) KL(z_what), the reported terms unchanged, along the weight's schedule."""
+    cfg_w = tiny_cfg(kl_what_weight=Anneal(0.0, 1.0, 0, 100))
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for step, w in ((0, 0.0), (25, 0.25), (100, 1.0)):
+        outs = []
+        for cfg in (tiny_cfg(), cfg_w):
+            torch.manual_seed(0)
+            model = SPACE(cfg).train()
+            torch.manual_seed(5)
+            outs.append(model(x, step)["terms"])
+        paper, weighted = outs
+        assert float(weighted["loss"] - paper["loss"]) == pytest.approx((w - 1) * float(paper["kl_what"]), rel=1e-4, abs=1e-3)
+        assert float(weighted["elbo"]) == pytest.approx(float(paper["elbo"]), rel=1e-6)
+
+
+@pytest.mark.parametrize("setting, value", [("mixture_temperature", 0.5), ("kl_what_weight", -1.0)])
+def test_schedule_settings_out_of_range_are_named(setting, value):
+    with pytest.raises(ConfigError, match=setting):
+        tiny_cfg(**{setting: value}).validate()
+
+
+# --------------------------------------------------- architecture: appendix D.3's tables and the paper's code
+
+
+@pytest.mark.parametrize("layout, sides", [("paper", [32, 16, 16, 13, 6, 3]), ("code", [32, 16, 8, 4, 1])])
+def test_glimpse_encoder_feature_maps_follow_the_table_or_the_code(layout, sides):
+    """Appendix D.3's glimpse encoder (3x3 s1, 4x4 s2, 3x3 s1, 4x4 s1, 4x4 s2, 4x4 s1) or the code's
+    32-16-8-4-1, each then one linear layer to z_what's mean and std."""
+    enc = GlimpseEncoder(32, layout)
+    seen = []
+    for block in enc.net[:-1]:
+        block.register_forward_hook(lambda m, i, o: seen.append(o.shape[-1]))
+    mu, sigma = enc(torch.rand(5, 3, 32, 32))
+    assert seen == sides
+    assert mu.shape == sigma.shape == (5, 32) and (sigma > 0).all()
+    assert enc.head.in_features == 256 * sides[-1] ** 2
+
+
+def test_the_codes_component_decoder_has_four_hidden_layers_and_a_1x1_output():
+    paper, code = CompDecoder(8, 32, "paper"), CompDecoder(8, 32, "code")
+    bns = lambda d: [m for m in d.modules() if isinstance(m, torch.nn.BatchNorm2d)]  # noqa: E731
+    assert len(bns(paper)) == 3 and paper.net[-1].kernel_size == (3, 3)
+    assert len(bns(code)) == 4 and code.net[-1].kernel_size == (1, 1)
+    assert code(torch.randn(2, 8)).shape == (2, 3, 32, 32)
+
+
+def test_a_learned_initial_state_starts_at_zeros_and_learns():
+    """model.bg_initial_state=learned: h_0, c_0 of both LSTMs and z^m_0 are parameters, zero at first (the
+    same background as the zeros reading, weights shared), and the loss reaches them."""
+    torch.manual_seed(0)
+    zeros = Background(tiny_cfg()).eval()
+    learned = Background(tiny_cfg(bg_initial_state="learned")).eval()
+    missing = learned.load_state_dict(zeros.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["c0", "h0", "prior_c0", "prior_h0", "z_m0"]
+    x = torch.rand(2, 3, 32, 32)
+    a, b = zeros(x), learned(x)
+    assert torch.allclose(a["log_pi"], b["log_pi"]) and torch.allclose(a["kl_bg_mask"], b["kl_bg_mask"])
+    learned.train()
+    learned(x)["kl_bg_mask"].sum().backward()
+    for name in missing:
+        assert getattr(learned, name).grad.abs().sum() > 0, name
+    torch.manual_seed(1)
+    pi_zeros, _ = zeros.generate(2)
+    torch.manual_seed(1)
+    pi_learned, _ = learned.generate(2)
+    assert torch.allclose(pi_zeros, pi_learned)  # still zeros: the same prior samples
+
+
+@pytest.mark.parametrize("reading", ["pi", "log_pi"])
+def test_the_component_encoder_sees_pi_or_its_log(reading):
+    torch.manual_seed(0)
+    bg = Background(tiny_cfg(comp_encoder_input=reading)).eval()
+    seen = []
+    bg.comp_encoder.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        pi = bg(x)["log_pi"].exp().view(4, 1, 32, 32)  # (B*K, 1, N, N)
+    expected = pi if reading == "pi" else torch.log(pi + 1e-5)
+    assert torch.allclose(seen[0][:, :1], expected, atol=1e-6)
+    assert torch.allclose(seen[0][:, 1:], x[:, None].expand(2, 2, 3, 32, 32).reshape(4, 3, 32, 32))
