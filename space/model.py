@@ -299,23 +299,13 @@ class GlimpseEncoder(nn.Module):
     def __init__(self, z_what_dim: int, layout: str = "paper"):
         super().__init__()
         self.dim = z_what_dim
-        if layout == "code":
-            layers, side = [
-                conv_gn(3, 16, 3, 1, 1, 4),  # 32
-                conv_gn(16, 32, 4, 2, 1, 8),  # 16
-                conv_gn(32, 64, 4, 2, 1, 8),  # 8
-                conv_gn(64, 128, 4, 2, 1, 8),  # 4
-                conv_gn(128, 256, 4, 1, 0, 16),  # 1
-            ], 1
-        else:
-            layers, side = [
-                conv_gn(3, 16, 3, 1, 1, 4),  # 32
-                conv_gn(16, 32, 4, 2, 1, 8),  # 16
-                conv_gn(32, 32, 3, 1, 1, 4),  # 16
-                conv_gn(32, 64, 4, 1, 0, 8),  # 13
-                conv_gn(64, 128, 4, 2, 1, 8),  # 6
-                conv_gn(128, 256, 4, 1, 0, 16),  # 3
-            ], 3
+        stem = [conv_gn(3, 16, 3, 1, 1, 4), conv_gn(16, 32, 4, 2, 1, 8)]  # 32, 16
+        if layout == "code":  # 8, 4, 1
+            rest, side = [conv_gn(32, 64, 4, 2, 1, 8), conv_gn(64, 128, 4, 2, 1, 8), conv_gn(128, 256, 4, 1, 0, 16)], 1
+        else:  # 16, 13, 6, 3
+            rest, side = [conv_gn(32, 32, 3, 1, 1, 4), conv_gn(32, 64, 4, 1, 0, 8), conv_gn(64, 128, 4, 2, 1, 8),
+                          conv_gn(128, 256, 4, 1, 0, 16)], 3
+        layers = stem + rest
         self.net = nn.Sequential(*layers, nn.Flatten())
         self.head = nn.Linear(256 * side * side, 2 * z_what_dim)
 
