@@ -93,9 +93,9 @@ class ModelConfig:
     # end_step: 600} to warm it up. 1 (constant) is the paper's objective.
     kl_what_weight: Anneal = field(default_factory=lambda: Anneal(1.0, 1.0))
     # mixture_temperature: deterministic annealing of equation 1. Above 1, each pixel's gradient is shared
-    # between the foreground and the background by responsibilities tempered by it (a softmax of their
-    # log-densities / T) rather than the exact posterior, so the side that explains a pixel worse still
-    # learns from it. 1 (constant) is the exact gradient. The reported ELBO is the exact one either way.
+    # among the foreground and the background components by responsibilities tempered by it (a softmax of
+    # their log-densities / T) rather than the exact posterior, so a component that explains a pixel worse
+    # still learns from it. 1 (constant) is the exact gradient. The reported ELBO is the exact one either way.
     mixture_temperature: Anneal = field(default_factory=lambda: Anneal(1.0, 1.0))
     # Architecture details where appendix D.3 and the code behind the paper's numbers differ; each "paper"
     # (the text) or "code". The glimpse encoder's feature maps: 32-16-16-13-6-3 (the table) or 32-16-8-4-1.

@@ -845,17 +845,17 @@ def tempered_log_likelihood(log_fg, log_bg, temperature: float):
 
     log_fg (B, 1, C, N, N) and log_bg (B, K, C, N, N): log alpha N(x; mu_fg) and log (1 - alpha) pi_k
     N(x; mu_k), C = 1 (mixed per pixel) or 3 (per channel). The value is always the exact log-sum-exp. Its
-    gradient is that of r_fg log p_fg + r_bg log p_bg, with p_bg = sum_k p_k and r = softmax(log p / T)
-    held fixed: at T = 1 exactly the log-sum-exp's gradient; above 1 the side that explains a pixel worse
-    still gets a share of it (deterministic annealing). Among the background's components the share stays
-    exact, so they still specialise."""
-    log_bg_all = torch.logsumexp(log_bg, 1, keepdim=True)  # (B, 1, C, N, N)
-    pair = torch.cat([log_fg, log_bg_all], 1)  # (B, 2, C, N, N)
-    log_lik = torch.logsumexp(pair, 1).sum((1, 2, 3))  # (B,)
+    gradient is that of sum_j r_j log p_j over the foreground and the K background components, with
+    r = softmax(log p / T) held fixed: at T = 1 exactly the log-sum-exp's gradient; above 1 every component
+    gets a share of every pixel, the ones that explain it worse too (deterministic annealing). Tempering
+    between the foreground and the background as a whole only, with the components' exact shares within
+    the background, did not help: the background specialised and the foreground died (BENCHMARKS.md)."""
+    log_joint = torch.cat([log_fg, log_bg], 1)  # (B, 1+K, C, N, N)
+    log_lik = torch.logsumexp(log_joint, 1).sum((1, 2, 3))  # (B,)
     if temperature == 1.0 or not torch.is_grad_enabled():
         return log_lik
-    r = torch.softmax(pair.detach() / temperature, 1)
-    tempered = (r * pair).sum(1).sum((1, 2, 3))
+    r = torch.softmax(log_joint.detach() / temperature, 1)
+    tempered = (r * log_joint).sum(1).sum((1, 2, 3))
     return log_lik.detach() + tempered - tempered.detach()
 
 

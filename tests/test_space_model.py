@@ -985,21 +985,21 @@ def test_tempered_likelihood_has_the_exact_value_and_at_t1_the_exact_gradient(ch
 
 
 def test_tempered_likelihood_shares_each_pixel_by_tempered_responsibilities():
-    """At T, d/d log p_fg = sigmoid((log p_fg - log p_bg) / T) with p_bg = sum_k p_k, and each background
-    component gets the rest in proportion to its exact posterior among the background's."""
+    """At T, d/d log p_j = softmax(log p / T)_j over the foreground and the background components: closer
+    to evens than the exact posterior, and the exact posterior at T = 1."""
     from space.model import tempered_log_likelihood
 
     log_fg, log_bg = _log_densities()
     t = 4.0
     g_fg, g_bg = torch.autograd.grad(tempered_log_likelihood(log_fg, log_bg, t).sum(), (log_fg, log_bg))
     with torch.no_grad():
-        log_bg_all = torch.logsumexp(log_bg, 1, keepdim=True)
-        r_fg = torch.sigmoid((log_fg - log_bg_all) / t)
-        assert torch.allclose(g_fg, r_fg, rtol=1e-12)
-        assert torch.allclose(g_bg, (1 - r_fg) * torch.softmax(log_bg, 1), rtol=1e-12)
-        # tempering moves the share toward evens: where the exact posterior is lopsided, the tempered is less
-        exact_fg = torch.sigmoid(log_fg - log_bg_all)
-        assert bool(((r_fg - 0.5).abs() <= (exact_fg - 0.5).abs() + 1e-12).all())
+        log_p = torch.cat([log_fg, log_bg], 1)
+        r = torch.exp(log_p / t) / torch.exp(log_p / t).sum(1, keepdim=True)
+        assert torch.allclose(torch.cat([g_fg, g_bg], 1), r, rtol=1e-10)
+        exact = torch.softmax(log_p, 1)
+        # tempering flattens the shares: the largest is smaller, the smallest larger
+        assert bool((r.max(1).values <= exact.max(1).values + 1e-12).all())
+        assert bool((r.min(1).values >= exact.min(1).values - 1e-12).all())
 
 
 def test_kl_what_weight_reweights_z_whats_kl_in_the_loss_only():
