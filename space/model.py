@@ -887,19 +887,17 @@ class SPACE(nn.Module):
 
         log_fg = torch.log(alpha)[:, None] + log_normal(fg["mu_fg"][:, None], cfg.fg_sigma)  # (B, 1, 1|3, N, N)
         log_bg = torch.log1p(-alpha)[:, None] + bg["log_pi"] + log_normal(bg["mu_bg"], cfg.bg_sigma)  # (B, K, 1|3, N, N)
-        log_lik = torch.logsumexp(torch.cat([log_fg, log_bg], 1), 1).sum((1, 2, 3))  # (B,)
+        # The exact log-likelihood (B,); above model.mixture_temperature 1 its gradient is tempered.
+        log_lik = tempered_log_likelihood(log_fg, log_bg, cfg.mixture_temperature.at(step))
 
         kl = fg["kl_pres"] + fg["kl_where"] + fg["kl_depth"] + fg["kl_what"] + bg["kl_bg_mask"] + bg["kl_bg_comp"]
         elbo = log_lik - kl  # equation 6
         boundary = cfg.boundary_loss_weight * boundary_loss(fg["overlap"], cfg, step)  # (B,)
-        loss = (-elbo + boundary).mean()
-        # Training schedules not in the paper (both off by default): the loss's value stays -ELBO + boundary
-        # at 1 and its gradient is the paper's; otherwise z_what's KL is reweighted and the mixture's
-        # gradient tempered.
-        kl_what_weight, temperature = cfg.kl_what_weight.at(step), cfg.mixture_temperature.at(step)
-        if kl_what_weight != 1.0 or temperature != 1.0:
-            lik_for_loss = tempered_log_likelihood(log_fg, log_bg, temperature)
-            loss = (-(lik_for_loss - kl) + (kl_what_weight - 1.0) * fg["kl_what"] + boundary).mean()
+        loss = -elbo + boundary
+        kl_what_weight = cfg.kl_what_weight.at(step)
+        if kl_what_weight != 1.0:  # model.kl_what_weight (not in the paper): z_what's KL reweighted in the loss only
+            loss = loss + (kl_what_weight - 1.0) * fg["kl_what"]
+        loss = loss.mean()
 
         recon = fg["alpha"] * fg["mu_fg"] + (1 - fg["alpha"]) * bg_image
         terms = {
