@@ -98,7 +98,10 @@ class ModelConfig:
     # still learns from it. 1 (constant) is the exact gradient. The reported ELBO is the exact one either way.
     mixture_temperature: Anneal = field(default_factory=lambda: Anneal(1.0, 1.0))
     # Architecture details where appendix D.3 and the code behind the paper's numbers differ; each "paper"
-    # (the text) or "code". The glimpse encoder's feature maps: 32-16-16-13-6-3 (the table) or 32-16-8-4-1.
+    # (the text) or "code". The foreground image encoder: the table's layers (conv, GroupNorm, CELU), or the
+    # code's order (conv, CELU, GroupNorm) and its lateral branch over the cell features.
+    fg_encoder: str = "paper"
+    # The glimpse encoder's feature maps: 32-16-16-13-6-3 (the table) or 32-16-8-4-1.
     glimpse_encoder: str = "paper"
     # The component decoder: three 3x3 BN/ELU layers and a 3x3 output (the table) or four and a 1x1 output.
     comp_decoder: str = "paper"
@@ -146,7 +149,8 @@ class ModelConfig:
         if not (self.tau.start > 0 and self.tau.end > 0):
             raise ConfigError(f"model.tau: must be above 0 (start and end), got {self.tau.start} -> {self.tau.end}")
         for name, choices in (("boundary_loss", ("linear", "gaussian")), ("kl_weighting", ("z_pres", "every_cell")),
-                              ("mixture", ("pixel", "channel")), ("glimpse_encoder", ("paper", "code")),
+                              ("mixture", ("pixel", "channel")), ("fg_encoder", ("paper", "code")),
+                              ("glimpse_encoder", ("paper", "code")),
                               ("comp_decoder", ("paper", "code")), ("bg_initial_state", ("zeros", "learned")),
                               ("comp_encoder_input", ("pi", "log_pi"))):
             if getattr(self, name) not in choices:

@@ -39,6 +39,11 @@ def conv_gn(cin, cout, k, stride=1, padding=0, groups=8):
     return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding), nn.GroupNorm(groups, cout), nn.CELU(inplace=True))
 
 
+def conv_celu_gn(cin, cout, k, stride=1, padding=0, groups=8):
+    """The order of the foreground encoder's layers in the paper's code (model.fg_encoder = "code")."""
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding), nn.CELU(inplace=True), nn.GroupNorm(groups, cout))
+
+
 # Set while torch.utils.checkpoint recomputes a stretch of layers in the backward pass: BatchNorm then
 # normalises by the batch statistics again but leaves its running statistics alone (they were updated once,
 # in the forward pass).
@@ -267,9 +272,15 @@ def normal_params(h, dim):
 
 
 class FgImageEncoder(nn.Module):
-    """Image (B, 3, N, N) -> cell features (B, 128, G, G). Stride 2 layers: log2(N / G)."""
+    """Image (B, 3, N, N) -> cell features (B, 128, G, G). Stride 2 layers: log2(N / G).
 
-    def __init__(self, image_size: int, grid_size: int):
+    layout "paper": appendix D.3's table, each layer conv, GroupNorm, CELU. "code" (model.fg_encoder): the
+    code behind the paper's numbers orders each layer conv, CELU, GroupNorm and adds a lateral branch at the
+    cells' resolution (two 3x3 layers over the cell features, concatenated with them and merged back to
+    128 channels by a 3x3 layer): the cell features see their neighbours' before the z_pres and z_where
+    heads read them."""
+
+    def __init__(self, image_size: int, grid_size: int, layout: str = "paper"):
         super().__init__()
         downs = int(math.log2(image_size // grid_size))
         if not 2 <= downs <= 5:
@@ -277,17 +288,25 @@ class FgImageEncoder(nn.Module):
         # The first three layers halve (4x4, stride 2); with an 8x8 grid the 3x3 layer after them halves too.
         s = [2 if i < downs else 1 for i in range(3)] + [2 if downs > 4 else 1, 2 if downs > 3 else 1]
         k = [4 if st == 2 else 3 for st in s[:3]]
+        layer = conv_celu_gn if layout == "code" else conv_gn
         self.net = nn.Sequential(
-            conv_gn(3, 16, k[0], s[0], 1, 4),
-            conv_gn(16, 32, k[1], s[1], 1, 8),
-            conv_gn(32, 64, k[2], s[2], 1, 8),
-            conv_gn(64, 128, 3, s[3], 1, 16),
-            conv_gn(128, 256, 3, s[4], 1, 16),
-            conv_gn(256, 128, 1, 1, 0, 16),
+            layer(3, 16, k[0], s[0], 1, 4),
+            layer(16, 32, k[1], s[1], 1, 8),
+            layer(32, 64, k[2], s[2], 1, 8),
+            layer(64, 128, 3, s[3], 1, 16),
+            layer(128, 256, 3, s[4], 1, 16),
+            layer(256, 128, 1, 1, 0, 16),
         )
+        self.lateral = self.merge = None
+        if layout == "code":
+            self.lateral = nn.Sequential(layer(128, 128, 3, 1, 1, 16), layer(128, 128, 3, 1, 1, 16))
+            self.merge = layer(256, 128, 3, 1, 1, 16)
 
     def forward(self, x):
-        return self.net(x)
+        e = self.net(x)  # (B, 128, G, G)
+        if self.lateral is None:
+            return e
+        return self.merge(torch.cat([e, self.lateral(e)], 1))  # (B, 256, G, G) -> (B, 128, G, G)
 
 
 class GlimpseEncoder(nn.Module):
@@ -483,7 +502,7 @@ class Foreground(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = FgImageEncoder(cfg.image_size, cfg.grid_size)
+        self.encoder = FgImageEncoder(cfg.image_size, cfg.grid_size, cfg.fg_encoder)
         self.z_pres_net = nn.Conv2d(128, 1, 1)
         self.z_depth_net = nn.Conv2d(128, 2 * cfg.z_depth_dim, 1)
         self.z_scale_net = nn.Conv2d(128, 4, 1)

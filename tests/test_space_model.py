@@ -1041,6 +1041,34 @@ def test_glimpse_encoder_feature_maps_follow_the_table_or_the_code(layout, sides
     assert enc.head.in_features == 256 * sides[-1] ** 2
 
 
+@pytest.mark.parametrize("n,g", [(64, 4), (128, 8), (128, 16)])
+def test_the_codes_fg_encoder_orders_celu_before_groupnorm_and_adds_a_lateral_branch(n, g):
+    """model.fg_encoder=code: one feature per cell as the table's encoder, each layer conv -> CELU ->
+    GroupNorm, and a lateral branch of 3x3 layers at the cells' resolution whose output the heads read."""
+    torch.manual_seed(0)
+    code, paper = FgImageEncoder(n, g, "code").eval(), FgImageEncoder(n, g, "paper").eval()
+    x = torch.rand(2, 3, n, n)
+    assert code(x).shape == paper(x).shape == (2, 128, g, g)
+    for block in [*code.net, *code.lateral, code.merge]:
+        assert [type(m) for m in block] == [torch.nn.Conv2d, torch.nn.CELU, torch.nn.GroupNorm]
+    for block in paper.net:
+        assert [type(m) for m in block] == [torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.CELU]
+
+    # The lateral branch works at the cells' resolution, 3x3 with a one-cell border, and its output is used.
+    lateral_convs = [block[0] for block in [*code.lateral, code.merge]]
+    assert [(c.kernel_size, c.stride, c.padding) for c in lateral_convs] == [((3, 3), (1, 1), (1, 1))] * 3
+    assert code.merge[0].in_channels == 256
+    code(x).square().sum().backward()
+    assert all(c.weight.grad.abs().sum() > 0 for c in lateral_convs)
+
+
+def test_the_fg_encoder_setting_reaches_the_model_and_is_checked():
+    assert SPACE(tiny_cfg(fg_encoder="code")).fg.encoder.lateral is not None
+    assert SPACE(tiny_cfg()).fg.encoder.lateral is None
+    with pytest.raises(ConfigError, match="fg_encoder"):
+        tiny_cfg(fg_encoder="lateral").validate()
+
+
 def test_the_codes_component_decoder_has_four_hidden_layers_and_a_1x1_output():
     paper, code = CompDecoder(8, 32, "paper"), CompDecoder(8, 32, "code")
     bns = lambda d: [m for m in d.modules() if isinstance(m, torch.nn.BatchNorm2d)]  # noqa: E731
