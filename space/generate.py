@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .config import Config
-from .model import SPACE, composite, where_to_box
+from .model import EPS, SPACE, where_to_box
+from .windows import composite_windowed
 
 
 @torch.no_grad()
@@ -29,8 +30,8 @@ def sample_images(cfg: Config, state_dict: dict, count: int, step: int, seed: in
     maps = torch.cat([alpha_att, o_att, model.fg.band.expand(count * c, 1, s, s)], 1).view(count, c, 5, s, s)
     depth = m.depth_sharpness * torch.sigmoid(z_depth)
     weight = torch.exp(-(depth - depth.min(1, keepdim=True).values))
-    alpha, mu_fg, _ = composite(maps, z_pres, weight, centre.reshape(count, c, 2), size.reshape(count, c, 2), n,
-                                m.fg_mean == "premultiplied")
+    alpha, mu_fg, _ = composite_windowed(maps, z_pres, weight, centre.reshape(count, c, 2), size.reshape(count, c, 2),
+                                         n, m.fg_mean == "premultiplied", eps=EPS)
     # Background (algorithm 3).
     pi, mu_bg = model.bg.generate(count)
     background = (pi * mu_bg).sum(1)

@@ -4,15 +4,15 @@ Shapes use B batch, G grid cells per side (G*G = cells), N image side, S glimpse
 components. Latent names follow the paper: z_pres, z_where = (z_scale, z_shift), z_depth, z_what for
 each foreground cell; z_m (mask) and z_c (component) for each background component.
 
-Speed: the footnote on O(hw x HW) rendering. The straightforward way pastes every glimpse onto the whole
-canvas (a full-image warp per cell). Here each glimpse is warped only onto the window of the canvas it
-can touch and scatter-added into place, which computes the same composite (tested against
-`composite_full`, the straightforward version kept for that purpose).
+The paper's computation is written here plainly. Its optimisations live in modules of their own and are
+tested against it: space/windows.py composites each glimpse only on the canvas window it can touch
+(the footnote on O(hw x HW) rendering; `composite` below pastes every glimpse onto the whole canvas), and
+space/recompute.py holds activation checkpointing and the BatchNorm statistics it needs across chunks
+and data-parallel ranks.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+from .recompute import BatchNorm2d, broadcast_decode_in_chunks, checkpointed, leaf_layers, run_keeping_conv_outputs
+from .windows import composite_windowed
 
 LOG_2PI = math.log(2 * math.pi)
 EPS = 1e-6
@@ -42,201 +44,6 @@ def conv_gn(cin, cout, k, stride=1, padding=0, groups=8):
 def conv_celu_gn(cin, cout, k, stride=1, padding=0, groups=8):
     """The order of the foreground encoder's layers in the paper's code (model.fg_encoder = "code")."""
     return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding), nn.CELU(inplace=True), nn.GroupNorm(groups, cout))
-
-
-# Set while torch.utils.checkpoint recomputes a stretch of layers in the backward pass: BatchNorm then
-# normalises by the batch statistics again but leaves its running statistics alone (they were updated once,
-# in the forward pass).
-_recomputing = [0]
-
-
-@contextlib.contextmanager
-def _recompute_context():
-    _recomputing[0] += 1
-    try:
-        yield
-    finally:
-        _recomputing[0] -= 1
-
-
-def _recompute_contexts():
-    return contextlib.nullcontext(), _recompute_context()
-
-
-def _checkpoint(fn, *args):
-    return checkpoint(fn, *args, use_reentrant=False, context_fn=_recompute_contexts)
-
-
-def run_keeping_conv_outputs(layers, h):
-    """Apply a chain of layers to h, keeping for the backward pass only the convolutions' outputs.
-
-    What lies between two convolutions (normalisation, activation, pixel shuffle) is cheap to recompute
-    but stores one or two full-size tensors for the backward pass. Each such stretch runs under activation
-    checkpointing together with the convolution after it, whose saved input is the last thing recomputed:
-    the recomputation stops there (torch's early stop), so no convolution runs twice. Exact: the same
-    operations on the same values (tested against the plain chain, with gradients).
-    """
-    if not (torch.is_grad_enabled() and h.requires_grad):
-        for layer in layers:
-            h = layer(h)
-        return h
-    segment = []
-    for layer in layers:
-        segment.append(layer)
-        if isinstance(layer, nn.Conv2d):
-            h = _run_segment(segment, h)
-            segment = []
-    return _run_segment(segment, h) if segment else h
-
-
-def _run_segment(segment, h):
-    def run(h):
-        for layer in segment:
-            h = layer(h)
-        return h
-
-    if len(segment) == 1:  # a lone convolution stores only its input, which is stored anyway
-        return run(h)
-    return _checkpoint(run, h)
-
-
-def leaf_layers(module: nn.Module) -> list:
-    """The layers of nested Sequentials, in order."""
-    if isinstance(module, nn.Sequential):
-        return [leaf for child in module for leaf in leaf_layers(child)]
-    return [module]
-
-
-class BatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm whose training statistics span every data-parallel rank, on CPU (gloo) as on GPU.
-
-    Under DDP each rank holds a slice of the global batch; normalising each slice by its own statistics
-    would make N ranks train a different model from one process with N times the batch. The sums are
-    all-reduced with the autograd-aware collective, so the backward pass is synchronised too.
-    (torch.nn.SyncBatchNorm does the same on GPUs only.)
-    """
-
-    def forward(self, x):
-        import torch.distributed as dist
-
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            if self.training and _recomputing[0]:  # the same call, with throwaway running statistics
-                return F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(), self.weight,
-                                    self.bias, True, self.momentum or 0.0, self.eps)
-            return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
-        c = x.shape[1]
-        xf = x.float()
-        count = xf.new_full((1,), x.numel() // c)
-        stats = all_reduce(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))  # (2C + 1,)
-        n = stats[-1]
-        mean = stats[:c] / n
-        var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)  # biased: what BatchNorm normalises by
-        if not _recomputing[0]:  # a recomputation in the backward pass leaves the running statistics alone
-            update_running_stats(self, mean, var, n)
-        shape = (1, c, 1, 1)
-        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        return (y * self.weight.view(shape) + self.bias.view(shape)).to(x.dtype)
-
-
-def update_running_stats(bn: nn.BatchNorm2d, mean, var, n) -> None:
-    """nn.BatchNorm2d's update of its running statistics from a batch's mean and biased variance over n
-    values (the running variance is unbiased, as torch keeps it)."""
-    with torch.no_grad():
-        bn.num_batches_tracked += 1
-        m = bn.momentum if bn.momentum is not None else 1 / float(bn.num_batches_tracked)
-        bn.running_mean.mul_(1 - m).add_(m * mean.detach())
-        bn.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
-
-
-def _ddp_world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-class _NormaliseWith(torch.autograd.Function):
-    """BatchNorm's affine normalisation of h (m, C, H, W) by given statistics mean, var (C,), with the
-    gradients to h, mean, var, weight and bias. Forward and backward are each one fused pass of torch's
-    batch-norm kernels in inference form; the gradients to mean and var (which the inference form
-    treats as constants) follow from its dbias and dweight:
-        dL/dmean = -dbias * weight / sqrt(var + eps)
-        dL/dvar  = -dweight * weight / (2 (var + eps))      where dweight = sum(dy * (h - mean) / sqrt(var + eps))
-    Autograd of the unfused formula gives the same values in five times the memory traffic."""
-
-    @staticmethod
-    def forward(ctx, h, mean, var, weight, bias, eps):
-        ctx.save_for_backward(h, mean, var, weight)
-        ctx.eps = eps
-        return torch.batch_norm(h, weight, bias, mean, var, False, 0.0, eps, True)
-
-    @staticmethod
-    def backward(ctx, dy):
-        h, mean, var, weight = ctx.saved_tensors
-        dh, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
-            dy, h, weight, mean, var, None, None, False, ctx.eps, [True, True, True])
-        inv = torch.rsqrt(var + ctx.eps)
-        dmean = -dbias * weight * inv
-        dvar = -dweight * weight * inv * inv / 2
-        return dh, dmean, dvar, dweight, dbias, None
-
-
-def bn_apply(h, mean, var, bn: nn.BatchNorm2d):
-    """BatchNorm's affine normalisation of h (m, C, H, W) with given statistics (C,) each."""
-    return _NormaliseWith.apply(h, mean, var, bn.weight, bn.bias, bn.eps)
-
-
-class _ChunkStats(torch.autograd.Function):
-    """(mean, biased var), (C,) each, of h (m, C, H, W) over all but the channels; the backward pass is
-    one fused multiply-add, dh = dmean / n + dvar * 2 (h - mean) / n, instead of autograd's five passes."""
-
-    @staticmethod
-    def forward(ctx, h):
-        var, mean = torch.var_mean(h, dim=(0, 2, 3), correction=0)
-        ctx.save_for_backward(h, mean)
-        return mean, var
-
-    @staticmethod
-    def backward(ctx, dmean, dvar):
-        h, mean = ctx.saved_tensors
-        n = h.numel() // h.shape[1]
-        if dmean is None:
-            dmean = torch.zeros_like(mean)
-        if dvar is None:
-            dvar = torch.zeros_like(mean)
-        slope = 2 * dvar / n  # (C,)
-        shape = (1, -1, 1, 1)
-        return torch.addcmul((dmean / n - slope * mean).view(shape), h, slope.view(shape))
-
-
-def combine_stats(parts: list, bn: nn.BatchNorm2d):
-    """BatchNorm's training statistics of a batch held in parts: parts[j] = (count, mean (C,), biased var
-    (C,)) of part j. Exact (the parallel form of the variance: within-part plus between-part spread, no
-    E[x^2] - E[x]^2 cancellation) and differentiable; under DDP the parts span every rank. BatchNorm's
-    running statistics are updated once, as nn.BatchNorm2d does; returns (mean, var), (C,) each."""
-    count = sum(n for n, _, _ in parts)
-    total = sum(n * m for n, m, _ in parts)  # (C,)
-    world = _ddp_world()
-    if world > 1:
-        from torch.distributed.nn.functional import all_reduce
-
-        reduced = all_reduce(torch.cat([total, total.new_tensor([float(count)])]))
-        total, count = reduced[:-1], reduced[-1]
-    mean = total / count
-    spread = sum(n * (v + (m - mean) ** 2) for n, m, v in parts)  # (C,)
-    if world > 1:
-        spread = all_reduce(spread)
-    var = spread / count
-    if bn.training and bn.track_running_stats and not _recomputing[0]:
-        update_running_stats(bn, mean, var, count)
-    return mean, var
-
-
-def chunk_stats(h):
-    """(count, mean (C,), biased var (C,)) of one chunk h (m, C, H, W), for combine_stats."""
-    mean, var = _ChunkStats.apply(h)
-    return h.shape[0] * h.shape[2] * h.shape[3], mean, var
 
 
 def conv_bn(cin, cout, k, stride=1, padding=0):
@@ -402,72 +209,6 @@ def boundary_band(glimpse_size: int, width: int, device=None):
     return band
 
 
-def _window_grid(centre, size, n: int, glimpse_size: int):
-    """For each glimpse, the canvas window it can touch and where each window pixel falls in the glimpse.
-
-    centre, size: (M, 2) fractions of the image. Returns the window's top-left pixel (M, 2) (x, y),
-    its side P (an int, the same for all), and the glimpse coordinates of every window pixel centre
-    (M, P, P, 2) for grid_sample.
-    """
-    # A glimpse pixel's bilinear footprint reaches one glimpse pixel past the outermost centres:
-    # half-extent in canvas pixels = size * N / 2 * (1 + 1 / S).
-    half = size * (n / 2) * (1 + 1 / glimpse_size)
-    # Only the part on the canvas matters: clip to it, so no window is wider than the canvas.
-    lo = torch.floor(centre * n - half - 0.5).clamp(0, n - 1)
-    hi = torch.ceil(centre * n + half - 0.5).clamp(0, n - 1)
-    p = int((hi - lo).max().item()) + 1
-    offs = torch.arange(p, device=centre.device, dtype=centre.dtype)
-    # Canvas pixel centres in [-1, 1], then into glimpse coordinates: u = (x - (2c - 1)) / s.
-    px = (lo[:, 0:1] + offs + 0.5) * (2 / n) - 1  # (M, P)
-    py = (lo[:, 1:2] + offs + 0.5) * (2 / n) - 1
-    gx = (px - (2 * centre[:, 0:1] - 1)) / size[:, 0:1]
-    gy = (py - (2 * centre[:, 1:2] - 1)) / size[:, 1:2]
-    grid = torch.stack([gx[:, None, :].expand(-1, p, p), gy[:, :, None].expand(-1, p, p)], -1)
-    return lo.long(), p, grid
-
-
-def composite(maps, z_pres, depth_weight, centre, size, n: int, premultiplied: bool = True):
-    """Depth-weighted compositing of glimpses into the foreground (algorithm 1, last lines), windowed.
-
-    maps: (B, C, 5, S, S) glimpse-space alpha_att, o_att (3), boundary band; z_pres, depth_weight (B, C);
-    centre, size (B, C, 2). Returns alpha (B, 1, N, N), mu_fg (B, 3, N, N) and appendix C's overlap map
-    (B, 1, N, N): the present glimpses' border bands, sum_i z_pres_i band_i, times alpha.
-
-    Per pixel, glimpse i has alpha_hat_i = alpha_att_i * z_pres_i and importance
-    alpha_hat_i * depth_weight_i; w_i = importance_i / sum_j importance_j, alpha = sum_i w_i alpha_hat_i,
-    mu_fg = sum_i w_i alpha_hat_i o_att_i (algorithm 1: y_att premultiplied by alpha_hat), or with
-    `premultiplied=False` mu_fg = sum_i w_i o_att_i, the colour without the darkening by alpha_hat.
-    """
-    b, c, _, s, _ = maps.shape
-    m = b * c
-    lo, p, grid = _window_grid(centre.reshape(m, 2), size.reshape(m, 2), n, s)
-    win = F.grid_sample(maps.reshape(m, 5, s, s), grid, mode="bilinear", padding_mode="zeros",
-                        align_corners=False)  # (M, 5, P, P)
-    alpha_hat = win[:, :1] * z_pres.reshape(m, 1, 1, 1)
-    imp = alpha_hat * depth_weight.reshape(m, 1, 1, 1)
-    colour = alpha_hat * win[:, 1:4] if premultiplied else win[:, 1:4]
-    band = win[:, 4:5] * z_pres.reshape(m, 1, 1, 1)
-    sums = torch.cat([imp, imp * alpha_hat, imp * colour, band], 1)  # (M, 6, P, P)
-
-    # Flat canvas index of every window pixel; pixels off the canvas go to a spill slot n*n.
-    offs = torch.arange(p, device=maps.device)
-    xs = lo[:, 0:1] + offs  # (M, P)
-    ys = lo[:, 1:2] + offs
-    inside = ((xs >= 0) & (xs < n))[:, None, :] & ((ys >= 0) & (ys < n))[:, :, None]  # (M, P, P)
-    flat = torch.where(inside, ys[:, :, None] * n + xs[:, None, :], n * n)  # (M, P, P)
-    flat = flat.view(b, 1, c * p * p)
-    canvas = sums.new_zeros(b, 6, n * n + 1)
-    canvas.scatter_add_(2, flat.expand(b, 6, -1), sums.view(b, c, 6, p * p).transpose(1, 2).reshape(b, 6, c * p * p))
-    canvas = canvas[:, :, : n * n].view(b, 6, n, n)
-    denom = canvas[:, :1] + EPS
-    alpha = canvas[:, 1:2] / denom
-    mu_fg = canvas[:, 2:5] / denom
-
-    # Appendix C: each present glimpse's band, placed on the canvas, times the global foreground mask alpha.
-    overlap = canvas[:, 5:6] * alpha  # (B, 1, N, N)
-    return alpha, mu_fg, overlap
-
-
 def to_canvas(maps, centre, size, n: int):
     """Glimpse-space maps (B, C, ch, S, S) warped onto the whole N x N canvas: (B, C, ch, N, N)."""
     b, c, ch, s, _ = maps.shape
@@ -484,14 +225,27 @@ def to_canvas(maps, centre, size, n: int):
                          align_corners=False).view(b, c, ch, n, n)
 
 
-def composite_full(maps, z_pres, depth_weight, centre, size, n: int, premultiplied: bool = True):
-    """The straightforward composite: every glimpse warped onto the whole canvas. Reference for tests."""
+def composite(maps, z_pres, depth_weight, centre, size, n: int, premultiplied: bool = True):
+    """Depth-weighted compositing of glimpses into the foreground (algorithm 1, last lines).
+
+    maps: (B, C, 5, S, S) glimpse-space alpha_att, o_att (3), boundary band; z_pres, depth_weight (B, C);
+    centre, size (B, C, 2). Returns alpha (B, 1, N, N), mu_fg (B, 3, N, N) and appendix C's overlap map
+    (B, 1, N, N): the present glimpses' border bands, sum_i z_pres_i band_i, times alpha.
+
+    Per pixel, glimpse i has alpha_hat_i = alpha_att_i * z_pres_i and importance
+    alpha_hat_i * depth_weight_i; w_i = importance_i / sum_j importance_j, alpha = sum_i w_i alpha_hat_i,
+    mu_fg = sum_i w_i alpha_hat_i o_att_i (algorithm 1: y_att premultiplied by alpha_hat), or with
+    `premultiplied=False` mu_fg = sum_i w_i o_att_i, the colour without the darkening by alpha_hat.
+
+    Every glimpse is warped onto the whole canvas here; training computes the same per glimpse window
+    (space/windows.py, `composite_windowed`).
+    """
     full = to_canvas(maps, centre, size, n)  # (B, C, 5, N, N)
     alpha_hat = full[:, :, :1] * z_pres[:, :, None, None, None]
     imp = alpha_hat * depth_weight[:, :, None, None, None]
     denom = imp.sum(1) + EPS
-    alpha = (imp * alpha_hat).sum(1) / denom
-    mu_fg = (imp * (alpha_hat if premultiplied else 1) * full[:, :, 1:4]).sum(1) / denom
+    alpha = (imp * alpha_hat).sum(1) / denom  # (B, 1, N, N)
+    mu_fg = (imp * (alpha_hat if premultiplied else 1) * full[:, :, 1:4]).sum(1) / denom  # (B, 3, N, N)
     overlap = (full[:, :, 4:5] * z_pres[:, :, None, None, None]).sum(1) * alpha  # (B, 1, N, N)
     return alpha, mu_fg, overlap
 
@@ -583,8 +337,9 @@ class Foreground(nn.Module):
         # Depth weights exp(-c * sigmoid(z_depth)), shifted per image so they cannot all underflow.
         depth = cfg.depth_sharpness * torch.sigmoid(z_depth[..., 0]).reshape(b, c)  # (B, C)
         depth_weight = torch.exp(-(depth - depth.min(1, keepdim=True).values))
-        alpha, mu_fg, overlap = composite(maps.view(b, c, 5, s, s), z_pres.reshape(b, c), depth_weight,
-                                           centre_f, size_f, cfg.image_size, cfg.fg_mean == "premultiplied")
+        alpha, mu_fg, overlap = composite_windowed(maps.view(b, c, 5, s, s), z_pres.reshape(b, c), depth_weight,
+                                                   centre_f, size_f, cfg.image_size, cfg.fg_mean == "premultiplied",
+                                                   eps=EPS)
 
         # KL terms (appendix B), per cell; z_where, z_depth, z_what weighted by the z_pres sample (the
         # paper's appendix) or charged for every cell (model.kl_weighting, the paper's code).
@@ -652,7 +407,7 @@ class MaskDecoder(nn.Module):
             return self.net(h)
         # GroupNorm works per row, so chunks of rows are exact; each chunk's activations are recomputed in
         # the backward pass (a forward of this small decoder, ~5% of a step) instead of being stored.
-        return torch.cat([_checkpoint(self.net, hc) for hc in h.split(self.checkpoint_rows)])
+        return torch.cat([checkpointed(self.net, hc) for hc in h.split(self.checkpoint_rows)])
 
 
 class CompDecoder(nn.Module):
@@ -690,39 +445,7 @@ class CompDecoder(nn.Module):
             for layer in leaf_layers(self.net)[1:]:  # BatchNorm, ELU, then three more convolutions
                 h = layer(h)
             return torch.sigmoid(h)  # (M, 3, N, N)
-        return self.forward_in_chunks(z_part, coord_part, rows)
-
-    def forward_in_chunks(self, z_part, coord_part, rows: int):
-        """The same function, for less memory: the M maps go through each layer in chunks of `rows`.
-
-        Each BatchNorm still normalises by the statistics of all M maps (`combine_stats`, exact), so only
-        the layer-to-layer convolution outputs are kept, chunk by chunk, and the backward pass works on one
-        chunk's activations at a time instead of all M (184 MB a tensor for 3D-Room at batch 16). Nothing
-        but BatchNorm and ELU is recomputed (tested against the plain pass with gradients).
-        """
-        *blocks, out = self.net  # blocks of (conv, BatchNorm, ELU); the first conv is z_part + coord_part
-        bns = [blk[1] for blk in blocks]
-        convs = [blk[0] for blk in blocks[1:]] + [out]  # the convolution after each BatchNorm and ELU
-        bn0, conv1 = bns[0], convs[0]
-
-        # The first layer's input zp_i + cp_p over rows i and pixels p is never built whole: its mean is
-        # mean(zp) + mean(cp) and its variance var(zp) + var(cp), exactly.
-        var_z, mean_z = torch.var_mean(z_part, dim=0, correction=0)  # (32,) each
-        var_c, mean_c = torch.var_mean(coord_part, dim=(0, 2, 3), correction=0)
-        count = z_part.shape[0] * coord_part.shape[2] * coord_part.shape[3]
-        mean, var = combine_stats([(count, mean_z + mean_c, var_z + var_c)], bn0)
-
-        def first(zp, cp, mean, var):
-            return conv1(F.elu(bn_apply(zp[:, :, None, None] + cp, mean, var, bn0)))
-
-        def block(conv, bn):
-            return lambda h, mean, var: conv(F.elu(bn_apply(h, mean, var, bn)))
-
-        h = [_checkpoint(first, zp, coord_part, mean, var) for zp in z_part.split(rows)]  # (m, 32, ., .)
-        for conv, bn in zip(convs[1:], bns[1:]):
-            mean, var = combine_stats([chunk_stats(x) for x in h], bn)
-            h = [_checkpoint(block(conv, bn), x, mean, var) for x in h]
-        return torch.sigmoid(torch.cat(h))  # (M, 3, N, N)
+        return broadcast_decode_in_chunks(self.net, z_part, coord_part, rows)  # the same, in less memory
 
     def forward_tiled(self, z):
         """The straightforward spatial broadcast: z tiled and concatenated with the coordinates."""
@@ -948,7 +671,7 @@ class SPACE(nn.Module):
         pass. The background's encoders keep only their convolutions' outputs and recompute the
         normalisations and activations between them (`run_keeping_conv_outputs`); its mask decoder runs in
         recomputed chunks of rows, and its component decoder goes layer by layer in chunks of rows with
-        BatchNorm statistics over the whole batch (`CompDecoder.forward_in_chunks`). 0 stores every activation.
+        BatchNorm statistics over the whole batch (space/recompute.py, `broadcast_decode_in_chunks`). 0 stores every activation.
         """
         self.fg.checkpoint_images = int(images)
         self.bg.mask_decoder.checkpoint_rows = int(images) * self.cfg.n_components

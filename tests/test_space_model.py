@@ -18,6 +18,7 @@ import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
 from space.config import PRESETS, Anneal, Config, ConfigError, ModelConfig, preset
+from space.windows import composite_windowed
 from space.model import (
     SPACE,
     Background,
@@ -29,7 +30,6 @@ from space.model import (
     bernoulli_kl,
     boundary_band,
     composite,
-    composite_full,
     extract_glimpses,
     gaussian_kl,
     where_to_box,
@@ -38,7 +38,7 @@ from space.model import (
 
 S = 32  # the paper's glimpse side
 
-# Compositor tolerance: composite and composite_full do the same arithmetic in another order, so in
+# Compositor tolerance: composite_windowed and composite do the same arithmetic in another order, so in
 # float64 they agree to round-off; we allow 1e-9 absolute + 1e-7 relative (float32 would be ~1e-5).
 CMP_TOL = dict(rtol=1e-7, atol=1e-9)
 
@@ -84,7 +84,7 @@ def test_extract_glimpses_shape():
 
 def test_composite_shapes():
     b, c, n = 2, 5, 48
-    alpha, mu, overlap = composite(torch.rand(b, c, 5, S, S), torch.rand(b, c), torch.rand(b, c),
+    alpha, mu, overlap = composite_windowed(torch.rand(b, c, 5, S, S), torch.rand(b, c), torch.rand(b, c),
                                    torch.rand(b, c, 2), torch.rand(b, c, 2) * 0.5, n)
     assert alpha.shape == (b, 1, n, n) and mu.shape == (b, 3, n, n) and overlap.shape == (b, 1, n, n)
 
@@ -472,8 +472,8 @@ def _random_scene(seed, b, c, size_lo, size_hi, dtype=torch.float64):
 @pytest.mark.parametrize("sizes", [(0.01, 0.05), (0.02, 0.9), (0.5, 0.96)], ids=["tiny", "mixed", "large"])
 def test_composite_equals_full_canvas_version(n, sizes, premultiplied):
     maps, z_pres, depth_w, centre, size = _random_scene(n + int(sizes[1] * 100), 2, 9, *sizes)
-    for a, b in zip(composite(maps, z_pres, depth_w, centre, size, n, premultiplied),
-                    composite_full(maps, z_pres, depth_w, centre, size, n, premultiplied)):
+    for a, b in zip(composite_windowed(maps, z_pres, depth_w, centre, size, n, premultiplied),
+                    composite(maps, z_pres, depth_w, centre, size, n, premultiplied)):
         assert torch.allclose(a, b, **CMP_TOL), float((a - b).abs().max())
 
 
@@ -484,8 +484,8 @@ def test_composite_equals_full_canvas_version_for_near_full_size_glimpses(n, cx,
     one = torch.ones(1, 1, dtype=torch.float64)
     centre = torch.tensor([[[cx, 0.5]]], dtype=torch.float64)
     size = torch.full((1, 1, 2), sz, dtype=torch.float64)
-    a = composite(maps, one, one, centre, size, n)[0]
-    b = composite_full(maps, one, one, centre, size, n)[0]
+    a = composite_windowed(maps, one, one, centre, size, n)[0]
+    b = composite(maps, one, one, centre, size, n)[0]
     assert torch.allclose(a, b, **CMP_TOL), float((a - b).abs().max())
 
 
@@ -496,7 +496,7 @@ def test_composite_gradients_equal_full_canvas_version(n):
     w = [torch.randn(2, 1, n, n, dtype=torch.float64), torch.randn(2, 3, n, n, dtype=torch.float64),
          torch.randn(2, 1, n, n, dtype=torch.float64)]
     grads = []
-    for fn in (composite, composite_full):
+    for fn in (composite_windowed, composite):
         m = maps.clone().requires_grad_()
         zp = z_pres.clone().requires_grad_()
         dw = depth_w.clone().requires_grad_()
@@ -518,7 +518,7 @@ def test_single_constant_glimpse_paints_its_square(n, c0, s):
     maps[0, 0, 1:4] = colour[:, None, None]
     centre = torch.tensor([[c0]])
     size = torch.full((1, 1, 2), s)
-    alpha, mu, _ = composite(maps, torch.ones(1, 1), torch.ones(1, 1), centre, size, n)
+    alpha, mu, _ = composite_windowed(maps, torch.ones(1, 1), torch.ones(1, 1), centre, size, n)
     pix = (torch.arange(n) + 0.5) / n  # pixel centres
     # Bilinear sampling with zero padding softens half a glimpse pixel at each edge: stay one glimpse
     # pixel (s / S of the image) plus one canvas pixel away from the square's border.
@@ -546,7 +546,7 @@ def test_composite_front_glimpse_wins_by_depth():
     maps[0, 1, 3] = 1.0  # blue
     centre = torch.tensor([[[0.5, 0.5], [0.5, 0.5]]])
     size = torch.full((1, 2, 2), 0.5)
-    _, mu, _ = composite(maps, torch.ones(1, 2), torch.tensor([[1.0, math.exp(-8)]]), centre, size, n)
+    _, mu, _ = composite_windowed(maps, torch.ones(1, 2), torch.tensor([[1.0, math.exp(-8)]]), centre, size, n)
     c = mu[0, :, 16, 16]
     assert c[0] > 0.99 and c[2] < 0.01
 
@@ -606,7 +606,7 @@ def test_boundary_band_is_the_border_of_width_b():
         assert torch.equal(boundary_band(S, b), expected), b
 
 
-def _boundary(mask, centre, size, n, z_pres=1.0, fn=composite):
+def _boundary(mask, centre, size, n, z_pres=1.0, fn=composite_windowed):
     maps = torch.zeros(1, 1, 5, S, S, dtype=torch.float64)
     maps[0, 0, 0] = mask
     maps[0, 0, 1:4] = 0.5
@@ -616,7 +616,7 @@ def _boundary(mask, centre, size, n, z_pres=1.0, fn=composite):
               n)[2][0].sum()  # the overlap map, summed: the linear boundary loss
 
 
-@pytest.mark.parametrize("fn", [composite, composite_full])
+@pytest.mark.parametrize("fn", [composite_windowed, composite])
 def test_boundary_loss_zero_inside_positive_across_the_band(fn):
     b = 6
     # Aligned: N=64, size 0.5 -> one glimpse pixel per canvas pixel, no interpolation.
@@ -788,8 +788,8 @@ def test_normalised_fg_mean_is_the_colour_not_darkened_by_alpha():
     maps[0, 0, 0] = 0.5
     maps[0, 0, 1:4] = colour[:, None, None]
     args = (torch.ones(1, 1), torch.ones(1, 1), torch.tensor([[[0.5, 0.5]]]), torch.full((1, 1, 2), 0.5), 32)
-    _, pre, _ = composite(maps, *args)
-    _, norm, _ = composite(maps, *args, premultiplied=False)
+    _, pre, _ = composite_windowed(maps, *args)
+    _, norm, _ = composite_windowed(maps, *args, premultiplied=False)
     assert torch.allclose(pre[0, :, 16, 16], 0.5 * colour, atol=1e-6)
     assert torch.allclose(norm[0, :, 16, 16], colour, atol=1e-6)
 
@@ -841,7 +841,7 @@ def test_model_config_refusals_name_the_setting(kw, word):
 def test_normalise_with_given_statistics_has_autograds_gradients():
     """The fused BatchNorm-with-given-statistics (gradients to mean and var from dweight and dbias) and the
     fused per-chunk statistics, against torch's numerical gradients (gradcheck, float64)."""
-    from space.model import _ChunkStats, _NormaliseWith
+    from space.recompute import _ChunkStats, _NormaliseWith
 
     torch.manual_seed(0)
     h = torch.randn(3, 4, 5, 6, dtype=torch.float64, requires_grad=True)
@@ -859,7 +859,7 @@ def test_normalise_with_given_statistics_has_autograds_gradients():
 
 def test_combined_statistics_equal_the_whole_batch():
     """combine_stats over uneven chunks gives the whole batch's mean and biased variance."""
-    from space.model import chunk_stats, combine_stats
+    from space.recompute import chunk_stats, combine_stats
 
     torch.manual_seed(1)
     h = torch.randn(7, 3, 4, 4, dtype=torch.float64) * 5 + 100  # far from zero: no cancellation allowed
