@@ -30,7 +30,8 @@ from bench.benchlib import machine  # noqa: E402
 from space.config import Config, merge, PRESETS  # noqa: E402
 from space.memory import lean_host_allocator  # noqa: E402
 from space.model import SPACE, Foreground, extract_glimpses, normal_params  # noqa: E402
-from space.train import checkpoint_images  # noqa: E402
+from space.devices import checkpoint_images  # noqa: E402
+from space.train import optimisers, train_step  # noqa: E402
 
 
 class SequentialForeground(Foreground):
@@ -82,27 +83,19 @@ def build(preset: str, grid: int, k: int, sequential: bool):
     model = model.to(memory_format=torch.channels_last)
     # as training runs it on this device (train.checkpoint_images; 4 images a chunk on CPU)
     model.set_checkpoint_images(checkpoint_images(cfg.train.checkpoint_images, torch.device("cpu")))
-    fg, bg = model.param_groups()
-    opts = (torch.optim.RMSprop(fg, lr=cfg.train.fg_lr), torch.optim.Adam(bg, lr=cfg.train.bg_lr))
-    return model, opts, fg + bg, cfg
+    return model, optimisers(model, cfg.train), cfg
 
 
-def step(model, opts, params, x, clip):
-    out = model(x, 0)
-    for o in opts:
-        o.zero_grad(set_to_none=True)
-    out["terms"]["loss"].backward()
-    torch.nn.utils.clip_grad_norm_(params, clip)
-    for o in opts:
-        o.step()
+def step(model, opts, x, t_cfg):
+    train_step(model, x, 0, *opts, t_cfg)  # the trainer's own step
 
 
 def time_side_by_side(variants: dict, x, steps: int, warmup: int) -> dict:
     times = {name: [] for name in variants}
     for i in range(warmup + steps):
-        for name, (model, opts, params, cfg) in variants.items():
+        for name, (model, opts, cfg) in variants.items():
             t = time.perf_counter()
-            step(model, opts, params, x, cfg.train.clip_norm)
+            step(model, opts, x, cfg.train)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t)
     return {name: statistics.median(ts) for name, ts in times.items()}

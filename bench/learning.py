@@ -52,10 +52,10 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, [s for s in [*parts, cur] if s]
 
 
-def _run(cmd: list[str], log: Path) -> float:
+def _run(cmd: list[str], log: Path, env: dict) -> float:
     t = time.perf_counter()
     with open(log, "a") as fh:
-        r = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
+        r = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
     if r.returncode != 0:
         raise SystemExit(f"error: {' '.join(cmd)} failed ({r.returncode}); see {log}")
     return time.perf_counter() - t
@@ -83,10 +83,10 @@ def train_and_score(ns) -> dict:
                 if (name, seed, step) in done:
                     continue
                 wall += _run([sys.executable, "-m", "space", "train", "--data", ns.data, "--out", str(run),
-                              "--preset", ns.preset, *flags, "--steps", str(step), "--quiet"], log)
+                              "--preset", ns.preset, *flags, "--steps", str(step), "--quiet"], log, env)
                 folder = run / f"eval-{step}"
                 _run([sys.executable, "-m", "space", "evaluate", "--run", str(run), "--data", ns.data, "--split",
-                      ns.split, "--checkpoint", "last", "--out", str(folder), "--quiet", "--device", "cpu"], log)
+                      ns.split, "--checkpoint", "last", "--out", str(folder), "--quiet", "--device", "cpu"], log, env)
                 m = json.loads((folder / "metrics.json").read_text())
                 point = {"variant": name, "sets": sets, "seed": seed, "step": step, "train_s": round(wall, 1),
                          **{k: m.get(k) for k in SCORES}, "baseline_fg_ari": m.get("baseline_fg_ari")}

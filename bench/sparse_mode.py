@@ -34,7 +34,8 @@ from space.data import StoreDataset  # noqa: E402
 from space.evaluate import detect  # noqa: E402
 from space.metrics import coco_ap  # noqa: E402
 from space.model import SPACE  # noqa: E402
-from space.train import load_checkpoint  # noqa: E402
+from space.checkpoints import load_checkpoint  # noqa: E402
+from space.train import optimisers, train_step  # noqa: E402
 
 
 def box_ap(model, data, step: int, batch: int, gt_boxes: list) -> dict:
@@ -92,29 +93,19 @@ def main() -> None:
         cfg.model.sparse_threshold = th
         model = SPACE(cfg.model).to(memory_format=torch.channels_last)
         model.load_state_dict(state["model"])
-        fg, bg = model.param_groups()
-        opt_fg = torch.optim.RMSprop(fg, lr=cfg.train.fg_lr)
-        opt_bg = torch.optim.Adam(bg, lr=cfg.train.bg_lr)
+        opts = optimisers(model, cfg.train)
         model.eval()
         quality = box_ap(model, First(), step0, 32, gt_boxes)
         model.train()
-        runs[th] = {"model": model, "opt": (opt_fg, opt_bg), "params": fg + bg, "times": [], "glimpses": [],
-                    "quality": quality, "clip": cfg.train.clip_norm}
+        runs[th] = {"model": model, "opt": opts, "times": [], "glimpses": [], "quality": quality, "train": cfg.train}
 
     rng = np.random.default_rng(0)
     for i in range(ns.warmup + ns.steps):
         x = train_set.__getitems__(np.sort(rng.choice(len(train_set), batch, replace=False)))
         x = x.contiguous(memory_format=torch.channels_last)
         for th, r in runs.items():  # the thresholds take turns on the same batch
-            model, (opt_fg, opt_bg) = r["model"], r["opt"]
             t = time.perf_counter()
-            out = model(x, step0 + i)
-            opt_fg.zero_grad(set_to_none=True)
-            opt_bg.zero_grad(set_to_none=True)
-            out["terms"]["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(r["params"], r["clip"])
-            opt_fg.step()
-            opt_bg.step()
+            out, _, _ = train_step(r["model"], x, step0 + i, *r["opt"], r["train"])  # the trainer's own step
             if i >= ns.warmup:
                 r["times"].append(time.perf_counter() - t)
                 r["glimpses"].append(out["fg"]["glimpses_decoded"])

@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from space.config import PRESETS, merge, Config, TrainConfig  # noqa: E402
 from space.memory import lean_host_allocator  # noqa: E402
 from space.model import SPACE  # noqa: E402
-from space.train import checkpoint_images  # noqa: E402
+from space.devices import checkpoint_images  # noqa: E402
+from space.train import optimisers, train_step  # noqa: E402
 
 
 def main() -> None:
@@ -41,6 +42,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-channels-last", action="store_true", help="NCHW instead of channels_last")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on a GPU, as train.amp (ignored on CPU)")
     p.add_argument("--sparse-threshold", type=float, default=0.0, help="skip glimpses below this z_pres probability")
     p.add_argument("--checkpoint-images", type=int, default=TrainConfig.checkpoint_images,
                    help="activation checkpointing: images per recomputed foreground chunk (train.checkpoint_images; "
@@ -74,21 +76,12 @@ def main() -> None:
             return torch.where(on.to(logits.device), 6.0, -6.0).to(logits.dtype) + 0 * logits
 
         model.fg.z_pres_net.register_forward_hook(present)
-    fg, bg = model.param_groups()
-    opt_fg = torch.optim.RMSprop(fg, lr=cfg.train.fg_lr)
-    opt_bg = torch.optim.Adam(bg, lr=cfg.train.bg_lr)
+    opt_fg, opt_bg = optimisers(model, cfg.train)
     n = cfg.model.image_size
     x = torch.rand(ns.batch, 3, n, n, device=device).contiguous(memory_format=fmt)
 
-    def step():
-        out = model(x, 0)
-        opt_fg.zero_grad(set_to_none=True)
-        opt_bg.zero_grad(set_to_none=True)
-        out["terms"]["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(fg + bg, cfg.train.clip_norm)
-        opt_fg.step()
-        opt_bg.step()
-        return out
+    def step():  # the trainer's own step
+        return train_step(model, x, 0, opt_fg, opt_bg, cfg.train, amp=ns.amp and device.type == "cuda")[0]
 
     def sync():
         if device.type == "cuda":
@@ -130,6 +123,7 @@ def main() -> None:
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),
         "channels_last": not ns.no_channels_last,
+        "amp": bool(ns.amp and device.type == "cuda"),
         "sparse_threshold": ns.sparse_threshold,
         "checkpoint_images": ns.checkpoint_images,
         "malloc_mmap_threshold_mib": ns.malloc_mmap_threshold_mib if lean else 0,

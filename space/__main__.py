@@ -120,7 +120,7 @@ def _run_dir(location: str, only=("checkpoints/last.pt",)):
 
     mirror = RunMirror(location)
     if mirror.remote and not mirror.exists(only[0]):
-        from .train import CheckpointError
+        from .checkpoints import CheckpointError
 
         raise CheckpointError(f"no {only[0]} at {location}; train the run first (python -m space train)")
     return mirror, mirror.pull(only)
@@ -133,7 +133,7 @@ CHECKPOINT_HELP = ("best (default): the checkpoint with the best validation AP50
 def _run_checkpoint(location: str, which: str):
     """(mirror, local run directory, checkpoint file, what was asked) for --run and --checkpoint."""
     from .runs import RunMirror
-    from .train import CheckpointError
+    from .checkpoints import CheckpointError
 
     if which not in ("best", "last"):
         path = Path(which)
@@ -173,8 +173,8 @@ def cmd_train(ns) -> int:
 def cmd_sample(ns) -> int:
     from PIL import Image
 
+    from .checkpoints import load_model
     from .generate import sample_images
-    from .train import load_checkpoint
 
     if ns.count < 1:
         raise ConfigError(f"--count: must be at least 1, got {ns.count}")
@@ -182,9 +182,8 @@ def cmd_sample(ns) -> int:
         raise ConfigError(f"--seed: a non-negative integer below 2**63, got {ns.seed}")
     output_file(ns.out, "--out", _image_formats())
     _, _, path, _ = _run_checkpoint(ns.run, ns.checkpoint)
-    state = load_checkpoint(path)
-    cfg = Config.from_dict(state["config"])
-    images = sample_images(cfg, state["model"], ns.count, int(state["step"]), seed=ns.seed)
+    model, cfg, state = load_model(path)
+    images = sample_images(model, ns.count, int(state["step"]), seed=ns.seed)
     n = cfg.model.image_size
     cols = min(8, ns.count)
     rows = -(-ns.count // cols)
@@ -202,25 +201,20 @@ def cmd_show(ns) -> int:
     import torch
     from PIL import Image
 
+    from .checkpoints import load_model
     from .data import StoreDataset
-    from .model import SPACE
-    from .train import load_checkpoint
     from .viz import COLUMNS, decomposition_grid
 
     if ns.count < 1:
         raise ConfigError(f"--count: must be at least 1, got {ns.count}")
     output_file(ns.out, "--out", _image_formats())
     _, _, path, _ = _run_checkpoint(ns.run, ns.checkpoint)
-    state = load_checkpoint(path)
-    cfg = Config.from_dict(state["config"])
+    model, cfg, state = load_model(path)
     data = StoreDataset(ns.data, ns.split, image_size=cfg.model.image_size)
     frames = ns.frames or list(range(min(ns.count, len(data))))
     bad = [f for f in frames if not 0 <= f < len(data)]
     if bad:
         raise ConfigError(f"--frames {bad} are outside split {ns.split!r}, which has frames 0-{len(data) - 1}")
-    model = SPACE(cfg.model)
-    model.load_state_dict(state["model"])
-    model.eval()
     x = data.__getitems__(np.asarray(frames))
     with torch.no_grad():
         out = model(x, int(state["step"]))
@@ -233,7 +227,7 @@ def cmd_evaluate(ns) -> int:
     import json
 
     from .evaluate import evaluate
-    from .train import pick_device
+    from .devices import pick_device
 
     if not 0 <= ns.threshold < 1:
         raise ConfigError(f"--threshold: a z_pres probability in [0, 1), got {ns.threshold}")
@@ -386,7 +380,7 @@ def main(argv=None) -> int:
     from datagen.store import StoreError
 
     from .record import RunError
-    from .train import CheckpointError, TrainingDiverged
+    from .checkpoints import CheckpointError, TrainingDiverged
 
     try:
         code = ns.func(ns)

@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config, ConfigError
+from .config import ConfigError
 from .data import StoreDataset
 from .metrics import adjusted_rand_index, centre_scores, coco_ap, count_scores, matched_mask_iou, paper_ap, subset_scores
-from .model import SPACE, to_canvas
+from .model import to_canvas
 
 OBJECT_CATEGORY = 1  # the one category of detections and ground truth: SPACE finds objects, it does not name them
 
@@ -161,7 +161,7 @@ def evaluate(run: str, data: str, split: str = "test", out: str | None = None, t
     """Score `checkpoint` (default: the run's last) on a split; writes and returns metrics.json's scores."""
     from tqdm import tqdm
 
-    from .train import load_checkpoint
+    from .checkpoints import load_model
 
     checkpoint = Path(checkpoint) if checkpoint else Path(run) / "checkpoints" / "last.pt"
     if batch_size < 1:
@@ -169,14 +169,10 @@ def evaluate(run: str, data: str, split: str = "test", out: str | None = None, t
     folder = Path(out) if out else Path(run) / "eval" / split
     if folder.exists() and not folder.is_dir():  # found now, not after scoring every frame
         raise ConfigError(f"the output folder {folder} is a file; give a folder (created if missing)")
-    state = load_checkpoint(checkpoint)
-    cfg = Config.from_dict(state["config"])
+    model, cfg, state = load_model(checkpoint, device)
     step = int(state["step"])
     dataset = StoreDataset(data, split, image_size=cfg.model.image_size)
     n = len(dataset) if frames is None else min(frames, len(dataset))
-    model = SPACE(cfg.model)
-    model.load_state_dict(state["model"])
-    model.to(device).eval()
     size = cfg.model.image_size
 
     gt_all = dataset.store.read(split, "boxes", slice(0, n))  # (N, K, 4) NaN-padded

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from .config import Config
 from .model import EPS, SPACE, where_to_box
 from .windows import composite_windowed
 
 
 @torch.no_grad()
-def sample_images(cfg: Config, state_dict: dict, count: int, step: int, seed: int = 0) -> torch.Tensor:
+def sample_images(model: SPACE, count: int, step: int, seed: int = 0) -> torch.Tensor:
     """`count` images (count, 3, N, N) in [0, 1] drawn from a trained model's priors at `step`."""
-    m = cfg.model
-    model = SPACE(m)
-    model.load_state_dict(state_dict)
+    m = model.cfg
     model.eval()
     torch.manual_seed(seed)
     g, s, n = m.grid_size, m.glimpse_size, m.image_size

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .recompute import BatchNorm2d, broadcast_decode_in_chunks, checkpointed, leaf_layers, run_keeping_conv_outputs
+from .sparse import sparse_cells
 from .windows import composite_windowed
 
 LOG_2PI = math.log(2 * math.pi)
@@ -285,6 +286,16 @@ class Foreground(nn.Module):
         return {k: sum(p[k] for p in parts) if k == "glimpses_decoded" else torch.cat([p[k] for p in parts])
                 for k in parts[0]}
 
+    def glimpse_maps(self, glimpses):
+        """Glimpses (M, 3, S, S) -> maps (M, 5, S, S): alpha_att, o_att (3) and appendix C's boundary band,
+        each in glimpse space; and z_what's KL (M,) against N(0, 1)."""
+        m, s = glimpses.shape[0], glimpses.shape[-1]
+        what_mu, what_sigma = self.glimpse_encoder(glimpses)  # (M, D)
+        z_what = what_mu + what_sigma * torch.randn_like(what_sigma) if self.training else what_mu
+        alpha_att, o_att = self.glimpse_decoder(z_what)  # (M, 1, S, S), (M, 3, S, S)
+        maps = torch.cat([alpha_att, o_att, self.band.expand(m, 1, s, s)], 1)
+        return maps, gaussian_kl(what_mu, what_sigma, 0.0, 1.0).sum(-1)
+
     def infer(self, x, z_scale_prior_mean: float, z_pres_prior: float, tau: float):
         """Algorithm 1 on a batch (or a chunk of one)."""
         cfg = self.cfg
@@ -312,27 +323,16 @@ class Foreground(nn.Module):
         z_shift = rs(shift_mu, shift_sigma)
         centre, size = where_to_box(z_scale, z_shift, g, cfg.shift_range)  # (B, G, G, 2) each
 
-        # Glimpses of every cell (or, in sparse mode, of the cells likely to hold an object).
+        # Each cell's glimpse, encoded to z_what and decoded to its mask and appearance (appendix D.3).
+        # Sparse mode (space/sparse.py) decodes only the cells likely to hold an object.
         centre_f, size_f = centre.reshape(b, c, 2), size.reshape(b, c, 2)
-        keep = None
-        if cfg.sparse_threshold > 0:
-            keep = (pres_prob.reshape(-1) >= cfg.sparse_threshold).nonzero().squeeze(1)  # (M',)
         glimpses = extract_glimpses(x, centre_f, size_f, s)  # (B*C, 3, S, S)
-        if keep is not None:
-            glimpses = glimpses[keep]
-        m = glimpses.shape[0]
-        if m:
-            what_mu, what_sigma = self.glimpse_encoder(glimpses)  # (M, D)
-            z_what = rs(what_mu, what_sigma)
-            alpha_att, o_att = self.glimpse_decoder(z_what)  # (M, 1, S, S), (M, 3, S, S)
-            att = torch.cat([alpha_att, o_att], 1)  # (M, 4, S, S)
-        else:  # sparse mode with no cell above the threshold: nothing to encode or decode
-            what_mu = what_sigma = glimpses.new_zeros(0, cfg.z_what_dim)
-            att = glimpses.new_zeros(0, 4, s, s)
-        maps = torch.cat([att, self.band.expand(m, 1, s, s)], 1)  # (M, 5, S, S) alpha_att, o_att, band
-        if keep is not None:
-            full = maps.new_zeros(b * c, 5, s, s)
-            maps = full.index_copy(0, keep, maps)
+        if cfg.sparse_threshold > 0:
+            maps, kl_what, decoded = sparse_cells(self.glimpse_maps, glimpses, pres_prob.reshape(-1),
+                                                  cfg.sparse_threshold)
+        else:
+            maps, kl_what = self.glimpse_maps(glimpses)  # (B*C, 5, S, S) alpha_att, o_att, band; (B*C,)
+            decoded = b * c
 
         # Depth weights exp(-c * sigmoid(z_depth)), shifted per image so they cannot all underflow.
         depth = cfg.depth_sharpness * torch.sigmoid(z_depth[..., 0]).reshape(b, c)  # (B, C)
@@ -347,11 +347,6 @@ class Foreground(nn.Module):
         kl_scale = gaussian_kl(scale_mu, scale_sigma, z_scale_prior_mean, cfg.z_scale_prior_std).sum(-1)
         kl_shift = gaussian_kl(shift_mu, shift_sigma, cfg.z_shift_prior_mean, cfg.z_shift_prior_std).sum(-1)
         kl_depth = gaussian_kl(depth_mu, depth_sigma, cfg.z_depth_prior_mean, cfg.z_depth_prior_std).sum(-1)
-        kl_what_kept = gaussian_kl(what_mu, what_sigma, 0.0, 1.0).sum(-1)  # (M,)
-        if keep is not None:
-            kl_what = kl_what_kept.new_zeros(b * c).index_copy(0, keep, kl_what_kept)
-        else:
-            kl_what = kl_what_kept
         kl_what = kl_what.view(b, g, g)
         zp = z_pres if cfg.kl_weighting == "z_pres" else torch.ones_like(z_pres)
         return {
@@ -367,7 +362,7 @@ class Foreground(nn.Module):
             "centre": centre,  # (B, G, G, 2) fraction of the image, (x, y)
             "size": size,  # (B, G, G, 2)
             "z_depth": z_depth,
-            "glimpses_decoded": int(maps.shape[0] if keep is None else keep.numel()),
+            "glimpses_decoded": decoded,
             # For evaluation (which glimpse owns a pixel); not kept in training, where they would hold memory.
             **({} if self.training else {"glimpse_maps": maps.view(b, c, 5, s, s), "depth_weight": depth_weight}),
         }
@@ -514,7 +509,7 @@ class Background(nn.Module):
     def forward(self, x):
         cfg = self.cfg
         b, k, n = x.shape[0], cfg.n_components, cfg.image_size
-        dm, dc, hd = cfg.z_mask_dim, cfg.z_comp_dim, cfg.lstm_hidden
+        dm, dc = cfg.z_mask_dim, cfg.z_comp_dim
         e = self.image_fc(self.encode(self.image_encoder, x))  # (B, 64)
         z_prev, state, prior_state = self.initial_state(b, x)
         z_m, kl_m = [], []
@@ -671,7 +666,8 @@ class SPACE(nn.Module):
         pass. The background's encoders keep only their convolutions' outputs and recompute the
         normalisations and activations between them (`run_keeping_conv_outputs`); its mask decoder runs in
         recomputed chunks of rows, and its component decoder goes layer by layer in chunks of rows with
-        BatchNorm statistics over the whole batch (space/recompute.py, `broadcast_decode_in_chunks`). 0 stores every activation.
+        BatchNorm statistics over the whole batch (space/recompute.py, `broadcast_decode_in_chunks`).
+        0 stores every activation.
         """
         self.fg.checkpoint_images = int(images)
         self.bg.mask_decoder.checkpoint_rows = int(images) * self.cfg.n_components

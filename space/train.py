@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,243 +29,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config, ConfigError, check_device
+from .checkpoints import (CHECKPOINT_FORMAT, RESUME_KEYS, UNUSABLE_FIX, CheckpointError, TrainingDiverged,
+                          load_checkpoint, nonfinite, save_checkpoint)
+from .config import Config, ConfigError
 from .data import StepBatchSampler, StoreDataset, collate_batch
+from .devices import checkpoint_images, distributed_context, pick_device
 from .memory import lean_host_allocator
 from .model import SPACE
 from .record import (RECORD_FILE, RunError, check_writable, clear_run, describe, legacy_record, lock_path,
                      lock_run, make_record, read_record, record_diff, write_json)
 from .runs import RunMirror
 
-CHECKPOINT_FORMAT = 1
 VAL_THRESHOLD = 0.5  # z_pres probability of a detection in validation, as `space evaluate`'s default
-SCORE_KEYS = ("format", "step", "config", "model")  # what evaluate, show and sample read
-RESUME_KEYS = (*SCORE_KEYS, "opt_fg", "opt_bg", "rng")  # what a resumed run needs besides
-UNUSABLE_FIX = "retrain the run (python -m space train --restart) or use another one"  # ends those errors
 TERMS = ("loss", "elbo", "log_lik", "kl_pres", "kl_where", "kl_depth", "kl_what", "kl_bg_mask", "kl_bg_comp",
          "boundary_loss")
 CSV_FIELDS = ("step", "wall_s", *TERMS, "mse", "grad_norm", "fg_lr", "bg_lr", "glimpses")
-
-
-class TrainingDiverged(RuntimeError):
-    """A loss term became NaN or infinite; the last good checkpoint is kept."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, or from another configuration."""
-
-
-# --------------------------------------------------------------------------------------------- devices
-
-
-_CLAIMED: list = []  # open lock files of the CUDA devices this process holds
-
-
-def claim_free_gpu(n_devices: int, lock_dir: str | None = None) -> int:
-    """The first of n_devices CUDA devices that no other `space train` on this machine holds.
-
-    Snakemake runs several training jobs at once on a workstation (profiles/gpu: resources gpu=N) but
-    does not say which job gets which GPU. Each process takes an exclusive lock file per device
-    (released when the process ends, even by a kill), so concurrent jobs spread over the GPUs. All held:
-    device 0, shared."""
-    import fcntl
-    import tempfile
-
-    folder = Path(lock_dir or tempfile.gettempdir())
-    for i in range(n_devices):
-        fh = open(folder / f"space-train-gpu{i}.lock", "w")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.close()
-            continue
-        _CLAIMED.append(fh)
-        return i
-    return 0
-
-
-def pick_device(cfg_device: str, key: str = "train.device") -> torch.device:
-    check_device(cfg_device, key)
-    if cfg_device == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        # one process per GPU: under torchrun the local rank decides; a user's CUDA_VISIBLE_DEVICES too
-        n = torch.cuda.device_count()
-        if n > 1 and "LOCAL_RANK" not in os.environ and "CUDA_VISIBLE_DEVICES" not in os.environ:
-            return torch.device("cuda", claim_free_gpu(n))
-        return torch.device("cuda")
-    if cfg_device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"{key} is {cfg_device!r} but this machine has no CUDA device; use auto or cpu")
-    if cfg_device == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"{key} is 'mps' but this machine has no Apple GPU; use auto or cpu")
-    return torch.device(cfg_device)
-
-
-def checkpoint_images(setting: int, device: torch.device) -> int:
-    """train.checkpoint_images with -1 resolved: 4 images a chunk on CPU, off on CUDA."""
-    if setting >= 0:
-        return setting
-    return 0 if device.type == "cuda" else 4
-
-
-def distributed_context():
-    """(rank, world, local_rank) from torchrun's environment; (0, 1, 0) without it."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return rank, world, local
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-
-
-def nonfinite(tensors: dict, limit: int = 3) -> list:
-    """The names of the first `limit` floating-point tensors holding NaN or infinite values."""
-    bad = []
-    for name, t in tensors.items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad.append(name)
-            if len(bad) == limit:
-                break
-    return bad
-
-
-def _optimiser_tensors(opt_state: dict) -> dict:
-    return {f"{i}.{k}": v for i, per in opt_state.get("state", {}).items() for k, v in per.items()}
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to a temporary file and rename: a kill never leaves a half-written checkpoint. A state with
-    NaN or infinite values is refused: a resume from it could only fail again."""
-    for part in ("model", "opt_fg", "opt_bg"):
-        if part in state:
-            bad = nonfinite(state[part] if part == "model" else _optimiser_tensors(state[part]))
-            if bad:
-                raise TrainingDiverged(f"step {state.get('step')}: {part} holds NaN or infinite values "
-                                       f"({', '.join(bad)}); not written, the last good checkpoint is kept. "
-                                       "Lower the learning rates.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _check_structure(state, path: Path, need: tuple) -> None:
-    """What a checkpoint must hold for the caller (`need`), each of the right kind."""
-    what = f"{path} is not a checkpoint of python -m space train"
-    fix = UNUSABLE_FIX
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{what}: it holds a {type(state).__name__}, not a dict of {', '.join(need)}; {fix}")
-    missing = [k for k in need if k not in state]
-    if missing:
-        raise CheckpointError(f"{what}: it lacks {', '.join(missing)} (of {', '.join(need)}); {fix}")
-    if state["format"] != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} has checkpoint format {state['format']!r}, expected {CHECKPOINT_FORMAT}; {fix}")
-    kinds = {"step": int, "config": dict, "model": dict, "opt_fg": dict, "opt_bg": dict, "rng": list}
-    wrong = [f"{k} is a {type(state[k]).__name__}" for k in need if k in kinds and not isinstance(state[k], kinds[k])]
-    if not wrong and "step" in need and state["step"] < 0:
-        wrong.append(f"step is {state['step']}")
-    if not wrong and "config" in need:
-        try:
-            Config.from_dict(state["config"])
-        except (ConfigError, TypeError, AttributeError) as e:
-            wrong.append(f"its config is not valid ({e})")
-    if not wrong and "model" in need and not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
-        wrong.append("model is not a dict of tensors")
-    if not wrong and "rng" in need and not (state["rng"] and all(isinstance(t, torch.Tensor) for t in state["rng"])):
-        wrong.append("rng is not a list of RNG states")
-    if wrong:
-        raise CheckpointError(f"{what}: {'; '.join(wrong)}; {fix}")
-    if not ("model" in need and "config" in need):
-        return
-    try:
-        with torch.random.fork_rng(devices=[]):  # building the model draws initial weights: leave the RNG be
-            model = SPACE(Config.from_dict(state["config"]).model)
-    except (ConfigError, ValueError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: its weights do not fit the model its config describes (the model "
-                              f"cannot be built: {type(e).__name__}: {e}); {fix}") from None
-    misfit = weight_mismatches(state["model"], model)
-    if misfit:
-        raise CheckpointError(f"{path}: its weights do not fit the model its config describes "
-                              f"({'; '.join(misfit)}); {fix}")
-    if "opt_fg" in need and "opt_bg" in need:
-        for name, params in zip(("opt_fg", "opt_bg"), model.param_groups()):  # (fg, bg) parameters
-            why = optimiser_misfit(state[name], params)
-            if why:
-                raise CheckpointError(f"{path}: its {name} optimiser state does not fit the model ({why}); {fix}")
-
-
-def optimiser_misfit(saved: dict, params: list) -> str | None:
-    """How an optimiser's saved state fails to fit `params` (one group, as train builds them), or None.
-    torch's load_state_dict checks the group sizes only late and the state's shapes not at all: a misfit
-    would surface as a traceback inside the first optimiser step."""
-    groups = saved.get("param_groups") if isinstance(saved, dict) else None
-    if not (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)
-            and len(groups[0].get("params", ())) == len(params)):
-        return f"its parameter groups do not hold the model's {len(params)} parameters"
-    index = dict(zip(groups[0]["params"], params))
-    for i, per in (saved.get("state") or {}).items():
-        p = index.get(i)
-        if p is None or not isinstance(per, dict):
-            return f"state for parameter {i!r}, which the group does not list"
-        for k, v in per.items():
-            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
-                return f"{k} of parameter {i} is {tuple(v.shape)}, the parameter's {tuple(p.shape)}"
-    return None
-
-
-def weight_mismatches(weights: dict, model: torch.nn.Module, limit: int = 3) -> list[str]:
-    """How `weights` fail to fit `model` (missing or unexpected keys, other shapes), the first `limit` of
-    each; empty when load_state_dict will take them. Checked on loading, so that a mismatch is named
-    instead of surfacing as load_state_dict's many-line RuntimeError."""
-    expected = model.state_dict()
-
-    def first(items: list) -> str:
-        return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
-
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
-    shapes = [f"{k} is {tuple(weights[k].shape)}, the model's {tuple(v.shape)}"
-              for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
-    problems = []
-    if missing:
-        problems.append(f"missing: {first(missing)}")
-    if unexpected:
-        problems.append(f"not in the model: {first(unexpected)}")
-    if shapes:
-        problems.append(f"other shapes: {first(shapes)}")
-    return problems
-
-
-def load_checkpoint(path: Path, cfg: Config | None = None, map_location="cpu", need: tuple = SCORE_KEYS,
-                    finite: bool = True) -> dict:
-    """Load without executing pickled code (weights_only); check it holds what the caller `need`s (and, with
-    `finite`, finite weights); refuse one made with another model config."""
-    if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""  # one line: torch's messages run on
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {first}); "
-                              f"{UNUSABLE_FIX}") from None
-    _check_structure(state, path, need)
-    if finite:
-        bad = nonfinite(state["model"])
-        if bad:
-            raise CheckpointError(f"{path} holds NaN or infinite weights ({', '.join(bad)}): the run diverged; "
-                                  "retrain it with lower learning rates (python -m space train --restart)")
-    if cfg is not None:
-        saved = state["config"]["model"]
-        now = cfg.to_dict()["model"]
-        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        if diff:
-            raise CheckpointError(
-                f"{path} was trained with other model settings ({', '.join(diff)}: "
-                + "; ".join(f"{k} {saved.get(k)} -> {now.get(k)}" for k in diff[:4])
-                + "); use a new run directory, or the settings it was trained with"
-            )
-    return state
 
 
 # ---------------------------------------------------------------------------------------------- logging
@@ -358,6 +135,45 @@ def optimiser_step(opt: torch.optim.Optimizer, step: int, group: str, lr_key: st
             f"stopped without writing a checkpoint (the last good one is kept). Lower {lr_key} (float32 "
             "holds at most 3.4e38; useful rates are far below 1) and train again with --restart."
         ) from None
+
+
+def optimisers(model: SPACE, t_cfg) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """Appendix D.2: RMSProp for the foreground's parameters, Adam for the background's."""
+    fg_params, bg_params = model.param_groups()
+    return torch.optim.RMSprop(fg_params, lr=t_cfg.fg_lr), torch.optim.Adam(bg_params, lr=t_cfg.bg_lr)
+
+
+def train_step(net, x, step: int, opt_fg, opt_bg, t_cfg, amp: bool = False):
+    """One training step on the batch x (B, 3, N, N): forward (bf16 autocast with `amp`), the loss checked
+    finite, backward, gradients clipped to train.clip_norm, both optimisers stepped, the background's
+    learning rate 0 from train.bg_lr_zero_step (appendix D.2, 3D-Room). Training and every benchmark time
+    this function. Returns the model's output, the gradient norm and the background learning rate used."""
+    bg_lr = 0.0 if t_cfg.bg_lr_zero_step and step >= t_cfg.bg_lr_zero_step else t_cfg.bg_lr
+    for g in opt_bg.param_groups:
+        g["lr"] = bg_lr
+    try:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            out = net(x, step)
+    except ValueError as e:
+        # Finite but huge weights can still overflow inside the model, and a NaN then fails an integer
+        # conversion (the compositing window's size): that is divergence too.
+        if "NaN" not in str(e):
+            raise
+        raise TrainingDiverged(f"step {step}: the forward pass met a NaN ({e}); stopped without writing a "
+                               "checkpoint (the last good one is kept). Lower the learning rates.") from None
+    terms = out["terms"]
+    check_finite(terms, step)
+    opt_fg.zero_grad(set_to_none=True)
+    opt_bg.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    params = [p for opt in (opt_fg, opt_bg) for group in opt.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, t_cfg.clip_norm)
+    if not torch.isfinite(grad_norm):
+        raise TrainingDiverged(f"step {step}: the gradient norm became {float(grad_norm)}; stopped, "
+                               "the last good checkpoint is kept")
+    optimiser_step(opt_fg, step, "foreground", "train.fg_lr", t_cfg.fg_lr)
+    optimiser_step(opt_bg, step, "background", "train.bg_lr", bg_lr)
+    return out, grad_norm, bg_lr
 
 
 VAL_FIELDS = ("step", "wall_s", "val_mse", "val_ap50", "val_count_error", "val_bg_share", "val_fg_share")
@@ -563,8 +379,7 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
     model = SPACE(m_cfg).to(device, memory_format=fmt)
     model.set_checkpoint_images(checkpoint_images(t_cfg.checkpoint_images, device))
     fg_params, bg_params = model.param_groups()
-    opt_fg = torch.optim.RMSprop(fg_params, lr=t_cfg.fg_lr)
-    opt_bg = torch.optim.Adam(bg_params, lr=t_cfg.bg_lr)
+    opt_fg, opt_bg = optimisers(model, t_cfg)
     watch = ParameterWatch(model, {"foreground": (fg_params, "train.fg_lr"), "background": (bg_params, "train.bg_lr")})
 
     start = 0
@@ -600,7 +415,6 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
     val_log = CsvLog(run / "val.csv", VAL_FIELDS, start) if is_main else None
     tb = _tensorboard(run / "tb") if is_main else None
     amp = t_cfg.amp and device.type == "cuda"
-    params = fg_params + bg_params
 
     def training_state(step: int, rng: list) -> dict:
         return {
@@ -645,31 +459,8 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
     model.train()
     for x in loader:
         x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
-        # Appendix D.2: the background learning rate is set to zero from a chosen step (3D-Room).
-        bg_lr = 0.0 if t_cfg.bg_lr_zero_step and step >= t_cfg.bg_lr_zero_step else t_cfg.bg_lr
-        for g in opt_bg.param_groups:
-            g["lr"] = bg_lr
-        try:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = net(x, step)
-        except ValueError as e:
-            # Finite but huge weights can still overflow inside the model, and a NaN then fails an integer
-            # conversion (the compositing window's size): that is divergence too.
-            if "NaN" not in str(e):
-                raise
-            raise TrainingDiverged(f"step {step}: the forward pass met a NaN ({e}); stopped without writing a "
-                                   "checkpoint (the last good one is kept). Lower the learning rates.") from None
+        out, grad_norm, bg_lr = train_step(net, x, step, opt_fg, opt_bg, t_cfg, amp)
         terms = out["terms"]
-        check_finite(terms, step)
-        opt_fg.zero_grad(set_to_none=True)
-        opt_bg.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t_cfg.clip_norm)
-        if not torch.isfinite(grad_norm):
-            raise TrainingDiverged(f"step {step}: the gradient norm became {float(grad_norm)}; stopped, "
-                                   "the last good checkpoint is kept")
-        optimiser_step(opt_fg, step, "foreground", "train.fg_lr", t_cfg.fg_lr)
-        optimiser_step(opt_bg, step, "background", "train.bg_lr", bg_lr)
         watch.check(step, terms, {"train.fg_lr": t_cfg.fg_lr, "train.bg_lr": bg_lr})
         step += 1
         bar.update(1)

@@ -17,7 +17,6 @@ import torch
 
 from space.__main__ import main as space_main
 from space.__main__ import resolve_config
-from space.model import SPACE
 from space.train import train
 
 from conftest import TORCH_THREADS  # noqa: E402
@@ -108,13 +107,14 @@ def test_evaluate_bad_input_is_named(trained, tmp_path, capsys, argv, words):
 
 def test_evaluate_output_folder_is_checked_before_scoring_and_made_when_missing(trained, tmp_path, capsys,
                                                                                 monkeypatch):
-    import space.evaluate
+    import space.checkpoints
 
     store, run = trained
     blocker = tmp_path / "file"
     blocker.write_text("keep me")
     scored = []
-    monkeypatch.setattr(space.evaluate, "SPACE", lambda *a, **kw: scored.append(1) or SPACE(*a, **kw))
+    load_model = space.checkpoints.load_model
+    monkeypatch.setattr(space.checkpoints, "load_model", lambda *a, **kw: scored.append(1) or load_model(*a, **kw))
     for out in (blocker, blocker / "eval"):
         rc = space_main(["evaluate", "--run", str(run), "--data", str(store), "--out", str(out), "--quiet",
                          "--device", "cpu"])

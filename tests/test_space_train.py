@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 import torch
 
+import space.checkpoints as checkpoints
 import space.train as space_train
 from space.__main__ import main as space_main
 from space.__main__ import resolve_config
@@ -151,7 +152,7 @@ def test_cli_run_writes_the_run_directory(cli_run, store):
 def test_checkpoint_loads_without_pickled_code(cli_run):
     state = torch.load(cli_run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert state["step"] == 2
-    assert state["format"] == space_train.CHECKPOINT_FORMAT
+    assert state["format"] == checkpoints.CHECKPOINT_FORMAT
     assert state["config"] == json.loads((cli_run / "config.json").read_text())
     cfg = Config.from_dict(state["config"])
     model = SPACE(cfg.model)
@@ -159,7 +160,7 @@ def test_checkpoint_loads_without_pickled_code(cli_run):
     for name in ("opt_fg", "opt_bg", "rng"):
         assert name in state
     # The loader in space.train agrees and checks the config.
-    assert space_train.load_checkpoint(cli_run / "checkpoints" / "last.pt", cfg)["step"] == 2
+    assert checkpoints.load_checkpoint(cli_run / "checkpoints" / "last.pt", cfg)["step"] == 2
 
 
 def test_finished_run_is_not_retrained(cli_run, store, tmp_path):
@@ -691,7 +692,7 @@ def test_a_checkpoint_is_never_written_with_nan(cli_run, tmp_path):
     state = torch.load(cli_run / "checkpoints" / "last.pt", weights_only=True)
     state["opt_bg"]["state"][0]["exp_avg"] = state["opt_bg"]["state"][0]["exp_avg"] * float("inf")
     with pytest.raises(TrainingDiverged, match="opt_bg holds NaN or infinite values"):
-        space_train.save_checkpoint(tmp_path / "last.pt", state)
+        checkpoints.save_checkpoint(tmp_path / "last.pt", state)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -875,7 +876,7 @@ def test_the_demo_switches_z_pres_on_at_objects(learned_run):
 
 def test_checkpoint_images_auto_is_on_for_cpu_and_off_for_cuda():
     from space.config import TrainConfig
-    from space.train import checkpoint_images
+    from space.devices import checkpoint_images
 
     assert TrainConfig().checkpoint_images == -1
     assert checkpoint_images(-1, torch.device("cpu")) == 4
@@ -910,7 +911,7 @@ def test_lean_host_allocator_backs_tensors_with_huge_pages():
 def test_concurrent_runs_claim_different_gpus(tmp_path):
     """profiles/gpu runs several training jobs at once: each claims a device no other holds (lock files,
     released when the holder ends); with every device held the next shares device 0."""
-    from space.train import _CLAIMED, claim_free_gpu
+    from space.devices import _CLAIMED, claim_free_gpu
 
     held = len(_CLAIMED)
     try:

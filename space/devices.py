@@ -1,0 +1,69 @@
+"""Where training and scoring run: the device a setting names, GPUs shared among concurrent jobs, torchrun's
+ranks, and activation checkpointing's default per device."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, check_device
+
+
+_CLAIMED: list = []  # open lock files of the CUDA devices this process holds
+
+
+def claim_free_gpu(n_devices: int, lock_dir: str | None = None) -> int:
+    """The first of n_devices CUDA devices that no other `space train` on this machine holds.
+
+    Snakemake runs several training jobs at once on a workstation (profiles/gpu: resources gpu=N) but
+    does not say which job gets which GPU. Each process takes an exclusive lock file per device
+    (released when the process ends, even by a kill), so concurrent jobs spread over the GPUs. All held:
+    device 0, shared."""
+    import fcntl
+    import tempfile
+
+    folder = Path(lock_dir or tempfile.gettempdir())
+    for i in range(n_devices):
+        fh = open(folder / f"space-train-gpu{i}.lock", "w")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            continue
+        _CLAIMED.append(fh)
+        return i
+    return 0
+
+
+def pick_device(cfg_device: str, key: str = "train.device") -> torch.device:
+    check_device(cfg_device, key)
+    if cfg_device == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # one process per GPU: under torchrun the local rank decides; a user's CUDA_VISIBLE_DEVICES too
+        n = torch.cuda.device_count()
+        if n > 1 and "LOCAL_RANK" not in os.environ and "CUDA_VISIBLE_DEVICES" not in os.environ:
+            return torch.device("cuda", claim_free_gpu(n))
+        return torch.device("cuda")
+    if cfg_device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{key} is {cfg_device!r} but this machine has no CUDA device; use auto or cpu")
+    if cfg_device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{key} is 'mps' but this machine has no Apple GPU; use auto or cpu")
+    return torch.device(cfg_device)
+
+
+def checkpoint_images(setting: int, device: torch.device) -> int:
+    """train.checkpoint_images with -1 resolved: 4 images a chunk on CPU, off on CUDA."""
+    if setting >= 0:
+        return setting
+    return 0 if device.type == "cuda" else 4
+
+
+def distributed_context():
+    """(rank, world, local_rank) from torchrun's environment; (0, 1, 0) without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world, local
