@@ -96,8 +96,9 @@ class Room3DConfig:
             raise ConfigError(f"antialias_samples: must be 0 or more, got {self.antialias_samples}")
         if self.size_min > self.size_max:
             raise ConfigError(f"size_min {self.size_min} is above size_max {self.size_max}")
-        if self.gap < 0:
-            raise ConfigError(f"gap: must be 0 or more, got {self.gap}")
+        for name in ("gap", "camera_lookat_jitter"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be 0 or more, got {getattr(self, name)}")
         for name in ("object_colors", "background_colors"):
             colors = getattr(self, name)
             if not colors or any(len(c) != 3 or not all(0 <= v <= 1 for v in c) for c in colors):

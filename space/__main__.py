@@ -386,10 +386,9 @@ def main(argv=None) -> int:
         code = ns.func(ns)
         sys.stdout.flush()  # a reader that went away (`| head`) shows here, not in Python's exit
         return code
-    except BrokenPipeError:
-        from datagen.__main__ import broken_pipe
-
-        return broken_pipe()
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly, as SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's last flush goes nowhere
+        return 128 + 13
     except (ConfigError, StoreError, CheckpointError, TrainingDiverged, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

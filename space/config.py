@@ -12,8 +12,15 @@ import re
 from dataclasses import dataclass, field
 
 
-from datagen.config import ConfigError  # noqa: F401  one error type for every bad setting in the project
-from datagen.config import merge  # noqa: F401  presets and --config files merge as params.yaml overlays do
+class ConfigError(ValueError):
+    """A setting is invalid; the message names it and says how to fix it."""
+
+
+def merge(base: dict, over: dict) -> dict:
+    """`over` merged into `base`: nested mappings key by key, anything else replaced. Presets, --config files
+    and --set overrides merge as Snakemake merges a --configfile over params.yaml."""
+    return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in over.items()}}
 
 
 @dataclass
