@@ -84,10 +84,28 @@ def test_snakemake_data_all_on_a_tiny_config(tmp_path):
 
 
 @IN_CHECKOUT
+def _job_counts(dry_run: str) -> dict:
+    """Snakemake's "Job stats" table of a dry run: {rule: jobs}."""
+    table = dry_run.split("Job stats:")[1].split("\n\n")[0]
+    return {row.split()[0]: int(row.split()[1]) for row in table.splitlines()[3:] if row.strip()}
+
+
 def test_demo_config_and_full_default_dry_runs_resolve():
-    for extra in ([], ["--configfile", "config/demo.yaml"]):
+    """A fresh clone's dry runs plan one generator job and one inspection per dataset of the config, and the
+    generator commands carry each dataset's parameters."""
+    full = yaml.safe_load((REPO / "params.yaml").read_text())
+    for extra, params in (([], full), (["--configfile", "config/demo.yaml"], _demo_params())):
         p = run(["snakemake", "-n", "--forceall", "data_all", *extra], REPO)  # as on a fresh clone
-        assert "room3d" in p.stdout
+        datasets = params["datasets"]
+        kinds = [d["generator"] for d in datasets.values()]
+        counts = _job_counts(p.stdout)
+        assert counts["room3d"] == kinds.count("room3d") and counts["atari"] == kinds.count("atari"), counts
+        assert counts["inspect_dataset"] == counts["show_dataset"] == len(datasets), counts
+        small = datasets["room3d_small"]
+        lo, hi = small["objects"]
+        command = next(line for line in p.stdout.splitlines() if "python -m datagen room3d" in line
+                       and "room3d_small.zarr" in line)
+        assert f"--objects {lo} {hi}" in command and f"--split train={small['splits']['train']}" in command
 
 
 @pytest.mark.parametrize(

@@ -698,14 +698,23 @@ def test_where_to_box_shift_bounded_by_shift_range_cells(shift_range):
     assert torch.allclose(c_lo - cell, torch.full_like(cell, -shift_range / g))
 
 
-def test_model_centre_and_size_come_from_where_to_box(space_out):
-    """The boxes SPACE reports lie within shift_range cells of their cell centres, sizes in (0, 1)."""
-    cfg, _, _, out = space_out
-    g = cfg.grid_size
-    zero = torch.zeros(1, g, g, 2)
-    cell, _ = where_to_box(zero, zero, g, cfg.shift_range)
-    assert ((out["fg"]["centre"] - cell).abs() <= cfg.shift_range / g + 1e-6).all()
-    assert ((out["fg"]["size"] > 0) & (out["fg"]["size"] < 1)).all()
+def test_model_centre_and_size_come_from_where_to_box():
+    """The boxes SPACE reports are where_to_box of its z_scale and z_shift heads' means (in eval mode, where
+    the latents are their means): read off the heads here, independently of the forward pass."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    model = SPACE(cfg).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x, step=0)
+        e = model.fg.encoder(x)  # (B, 128, G, G)
+        scale_mu = model.fg.z_scale_net(e)[:, :2].permute(0, 2, 3, 1)  # (B, G, G, 2) means, then stds
+        shift_mu = model.fg.z_shift_net(e)[:, :2].permute(0, 2, 3, 1)
+    centre, size = where_to_box(scale_mu, shift_mu, cfg.grid_size, cfg.shift_range)
+    assert torch.allclose(out["fg"]["centre"], centre, atol=1e-6)
+    assert torch.allclose(out["fg"]["size"], size, atol=1e-6)
+    # and not trivially: the cells' boxes differ from one another
+    assert out["fg"]["centre"].flatten(1, 2).std(1).min() > 0.1
 
 
 # ------------------------------------------------------------------------------ annealing and presets
