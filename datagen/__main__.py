@@ -34,15 +34,19 @@ def _parse_color(text: str) -> tuple[float, float, float]:
     return rgb
 
 
-def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
-    """One flag per dataclass field, its default the paper's value."""
+def _add_config_flags(p: argparse.ArgumentParser, cls, skip: tuple = (), notes: dict | None = None) -> None:
+    """One flag per dataclass field (but those in `skip`), its default the paper's value; `notes` adds to a
+    field's help."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         t = hints[f.name]
         args = typing.get_args(t)
         help_default = f"default: {json.dumps(default) if not isinstance(default, tuple) else ' '.join(map(str, default))}"
+        help_default += (notes or {}).get(f.name, "")
         if f.name.endswith("colors"):
             p.add_argument(flag, nargs="+", type=_parse_color, metavar="COLOR", default=None,
                            help=f"palette as #rrggbb or r,g,b (default: the paper's {len(default)} colours)")
@@ -54,11 +58,12 @@ def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
             p.add_argument(flag, type=t, default=None, help=help_default)
 
 
-def _config_from_args(cls, ns) -> object:
-    kw = {}
+def _config_from_args(cls, ns, **given) -> object:
+    """The dataclass from its flags (those given, the rest its defaults) and the fields in `given`."""
+    kw = dict(given)
     for f in dataclasses.fields(cls):
-        v = getattr(ns, f.name)
-        if v is not None:
+        v = getattr(ns, f.name, None)
+        if f.name not in given and v is not None:
             kw[f.name] = tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
     return cls(**kw)
 
@@ -79,11 +84,7 @@ def cmd_room3d(ns) -> int:
 def cmd_atari(ns) -> int:
     from .atari import generate
 
-    kw = {"games": tuple(ns.game)} if ns.game else {}
-    for f in dataclasses.fields(AtariConfig):
-        if f.name != "games" and getattr(ns, f.name, None) is not None:
-            kw[f.name] = getattr(ns, f.name)
-    cfg = AtariConfig(**kw).validate()
+    cfg = _config_from_args(AtariConfig, ns, **({"games": tuple(ns.game)} if ns.game else {})).validate()
     splits = dict(ns.split) if ns.split else {"train": 50000, "val": 5000, "test": 5000}
     if len(splits) != len(ns.split or splits):
         raise ConfigError("a split is given twice; give each --split NAME=FRAMES once")
@@ -212,12 +213,11 @@ def cmd_show(ns) -> int:
 def merge_params(base: dict, overlay: dict) -> dict:
     """`overlay` merged over `base` key by key, as Snakemake merges a --configfile; then the experiments
     marked `enabled: false` dropped, since DVC's stages run every experiment params.yaml lists."""
-    from .config import merge
+    from .config import enabled_experiments, merge
 
     merged = merge(base, overlay)
     if isinstance(merged.get("experiments"), dict):
-        merged["experiments"] = {k: e for k, e in merged["experiments"].items()
-                                 if not (isinstance(e, dict) and e.get("enabled", True) is False)}
+        merged["experiments"] = enabled_experiments(merged)
     return merged
 
 
@@ -309,13 +309,8 @@ def main(argv=None) -> int:
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.add_argument("--part", metavar="I/N", help="write only part I of N of the shards (counted from 0) "
                    "into a part store; `python -m datagen merge` joins the N parts into one store")
-    defaults = AtariConfig()
-    for f in dataclasses.fields(AtariConfig):
-        if f.name == "games":
-            continue
-        default = getattr(defaults, f.name)
-        a.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=None,
-                       help=f"default: {default}" + (" (or the path of a TorchScript policy file)" if f.name == "policy" else ""))
+    _add_config_flags(a, AtariConfig, skip=("games",),
+                      notes={"policy": " (or the path of a TorchScript policy file)"})
     a.set_defaults(func=cmd_atari)
 
     m = sub.add_parser("merge", help="join part stores (written with --part I/N) into one complete store",

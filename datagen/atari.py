@@ -428,70 +428,31 @@ class ShardMaker:
     def close(self) -> None:
         for r in self.recorders.values():
             r.close()
+        self.recorders.clear()
 
 
-_WORKER: dict = {}
-
-
-def _init_worker(cfg_dict, path, seed, frames_per_game, categories, k_max) -> None:
-    from .store import StoreWriter
-
-    _WORKER["maker"] = ShardMaker(AtariConfig.from_dict(cfg_dict), seed, frames_per_game, categories, k_max)
-    _WORKER["writer"] = StoreWriter(path)
-
-
-def _work(task) -> int:
-    split, shard = task
-    w = _WORKER["writer"]
-    start, stop = w.shard_bounds(split, shard)
-    w.write_shard(split, shard, _WORKER["maker"].shard(split, shard, start, stop))
-    return stop - start
+def _shard_maker(cfg_dict: dict, seed: int, frames_per_game: dict, categories: list, k_max: int) -> ShardMaker:
+    """A worker's ShardMaker (datagen/jobs.py), from picklable arguments."""
+    return ShardMaker(AtariConfig.from_dict(cfg_dict), seed, frames_per_game, categories, k_max)
 
 
 def generate(out: str, cfg: AtariConfig, frames_per_game: dict, seed: int, shard_size: int = 256,
              workers: int = 1, overwrite: bool = False, progress: bool = True, part: tuple[int, int] | None = None,
              scratch: bool = False) -> str:
     """Record a whole store (or finish an interrupted one); `frames_per_game` maps split -> frames of each game."""
-    import multiprocessing as mp
-
-    from tqdm import tqdm
-
-    from .config import StoreConfig, check_seed
-    from .store import StoreWriter
+    from .jobs import check_job, write_store
 
     cfg.validate()
-    check_seed(seed)
-    StoreConfig(shard_size=shard_size, splits=dict(frames_per_game)).validate()
-    if workers < 1:
-        raise ConfigError(f"workers: must be at least 1, got {workers}")
+    check_job(frames_per_game, seed, shard_size, workers)
     spec = store_spec(cfg, frames_per_game, seed, shard_size)
     maker = ShardMaker(cfg, seed, dict(frames_per_game), list(spec.categories), spec.k_max)
     try:
         # The first game's env, policy and background before anything is written: a policy file that
         # does not load fails here, not in a worker mid-run.
         maker.recorder(cfg.games[0])
-        writer = StoreWriter.create_or_resume(out, spec, overwrite=overwrite, scratch=scratch)
-        tasks = [(split, shard) for split in frames_per_game for shard in writer.pending(split)]
-        if part is not None:  # this job's share of the shards (datagen.parts in params.yaml)
-            mine = set(writer.part_tasks(part))
-            tasks = [t for t in tasks if t in mine]
-        total = sum(writer.shard_bounds(s, i)[1] - writer.shard_bounds(s, i)[0] for s, i in tasks)
-        bar = tqdm(total=total, unit="frame", desc=f"atari {out}", disable=not progress, smoothing=0.05)
-        if workers == 1:
-            _WORKER.update(maker=maker, writer=writer)
-            for t in tasks:
-                bar.update(_work(t))
-        else:
-            init = (cfg.to_dict(), out, seed, dict(frames_per_game), list(spec.categories), spec.k_max)
-            with mp.get_context("spawn").Pool(workers, _init_worker, init) as pool:
-                for n in pool.imap_unordered(_work, tasks):
-                    bar.update(n)
-    finally:
-        _WORKER.clear()
+    except BaseException:
         maker.close()
-    bar.close()
-    if part is None:
-        writer.finish()
-    else:
-        writer.finish_part(part)
-    return out
+        raise
+    recipe = (_shard_maker, (cfg.to_dict(), seed, dict(frames_per_game), list(spec.categories), spec.k_max))
+    return write_store(out, spec, maker, recipe, workers=workers, overwrite=overwrite, progress=progress,
+                       part=part, scratch=scratch, desc="atari")

@@ -201,6 +201,13 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
+def enabled_experiments(params: dict) -> dict:
+    """params.yaml's experiments less those marked `enabled: false`: what the DAG trains and DVC's stages
+    list (one definition for both)."""
+    experiments = params.get("experiments") or {}
+    return {k: e for k, e in experiments.items() if not (isinstance(e, dict) and e.get("enabled", True) is False)}
+
+
 def tuplify(v):
     """YAML and JSON give lists; the configs hold tuples so they compare and hash."""
     if isinstance(v, list):

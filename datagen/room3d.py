@@ -456,24 +456,18 @@ def render_shard(renderer: Room3DRenderer, seed: int, split: str, start: int, st
     return {k: np.stack([f[k] for f in frames]) for k in frames[0]}
 
 
-# One renderer and writer per worker process, made once by the pool initializer.
-_WORKER: dict = {}
+class RoomShards:
+    """The shard maker of a 3D-Room store (datagen/jobs.py): one renderer, reused for every frame."""
 
+    def __init__(self, cfg_dict: dict, seed: int, renderer: Room3DRenderer | None = None):
+        self.renderer = renderer or Room3DRenderer(Room3DConfig.from_dict(cfg_dict))
+        self.seed = seed
 
-def _init_worker(cfg_dict: dict, path: str, seed: int) -> None:
-    from .store import StoreWriter
+    def shard(self, split: str, shard: int, start: int, stop: int) -> dict:
+        return render_shard(self.renderer, self.seed, split, start, stop)
 
-    _WORKER["renderer"] = Room3DRenderer(Room3DConfig.from_dict(cfg_dict))
-    _WORKER["writer"] = StoreWriter(path)
-    _WORKER["seed"] = seed
-
-
-def _work(task) -> int:
-    split, shard = task
-    w = _WORKER["writer"]
-    start, stop = w.shard_bounds(split, shard)
-    w.write_shard(split, shard, render_shard(_WORKER["renderer"], _WORKER["seed"], split, start, stop))
-    return stop - start
+    def close(self) -> None:
+        self.renderer.close()
 
 
 def generate(out: str, cfg: Room3DConfig, splits: dict, seed: int, shard_size: int = 256, workers: int = 1,
@@ -481,50 +475,20 @@ def generate(out: str, cfg: Room3DConfig, splits: dict, seed: int, shard_size: i
              scratch: bool = False) -> str:
     """Render a whole store (or finish an interrupted one); returns its path. With part=(i, n), render
     only part i of n of the shards into a part store (`python -m datagen merge` joins the parts)."""
-    import multiprocessing as mp
-
-    from tqdm import tqdm
-
-    from .config import StoreConfig, check_seed
-    from .store import StoreWriter
+    from .jobs import check_job, write_store
 
     cfg.validate()
-    check_seed(seed)
-    StoreConfig(shard_size=shard_size, splits=dict(splits)).validate()
-    if workers < 1:
-        from .config import ConfigError
-
-        raise ConfigError(f"workers: must be at least 1, got {workers}")
+    check_job(splits, seed, shard_size, workers)
     # One trial frame before anything is written: parameters that pass every check but cannot make
     # the frames asked for (too small an image for min_visible_pixels, say) fail here, not mid-run.
     # With one worker the same renderer then renders the store.
+    spec = store_spec(cfg, splits, seed, shard_size)
     renderer = Room3DRenderer(cfg)
     try:
         renderer.sample_frame(frame_rng(seed, split_key(next(iter(splits))), 0))
-        writer = StoreWriter.create_or_resume(out, store_spec(cfg, splits, seed, shard_size), overwrite=overwrite,
-                                              scratch=scratch)
-        tasks = [(split, shard) for split in splits for shard in writer.pending(split)]
-        if part is not None:  # this job's share of the shards (datagen.parts in params.yaml)
-            mine = set(writer.part_tasks(part))
-            tasks = [t for t in tasks if t in mine]
-        total = sum(writer.shard_bounds(s, i)[1] - writer.shard_bounds(s, i)[0] for s, i in tasks)
-        bar = tqdm(total=total, unit="frame", desc=f"room3d {out}", disable=not progress, smoothing=0.05)
-        if workers == 1:
-            _WORKER.update(renderer=renderer, writer=writer, seed=seed)
-            for t in tasks:
-                bar.update(_work(t))
-        else:
-            renderer.close()
-            # spawn: each worker needs its own GL context, which must not be inherited through fork
-            with mp.get_context("spawn").Pool(workers, _init_worker, (cfg.to_dict(), out, seed)) as pool:
-                for n in pool.imap_unordered(_work, tasks):
-                    bar.update(n)
-    finally:
-        _WORKER.clear()
+    except BaseException:
         renderer.close()
-    bar.close()
-    if part is None:
-        writer.finish()
-    else:
-        writer.finish_part(part)
-    return out
+        raise
+    return write_store(out, spec, RoomShards(cfg.to_dict(), seed, renderer), (RoomShards, (cfg.to_dict(), seed)),
+                       workers=workers, overwrite=overwrite, progress=progress, part=part, scratch=scratch,
+                       desc="room3d")

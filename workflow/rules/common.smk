@@ -6,6 +6,8 @@ import sys
 
 from snakemake.utils import validate
 
+from datagen.config import enabled_experiments
+
 validate(config, "../schemas/params.schema.yaml")  # types, ranges, unknown keys (named in the error)
 
 
@@ -34,7 +36,7 @@ def _check_datasets() -> dict:
 DATASET_SHAPES = _check_datasets()
 
 DATASETS = sorted(config["datasets"])
-EXPERIMENTS = sorted(k for k, e in config.get("experiments", {}).items() if e.get("enabled", True))
+EXPERIMENTS = sorted(enabled_experiments(config))
 
 
 def set_flags(overrides: dict) -> str:
