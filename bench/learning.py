@@ -128,7 +128,13 @@ def plot(results: dict, path: str) -> None:
         colour = f"C{i}"
         pts = [p for p in results["points"] if p["variant"] == name]
         seeds = sorted({p["seed"] for p in pts})
-        steps = sorted({p["step"] for p in pts})
+        # The mean line at the steps that every seed still running was scored at: a seed scored at an extra
+        # step shows in its own faint line only, and a seed stopped early leaves the mean to the others.
+        def scored_by_all_running(t, pts=pts):
+            running = {p["seed"] for p in pts if p["step"] >= t}
+            return running == {p["seed"] for p in pts if p["step"] == t}
+
+        steps = sorted(t for t in {p["step"] for p in pts} if scored_by_all_running(t))
         for row, key in enumerate(("ap50", "fg_ari")):
             for col, x in enumerate(("step", "train_s")):
                 ax = axes[row, col]
