@@ -68,30 +68,42 @@ def _config_from_args(cls, ns, **given) -> object:
     return cls(**kw)
 
 
-def cmd_room3d(ns) -> int:
-    from .room3d import generate
+def _add_job_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """The flags of a store-writing job (datagen/jobs.py), shared by every generator."""
+    p.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
+    p.add_argument("--workers", type=int, default=1, help=f"{what} processes (default: 1)")
+    p.add_argument("--shard-size", type=int, default=StoreConfig.shard_size, help="frames per shard (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace a complete store at OUT")
+    p.add_argument("--scratch", action="store_true",
+                   help="OUT is a staging location (the pipeline's): finish or keep a store with the same "
+                        "parameters there, replace one with other parameters")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--part", metavar="I/N", help="write only part I of N of the shards (counted from 0) "
+                   "into a part store; `python -m datagen merge` joins the N parts into one store")
 
-    cfg = _config_from_args(Room3DConfig, ns).validate()
-    splits = dict(ns.split) if ns.split else StoreConfig().splits
+
+def _run_job(ns, generate, cfg, default_splits: dict) -> int:
+    """Check the splits and run a generator's job with the shared flags."""
+    splits = dict(ns.split) if ns.split else default_splits
     if len(splits) != len(ns.split or splits):
         raise ConfigError("a split is given twice; give each --split NAME=FRAMES once")
     generate(ns.out, cfg, splits, ns.seed, shard_size=ns.shard_size, workers=ns.workers,
              overwrite=ns.overwrite, progress=not ns.quiet, part=_part(ns), scratch=ns.scratch)
     print(f"wrote {ns.out}" + (f" (part {ns.part})" if ns.part else ""), file=sys.stderr)
     return 0
+
+
+def cmd_room3d(ns) -> int:
+    from .room3d import generate
+
+    return _run_job(ns, generate, _config_from_args(Room3DConfig, ns).validate(), StoreConfig().splits)
 
 
 def cmd_atari(ns) -> int:
     from .atari import generate
 
     cfg = _config_from_args(AtariConfig, ns, **({"games": tuple(ns.game)} if ns.game else {})).validate()
-    splits = dict(ns.split) if ns.split else {"train": 50000, "val": 5000, "test": 5000}
-    if len(splits) != len(ns.split or splits):
-        raise ConfigError("a split is given twice; give each --split NAME=FRAMES once")
-    generate(ns.out, cfg, splits, ns.seed, shard_size=ns.shard_size, workers=ns.workers,
-             overwrite=ns.overwrite, progress=not ns.quiet, part=_part(ns), scratch=ns.scratch)
-    print(f"wrote {ns.out}" + (f" (part {ns.part})" if ns.part else ""), file=sys.stderr)
-    return 0
+    return _run_job(ns, generate, cfg, {"train": 50000, "val": 5000, "test": 5000})  # the paper's, per game
 
 
 def _part(ns):
@@ -276,16 +288,7 @@ def main(argv=None) -> int:
     r.add_argument("out", help="output store, e.g. results/data/room3d_small.zarr")
     r.add_argument("--split", action="append", type=_parse_split, metavar="NAME=FRAMES",
                    help="a split and its size; repeat (default: train=63000 val=7000 test=7000, the paper's)")
-    r.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
-    r.add_argument("--workers", type=int, default=1, help="rendering processes (default: 1)")
-    r.add_argument("--shard-size", type=int, default=StoreConfig.shard_size, help="frames per shard (default: %(default)s)")
-    r.add_argument("--overwrite", action="store_true", help="replace a complete store at OUT")
-    r.add_argument("--scratch", action="store_true",
-                   help="OUT is a staging location (the pipeline's): finish or keep a store with the same "
-                        "parameters there, replace one with other parameters")
-    r.add_argument("--quiet", action="store_true", help="no progress bar")
-    r.add_argument("--part", metavar="I/N", help="write only part I of N of the shards (counted from 0) "
-                   "into a part store; `python -m datagen merge` joins the N parts into one store")
+    _add_job_flags(r, "rendering")
     _add_config_flags(r, Room3DConfig)
     r.set_defaults(func=cmd_room3d)
 
@@ -299,16 +302,7 @@ def main(argv=None) -> int:
                    help="a game; repeat for a joint store (default: SpaceInvaders). One of: " + ", ".join(sorted(ATARI_GAMES)))
     a.add_argument("--split", action="append", type=_parse_split, metavar="NAME=FRAMES",
                    help="a split and its frames PER GAME; repeat (default: train=50000 val=5000 test=5000, the paper's)")
-    a.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
-    a.add_argument("--workers", type=int, default=1, help="recording processes (default: 1)")
-    a.add_argument("--shard-size", type=int, default=StoreConfig.shard_size, help="frames per shard (default: %(default)s)")
-    a.add_argument("--overwrite", action="store_true", help="replace a complete store at OUT")
-    a.add_argument("--scratch", action="store_true",
-                   help="OUT is a staging location (the pipeline's): finish or keep a store with the same "
-                        "parameters there, replace one with other parameters")
-    a.add_argument("--quiet", action="store_true", help="no progress bar")
-    a.add_argument("--part", metavar="I/N", help="write only part I of N of the shards (counted from 0) "
-                   "into a part store; `python -m datagen merge` joins the N parts into one store")
+    _add_job_flags(a, "recording")
     _add_config_flags(a, AtariConfig, skip=("games",),
                       notes={"policy": " (or the path of a TorchScript policy file)"})
     a.set_defaults(func=cmd_atari)
