@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import EPS, SPACE, where_to_box
-from .windows import composite_windowed
+from .model import SPACE, where_to_box
 
 
 @torch.no_grad()
@@ -14,7 +13,7 @@ def sample_images(model: SPACE, count: int, step: int, seed: int = 0) -> torch.T
     m = model.cfg
     model.eval()
     torch.manual_seed(seed)
-    g, s, n = m.grid_size, m.glimpse_size, m.image_size
+    g, s = m.grid_size, m.glimpse_size
     c = g * g
     # Foreground (equation 3): z_pres ~ Bern(rho); z_where, z_depth, z_what from their Gaussian priors.
     z_pres = torch.bernoulli(torch.full((count, c), m.z_pres_prior.at(step)))  # (count, C), hard
@@ -23,12 +22,8 @@ def sample_images(model: SPACE, count: int, step: int, seed: int = 0) -> torch.T
     z_depth = m.z_depth_prior_mean + m.z_depth_prior_std * torch.randn(count, c)
     z_what = torch.randn(count * c, m.z_what_dim)
     centre, size = where_to_box(z_scale, z_shift, g, m.shift_range)
-    alpha_att, o_att = model.fg.glimpse_decoder(z_what)  # (count*C, 1, S, S), (count*C, 3, S, S)
-    maps = torch.cat([alpha_att, o_att, model.fg.band.expand(count * c, 1, s, s)], 1).view(count, c, 5, s, s)
-    depth = m.depth_sharpness * torch.sigmoid(z_depth)
-    weight = torch.exp(-(depth - depth.min(1, keepdim=True).values))
-    alpha, mu_fg, _ = composite_windowed(maps, z_pres, weight, centre.reshape(count, c, 2), size.reshape(count, c, 2),
-                                         n, m.fg_mean == "premultiplied", eps=EPS)
+    maps = model.fg.decode(z_what).view(count, c, 5, s, s)  # alpha_att, o_att, band
+    alpha, mu_fg, _, _ = model.fg.render(maps, z_pres, z_depth, centre.reshape(count, c, 2), size.reshape(count, c, 2))
     # Background (algorithm 3).
     pi, mu_bg = model.bg.generate(count)
     background = (pi * mu_bg).sum(1)

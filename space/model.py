@@ -287,14 +287,29 @@ class Foreground(nn.Module):
                 for k in parts[0]}
 
     def glimpse_maps(self, glimpses):
-        """Glimpses (M, 3, S, S) -> maps (M, 5, S, S): alpha_att, o_att (3) and appendix C's boundary band,
-        each in glimpse space; and z_what's KL (M,) against N(0, 1)."""
-        m, s = glimpses.shape[0], glimpses.shape[-1]
+        """Glimpses (M, 3, S, S) -> maps (M, 5, S, S) (see `decode`) and z_what's KL (M,) against N(0, 1)."""
         what_mu, what_sigma = self.glimpse_encoder(glimpses)  # (M, D)
         z_what = what_mu + what_sigma * torch.randn_like(what_sigma) if self.training else what_mu
+        return self.decode(z_what), gaussian_kl(what_mu, what_sigma, 0.0, 1.0).sum(-1)
+
+    def decode(self, z_what):
+        """z_what (M, D) -> maps (M, 5, S, S): alpha_att, o_att (3) and appendix C's boundary band, each in
+        glimpse space."""
         alpha_att, o_att = self.glimpse_decoder(z_what)  # (M, 1, S, S), (M, 3, S, S)
-        maps = torch.cat([alpha_att, o_att, self.band.expand(m, 1, s, s)], 1)
-        return maps, gaussian_kl(what_mu, what_sigma, 0.0, 1.0).sum(-1)
+        m, s = z_what.shape[0], alpha_att.shape[-1]
+        return torch.cat([alpha_att, o_att, self.band.expand(m, 1, s, s)], 1)
+
+    def render(self, maps, z_pres, z_depth, centre, size):
+        """Algorithm 1's last lines: the glimpses' maps (B, C, 5, S, S) composited by z_pres and z_depth
+        (B, C) at their boxes, centre and size (B, C, 2). Returns alpha (B, 1, N, N), mu_fg (B, 3, N, N), the
+        boundary overlap map (B, 1, N, N) and the depth weights (B, C)."""
+        cfg = self.cfg
+        # Depth weights exp(-c * sigmoid(z_depth)), shifted per image so they cannot all underflow.
+        depth = cfg.depth_sharpness * torch.sigmoid(z_depth)  # (B, C)
+        depth_weight = torch.exp(-(depth - depth.min(1, keepdim=True).values))
+        alpha, mu_fg, overlap = composite_windowed(maps, z_pres, depth_weight, centre, size, cfg.image_size,
+                                                   cfg.fg_mean == "premultiplied", eps=EPS)
+        return alpha, mu_fg, overlap, depth_weight
 
     def infer(self, x, z_scale_prior_mean: float, z_pres_prior: float, tau: float):
         """Algorithm 1 on a batch (or a chunk of one)."""
@@ -334,12 +349,8 @@ class Foreground(nn.Module):
             maps, kl_what = self.glimpse_maps(glimpses)  # (B*C, 5, S, S) alpha_att, o_att, band; (B*C,)
             decoded = b * c
 
-        # Depth weights exp(-c * sigmoid(z_depth)), shifted per image so they cannot all underflow.
-        depth = cfg.depth_sharpness * torch.sigmoid(z_depth[..., 0]).reshape(b, c)  # (B, C)
-        depth_weight = torch.exp(-(depth - depth.min(1, keepdim=True).values))
-        alpha, mu_fg, overlap = composite_windowed(maps.view(b, c, 5, s, s), z_pres.reshape(b, c), depth_weight,
-                                                   centre_f, size_f, cfg.image_size, cfg.fg_mean == "premultiplied",
-                                                   eps=EPS)
+        alpha, mu_fg, overlap, depth_weight = self.render(maps.view(b, c, 5, s, s), z_pres.reshape(b, c),
+                                                          z_depth[..., 0].reshape(b, c), centre_f, size_f)
 
         # KL terms (appendix B), per cell; z_where, z_depth, z_what weighted by the z_pres sample (the
         # paper's appendix) or charged for every cell (model.kl_weighting, the paper's code).
