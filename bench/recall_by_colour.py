@@ -8,6 +8,9 @@ named after the nearest colour of the generator's palette in chromaticity (RGB /
 shading changes little; its size is its box's area as a share of the frame. An object is found when a
 detection with z_pres probability above --threshold overlaps its box at IoU --iou or more. AP averages
 over all objects; this shows where the misses are (the CPU demo's foreground once kept to warm colours).
+With --checkpoint it also shows, per colour, what that model does with each object (eval mode, the first
+--frames frames): the z_pres probability of the cell holding the object's box centre, the share of that
+glimpse where alpha is above 0.5, and the colour its decoder paints there against the object's own.
 The last line printed is one JSON object.
 """
 
@@ -70,6 +73,42 @@ def recall(store: Store, split: str, detections: list, threshold: float, min_iou
     return {k: {"recall": h / t, "objects": t} for k, (h, t) in sorted(counts.items())}
 
 
+def decoded_colours(checkpoint: str, store: Store, split: str, frames: int) -> dict:
+    """Per colour name: objects, mean z_pres probability of their cells, mean alpha > 0.5 share of their
+    glimpses, and the decoded and the true mean colour (RGB in [0, 1])."""
+    import torch
+
+    from space.checkpoints import load_model
+
+    model, cfg, state = load_model(Path(checkpoint))
+    n = min(frames, store.array(split, "boxes").shape[0])
+    images = store.read(split, "images", slice(0, n))
+    boxes = store.read(split, "boxes", slice(0, n))
+    masks = store.read(split, "masks", slice(0, n))
+    with torch.no_grad():
+        out = model(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, int(state["step"]))
+    g, side = cfg.model.grid_size, images.shape[1]
+    maps = out["fg"]["glimpse_maps"]  # (B, C, 5, S, S)
+    prob = out["fg"]["z_pres_prob"].reshape(n, -1)  # (B, C)
+    rows: dict = {}
+    for i in range(n):
+        for k, box in enumerate(boxes[i]):
+            mask = masks[i] == k + 1
+            if np.isnan(box[0]) or not mask.any():
+                continue
+            cell = int((box[1] + box[3]) / 2 / side * g) * g + int((box[0] + box[2]) / 2 / side * g)
+            glimpse = maps[i, cell]
+            solid = glimpse[0] > 0.5
+            painted = glimpse[1:4][:, solid].mean(1).numpy() if solid.any() else np.full(3, np.nan)
+            true = images[i][mask].mean(0) / 255
+            rows.setdefault(colour_name(true * 255), []).append(
+                (prob[i, cell].item(), solid.float().mean().item(), painted, true))
+    return {name: {"objects": len(r), "z_pres_prob": float(np.mean([x[0] for x in r])),
+                   "alpha_share": float(np.mean([x[1] for x in r])),
+                   "decoded_rgb": np.round(np.nanmean([x[2] for x in r], 0), 2).tolist(),
+                   "true_rgb": np.round(np.mean([x[3] for x in r], 0), 2).tolist()} for name, r in sorted(rows.items())}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="the 3D-Room store the detections are of")
@@ -79,6 +118,8 @@ def main() -> int:
     p.add_argument("--iou", type=float, default=0.5, help="least IoU of a hit (default 0.5)")
     p.add_argument("--small", type=float, default=0.025, help="box area share of the frame below which an "
                                                               "object is small (default 0.025)")
+    p.add_argument("--checkpoint", help="a trained model's checkpoint: also show what it paints per colour")
+    p.add_argument("--frames", type=int, default=64, help="frames for --checkpoint (default 64)")
     ns = p.parse_args()
     store = Store(ns.data)
     try:
@@ -93,7 +134,15 @@ def main() -> int:
     print("|---|" + "---|" * len(keys))
     for path, r in rows.items():
         print(f"| {path} | " + " | ".join(f"{r[k]['recall']:.2f}" if k in r else "" for k in keys) + " |")
-    print(json.dumps({"data": ns.data, "split": ns.split, "threshold": ns.threshold, "iou": ns.iou, "rows": rows}))
+    decoded = decoded_colours(ns.checkpoint, store, ns.split, ns.frames) if ns.checkpoint else None
+    if decoded:
+        print("| colour | objects | z_pres probability | alpha > 0.5 share | decoded RGB | the object's RGB |")
+        print("|---|---|---|---|---|---|")
+        for name, d in decoded.items():
+            print(f"| {name} | {d['objects']} | {d['z_pres_prob']:.2f} | {d['alpha_share']:.2f} | "
+                  f"{' '.join(f'{v:.2f}' for v in d['decoded_rgb'])} | {' '.join(f'{v:.2f}' for v in d['true_rgb'])} |")
+    print(json.dumps({"data": ns.data, "split": ns.split, "threshold": ns.threshold, "iou": ns.iou, "rows": rows,
+                      "decoded": decoded}))
     return 0
 
 
