@@ -1,0 +1,56 @@
+"""The README and the guides under docs/ point at things that exist: every relative link resolves to a file of
+the repository, and every `python -m space ...` / `python -m datagen ...` command they show names a
+subcommand that answers --help."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = [REPO / "README.md", REPO / "BENCHMARKS.md", REPO / "bench" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)")  # [text](target) and ![alt](target)
+COMMAND = re.compile(r"python -m (space|datagen) ([a-z0-9_-]+)")
+
+
+def relative_links(doc: Path):
+    for target in LINK.findall(doc.read_text()):
+        if not re.match(r"[a-z]+://|#|mailto:", target):
+            yield target.split("#")[0]
+
+
+def test_the_docs_exist_and_the_readme_links_every_guide():
+    guides = {p.name for p in (REPO / "docs").glob("*.md")}
+    assert {"datasets.md", "training.md", "evaluation.md", "scale-out.md"} <= guides
+    readme_links = set(relative_links(REPO / "README.md"))
+    assert {f"docs/{g}" for g in guides} <= readme_links, "a guide in docs/ that the README does not link"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_relative_link_resolves(doc):
+    broken = [t for t in relative_links(doc) if not (doc.parent / t).exists()]
+    assert not broken, f"{doc.name} links to missing files: {broken}"
+
+
+def shown_commands():
+    found = set()
+    for doc in DOCS:
+        found |= set(COMMAND.findall(doc.read_text()))
+    return sorted(found)
+
+
+def test_the_docs_show_commands_of_both_packages():
+    packages = {pkg for pkg, _ in shown_commands()}
+    assert packages == {"space", "datagen"}
+
+
+@pytest.mark.parametrize("package,command", shown_commands())
+def test_every_command_shown_exists(package, command, capsys):
+    if package == "space":
+        from space.__main__ import main
+    else:
+        from datagen.__main__ import main
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0, f"`python -m {package} {command}` in the docs is not a command"
+    assert "usage:" in capsys.readouterr().out
