@@ -19,6 +19,16 @@ def _read(path: Path) -> dict[str, list[float]]:
 def plot_curves(runs: list[str], out: str, labels: list[str] | None = None) -> None:
     """Write a PNG of four panels for the given run directories (each with metrics.csv, and val.csv when
     the run validated)."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(runs, labels)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def curves_figure(runs: list[str], labels: list[str] | None = None):
+    """The figure of `plot_curves`: panels loss, validation MSE by step and by wall time, validation AP50."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -53,6 +63,4 @@ def plot_curves(runs: list[str], out: str, labels: list[str] | None = None) -> N
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    return fig

@@ -222,6 +222,36 @@ def test_curves_figure_of_a_run(trained, tmp_path, capsys):
     assert "ending in .png" in capsys.readouterr().err
 
 
+def test_curves_panels_plot_the_runs_own_numbers(tmp_path):
+    """Each panel's line holds the numbers of the run's metrics.csv and val.csv as csv reads them: loss by
+    step, validation MSE by step and by wall time in minutes, validation AP50 by step."""
+    import csv
+
+    import matplotlib.pyplot as plt
+
+    from space.curves import curves_figure
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text("step,wall_s,loss\n25,10.0,900.5\n50,20.0,850.25\n75,30.0,800.0\n")
+    (run / "val.csv").write_text("step,wall_s,val_mse,val_ap50\n50,21.0,0.02,0.1\n100,45.0,0.015,0.3\n")
+
+    def column(name, key):
+        with open(run / name, newline="") as fh:
+            return [float(r[key]) for r in csv.DictReader(fh)]
+
+    fig = curves_figure([str(run)], ["a"])
+    loss, mse, mse_t, ap = (ax.lines[0] for ax in fig.axes)
+    assert list(loss.get_xdata()) == column("metrics.csv", "step") == [25, 50, 75]
+    assert list(loss.get_ydata()) == column("metrics.csv", "loss")
+    assert list(mse.get_xdata()) == column("val.csv", "step")
+    assert list(mse.get_ydata()) == list(mse_t.get_ydata()) == column("val.csv", "val_mse")
+    assert list(mse_t.get_xdata()) == pytest.approx([0.35, 0.75])  # minutes
+    assert list(ap.get_xdata()) == [50, 100] and list(ap.get_ydata()) == [0.1, 0.3]
+    assert [ax.get_legend().get_texts()[0].get_text() for ax in fig.axes] == ["a"] * 4
+    plt.close(fig)
+
+
 def test_evaluate_on_an_atari_store_scores_games_and_categories(tmp_path, capsys):
     """Precision, recall and F1 (centre match) and AP50, overall, for the moving set, per game and per
     category; the per-game and per-category object counts add up to the whole."""

@@ -874,14 +874,36 @@ def test_the_demo_switches_z_pres_on_at_objects(learned_run):
     assert with_obj > without + 0.1, (with_obj, without)
 
 
-def test_checkpoint_images_auto_is_on_for_cpu_and_off_for_cuda():
-    from space.config import TrainConfig
+def test_checkpoint_images_auto_stores_far_fewer_activations_on_cpu_and_all_of_them_on_cuda():
+    """The default (-1) resolved for each device and applied as training applies it: on CPU the forward
+    pass keeps under 40% of the bytes for the backward pass that it keeps with checkpointing off (counted by
+    autograd's saved-tensor hooks); on CUDA it is off, every activation kept."""
+    from space.config import TrainConfig, preset
     from space.devices import checkpoint_images
 
-    assert TrainConfig().checkpoint_images == -1
-    assert checkpoint_images(-1, torch.device("cpu")) == 4
-    assert checkpoint_images(-1, torch.device("cuda")) == 0
-    assert checkpoint_images(2, torch.device("cuda")) == 2
+    def saved_bytes(images: int) -> int:
+        torch.manual_seed(0)
+        model = SPACE(preset("demo").model)
+        model.set_checkpoint_images(images)
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        x = torch.rand(8, 3, 64, 64)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(x)["terms"]["loss"]
+        loss.backward()  # the recomputation in here is not counted: only what the forward pass kept
+        return total
+
+    auto = TrainConfig().checkpoint_images
+    assert auto == -1
+    off = saved_bytes(0)
+    assert saved_bytes(checkpoint_images(auto, torch.device("cpu"))) < 0.4 * off  # measured: 0.17
+    assert checkpoint_images(auto, torch.device("cuda")) == 0  # = `off` above
+    assert checkpoint_images(2, torch.device("cuda")) == 2  # a number is taken as given
 
 
 LEAN_PROBE = """
