@@ -278,30 +278,33 @@ def cmd_fingerprint(ns) -> int:
     return 0
 
 
+def _store_command(sub, name: str, help: str, description: str, example: str, split_help: str):
+    """A generator's subcommand: its output store and --split flags (the job and parameter flags follow)."""
+    c = sub.add_parser(name, help=help,
+                       description=description + " Rerunning the same command finishes an interrupted store.")
+    c.add_argument("out", help=f"output store, e.g. results/data/{example}.zarr")
+    c.add_argument("--split", action="append", type=_parse_split, metavar="NAME=FRAMES", help=split_help)
+    return c
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m datagen", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    r = sub.add_parser("room3d", help="render a 3D-Room dataset (paper, appendix E) into a Zarr store",
-                       description="Render 3D-Room scenes with MuJoCo into a Zarr scene store. Rerunning the "
-                                   "same command finishes an interrupted store.")
-    r.add_argument("out", help="output store, e.g. results/data/room3d_small.zarr")
-    r.add_argument("--split", action="append", type=_parse_split, metavar="NAME=FRAMES",
-                   help="a split and its size; repeat (default: train=63000 val=7000 test=7000, the paper's)")
+    r = _store_command(sub, "room3d", "render a 3D-Room dataset (paper, appendix E) into a Zarr store",
+                       "Render 3D-Room scenes with MuJoCo into a Zarr scene store.", "room3d_small",
+                       "a split and its size; repeat (default: train=63000 val=7000 test=7000, the paper's)")
     _add_job_flags(r, "rendering")
     _add_config_flags(r, Room3DConfig)
     r.set_defaults(func=cmd_room3d)
 
-    a = sub.add_parser("atari", help="record Atari frames from agent rollouts, with RAM boxes, into a Zarr store",
-                       description="Record frames of Atari games (gymnasium + ale-py) from agent rollouts into a Zarr "
-                                   "scene store, with object boxes read from the RAM (OCAtari) and filtered for "
-                                   "objects not drawn in the frame. Splits are by episode. Rerunning the same "
-                                   "command finishes an interrupted store.")
-    a.add_argument("out", help="output store, e.g. results/data/atari_spaceinvaders.zarr")
+    a = _store_command(sub, "atari", "record Atari frames from agent rollouts, with RAM boxes, into a Zarr store",
+                       "Record frames of Atari games (gymnasium + ale-py) from agent rollouts into a Zarr scene "
+                       "store, with object boxes read from the RAM (OCAtari) and filtered for objects not drawn in "
+                       "the frame. Splits are by episode.", "atari_spaceinvaders",
+                       "a split and its frames PER GAME; repeat (default: train=50000 val=5000 test=5000, the paper's)")
     a.add_argument("--game", action="append", choices=sorted(ATARI_GAMES), metavar="GAME",
                    help="a game; repeat for a joint store (default: SpaceInvaders). One of: " + ", ".join(sorted(ATARI_GAMES)))
-    a.add_argument("--split", action="append", type=_parse_split, metavar="NAME=FRAMES",
-                   help="a split and its frames PER GAME; repeat (default: train=50000 val=5000 test=5000, the paper's)")
     _add_job_flags(a, "recording")
     _add_config_flags(a, AtariConfig, skip=("games",),
                       notes={"policy": " (or the path of a TorchScript policy file)"})

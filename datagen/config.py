@@ -42,9 +42,29 @@ class GenerationError(ConfigError):
     """Valid-looking parameters that cannot make the frames asked for (found by trying)."""
 
 
+class GeneratorParams:
+    """A generator's parameters to and from the plain dict that params.yaml and a store's attributes hold
+    (lists there, tuples here). `KIND` names the generator in errors."""
+
+    KIND = "generator"
+
+    def to_dict(self) -> dict:
+        return json_ready(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown {cls.KIND} parameter(s) {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**{k: tuplify(v) for k, v in d.items()})
+
+
 @dataclass
-class Room3DConfig:
+class Room3DConfig(GeneratorParams):
     """A 3D-Room scene (paper, appendix E). Lengths are in MuJoCo metres, angles in degrees."""
+
+    KIND = "room3d"
 
     image_size: int = 128  # square frames, as in the paper
     objects: tuple[int, int] = (4, 8)  # inclusive range; Small 4-8, Large 18-24
@@ -146,17 +166,6 @@ class Room3DConfig:
         # A cube turned about the vertical axis reaches sqrt(2) times its half-edge.
         return self.size_max * (math.sqrt(2) if "cube" in self.shapes else 1.0)
 
-    def to_dict(self) -> dict:
-        return json_ready(dataclasses.asdict(self))
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Room3DConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ConfigError(f"unknown room3d parameter(s) {sorted(unknown)}; known: {sorted(names)}")
-        kw = {k: tuplify(v) for k, v in d.items()}
-        return cls(**kw)
 
 
 # Random sequential addition of discs jams near 0.55 of the area; stay below it so sampling terminates.
@@ -263,8 +272,10 @@ ATARI_WIDTH = 160
 
 
 @dataclass
-class AtariConfig:
+class AtariConfig(GeneratorParams):
     """Frames from agent rollouts (paper, appendix E), with object boxes from the game's RAM."""
+
+    KIND = "atari"
 
     games: tuple[str, ...] = ("SpaceInvaders",)
     image_size: int = 128  # frames are resized from each game's true size to image_size x image_size RGB
@@ -319,13 +330,3 @@ class AtariConfig:
             raise ConfigError("policy: give 'random' or the path of a TorchScript policy file")
         return self
 
-    def to_dict(self) -> dict:
-        return json_ready(dataclasses.asdict(self))
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "AtariConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ConfigError(f"unknown atari parameter(s) {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**{k: tuplify(v) for k, v in d.items()})

@@ -295,6 +295,15 @@ def cmd_seeds(ns) -> int:
     return 0
 
 
+def _add_run_flags(parser, data: bool = False) -> None:
+    """The flags of a command that reads a trained run: --run, --checkpoint, and with `data` a store split."""
+    parser.add_argument("--run", required=True, help="run directory (or s3:// URL) written by train")
+    parser.add_argument("--checkpoint", default="best", help=CHECKPOINT_HELP)
+    if data:
+        parser.add_argument("--data", required=True, help="scene store, e.g. results/data/room3d_small.zarr")
+        parser.add_argument("--split", default="test", help="default: %(default)s")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m space", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -319,18 +328,14 @@ def main(argv=None) -> int:
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="generate scenes from the prior of a trained run (algorithm 3)")
-    s.add_argument("--run", required=True, help="run directory (or s3:// URL) written by train")
-    s.add_argument("--checkpoint", default="best", help=CHECKPOINT_HELP)
+    _add_run_flags(s)
     s.add_argument("--out", required=True, help="PNG path")
     s.add_argument("--count", type=int, default=16)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_sample)
 
     v = sub.add_parser("show", help="decomposition of store frames by a trained run, as a PNG grid")
-    v.add_argument("--run", required=True, help="run directory (or s3:// URL) written by train")
-    v.add_argument("--checkpoint", default="best", help=CHECKPOINT_HELP)
-    v.add_argument("--data", required=True)
-    v.add_argument("--split", default="test")
+    _add_run_flags(v, data=True)
     v.add_argument("--out", required=True, help="PNG path")
     v.add_argument("--count", type=int, default=8, help="the first COUNT frames (default: 8)")
     v.add_argument("--frames", type=int, nargs="+", help="these frames instead")
@@ -341,10 +346,7 @@ def main(argv=None) -> int:
                                    "object-count error and accuracy, reconstruction MSE, with a trivial "
                                    "baseline beside each. Writes metrics.json, detections.json and "
                                    "ground_truth.json (COCO) to --out.")
-    e.add_argument("--run", required=True, help="run directory (or s3:// URL) written by train")
-    e.add_argument("--checkpoint", default="best", help=CHECKPOINT_HELP)
-    e.add_argument("--data", required=True)
-    e.add_argument("--split", default="test")
+    _add_run_flags(e, data=True)
     e.add_argument("--out", help="output folder (default: RUN/eval/SPLIT)")
     e.add_argument("--threshold", type=float, default=0.5, help="z_pres probability of a detection (default: 0.5)")
     e.add_argument("--frames", type=int, help="only the first FRAMES frames of the split")
