@@ -39,21 +39,27 @@ DATASETS = sorted(config["datasets"])
 EXPERIMENTS = sorted(enabled_experiments(config))
 
 
-def set_flags(overrides: dict) -> str:
-    """{'train.steps': 600} -> "--set train.steps=600" (values as YAML, as the CLI reads them), each
-    argument quoted for the shell: a value from params.yaml (or `dvc exp run -S`) is data, never code."""
+def set_items(overrides: dict) -> list:
+    """{'train.steps': 600} -> ["train.steps=600"]: an experiment's `set` as `python -m space train --set`
+    reads it (values as YAML; JSON is YAML). The one serialisation of overrides: the checks below resolve
+    these very items, and the rules pass them."""
     import json
+
+    return [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+
+
+def set_flags(overrides: dict) -> str:
+    """The `set_items` as --set flags, each quoted for the shell: a value from params.yaml (or
+    `dvc exp run -S`) is data, never code."""
     import shlex
 
-    return " ".join(f"--set {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in overrides.items())
+    return " ".join(f"--set {shlex.quote(item)}" for item in set_items(overrides))
 
 
 def _check_experiments() -> dict:
     """Each experiment names a dataset that exists, its settings resolve (space's own checks), and it can
     run on that dataset: the model's frame size is the store's, and the train split holds a batch.
     Returns each experiment's seeds: its `seeds` list, or its settings' train.seed alone."""
-    import json
-
     from space.__main__ import resolve_config
     from space.config import ConfigError
 
@@ -65,9 +71,8 @@ def _check_experiments() -> dict:
                 f"params: experiments.{name}.dataset is {exp['dataset']!r}, which is not a key of datasets "
                 f"({', '.join(DATASETS)})"
             )
-        sets = [f"{k}={json.dumps(v)}" for k, v in exp.get("set", {}).items()]
         try:
-            cfg = resolve_config(exp["preset"], None, sets)
+            cfg = resolve_config(exp["preset"], None, set_items(exp.get("set", {})))
         except ConfigError as e:
             raise ValueError(f"params: experiments.{name}: {e}") from None
         ds = DATASET_SHAPES[exp["dataset"]]
