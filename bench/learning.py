@@ -79,7 +79,7 @@ def train_and_score(ns) -> dict:
                      for a in ("--set", s)]
             wall = max([p["train_s"] for p in results["points"] if p["variant"] == name and p["seed"] == seed],
                        default=0.0)
-            for step in ns.steps:
+            for step in ns.steps or (200, 400, 600, 800):
                 if (name, seed, step) in done:
                     continue
                 wall += _run([sys.executable, "-m", "space", "train", "--data", ns.data, "--out", str(run),
@@ -165,11 +165,14 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="demo", help="the preset every variant starts from (default: demo)")
     p.add_argument("--variant", action="append", default=[], help="NAME:SECTION.NAME=VALUE,... (repeatable)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, nargs="+", default=[200, 400, 600, 800], help="scoring steps")
+    p.add_argument("--steps", type=int, nargs="+",
+                   help="scoring steps (default: 200 400 600 800); without --variant, the steps to tabulate")
     p.add_argument("--split", default="val", help="split to score on (default: val; keep test for the end)")
     p.add_argument("--threads", type=int, default=2, help="torch threads per training (default: 2)")
     p.add_argument("--runs", help="folder for the runs (default: beside --out, named after it)")
     p.add_argument("--plot", help="draw the figure here (PNG) from --out, and print the table")
+    p.add_argument("--markdown", action="store_true",
+                   help="print the table alone (BENCHMARKS.md's tables are this output: bench/tables.py)")
     p.add_argument("--with", dest="also", nargs="+", default=[], metavar="JSON",
                    help="more results files to draw and tabulate with --out (variants run as separate processes)")
     ns = p.parse_args(argv)
@@ -185,7 +188,10 @@ def main(argv=None) -> int:
         if not Path(extra).exists():
             p.error(f"--with {extra}: no such results file")
         results["points"] = results["points"] + json.loads(Path(extra).read_text())["points"]
-    print(table(results))
+    shown = dict(results, points=[p for p in results["points"] if not ns.steps or p["step"] in ns.steps])
+    print(table(shown))
+    if ns.markdown:
+        return 0
     if ns.plot:
         plot(results, ns.plot)
         print(f"wrote {ns.plot}", file=sys.stderr)

@@ -1,8 +1,11 @@
 """The README and the guides under docs/ point at things that exist: every relative link resolves to a file of
 the repository, and every `python -m space ...` / `python -m datagen ...` command they show names a
-subcommand that answers --help."""
+subcommand that answers --help. BENCHMARKS.md's generated tables are what their results files give."""
 
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +57,30 @@ def test_every_command_shown_exists(package, command, capsys):
         main([command, "--help"])
     assert e.value.code == 0, f"`python -m {package} {command}` in the docs is not a command"
     assert "usage:" in capsys.readouterr().out
+
+
+def test_benchmarks_generated_tables_are_what_their_results_files_give():
+    r = subprocess.run([sys.executable, "bench/tables.py", "--check", "BENCHMARKS.md"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "0 out of date" in r.stdout and " 0 generated" not in r.stdout
+
+
+def test_tables_rewrites_a_stale_table_and_refuses_other_commands(tmp_path):
+    results = "bench/results/learning_demo_text.json"
+    command = f"python bench/learning.py --out {results} --markdown --steps 800"
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"intro\n<!-- table: {command} -->\n| stale |\n<!-- end table -->\nafter\n")
+    tables = [sys.executable, str(REPO / "bench" / "tables.py")]
+    check = subprocess.run([*tables, "--check", str(doc)], capture_output=True, text=True, timeout=300)
+    assert check.returncode == 1 and "out of date" in check.stderr
+    assert "| stale |" in doc.read_text()  # --check writes nothing
+    assert subprocess.run([*tables, str(doc)], capture_output=True, timeout=300).returncode == 0
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith("<!-- end table -->\nafter\n")
+    points = [p for p in json.loads((REPO / results).read_text())["points"] if p["step"] == 800]
+    ap50 = sum(p["ap50"] for p in points) / len(points)
+    assert f"| text | 800 | {len(points)} | {ap50:.3f} (" in text  # the mean over seeds, from the file
+    doc.write_text("<!-- table: rm -rf / -->\n<!-- end table -->\n")
+    refused = subprocess.run([*tables, str(doc)], capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "must be `python bench/SCRIPT.py" in refused.stderr
