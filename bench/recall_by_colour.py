@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import machine  # noqa: E402
 
 from datagen.config import OBJECT_COLORS  # noqa: E402
 from datagen.store import Store  # noqa: E402
@@ -109,40 +111,64 @@ def decoded_colours(checkpoint: str, store: Store, split: str, frames: int) -> d
                    "true_rgb": np.round(np.mean([x[3] for x in r], 0), 2).tolist()} for name, r in sorted(rows.items())}
 
 
-def main() -> int:
+def tables(results: dict) -> str:
+    """Recall per colour and size, one row per detections file; and, when a checkpoint was read, what it
+    paints per colour. Markdown."""
+    rows, decoded = results["rows"], results.get("decoded")
+    keys = sorted({k for r in rows.values() for k in r})
+    first = next(iter(rows.values()))
+    lines = ["| detections | " + " | ".join(f"{k} ({first[k]['objects']})" for k in keys) + " |",
+             "|---|" + "---|" * len(keys)]
+    for label, r in rows.items():
+        lines.append(f"| {label} | " + " | ".join(f"{r[k]['recall']:.2f}" if k in r else "" for k in keys) + " |")
+    if decoded:
+        lines += ["", "| colour | objects | z_pres probability | alpha > 0.5 share | decoded RGB | the object's RGB |",
+                  "|---|---|---|---|---|---|"]
+        for name, d in decoded.items():
+            lines.append(f"| {name} | {d['objects']} | {d['z_pres_prob']:.2f} | {d['alpha_share']:.2f} | "
+                         f"{' '.join(f'{v:.2f}' for v in d['decoded_rgb'])} | "
+                         f"{' '.join(f'{v:.2f}' for v in d['true_rgb'])} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="the 3D-Room store the detections are of")
+    p.add_argument("--data", help="the 3D-Room store the detections are of")
     p.add_argument("--split", default="val", help="its split (default: val)")
-    p.add_argument("--detections", nargs="+", required=True, help="detections.json files of `space evaluate`")
+    p.add_argument("--detections", nargs="+", help="detections.json files of `space evaluate`")
+    p.add_argument("--labels", nargs="+", help="a row name per detections file (default: the paths)")
     p.add_argument("--threshold", type=float, default=0.5, help="z_pres probability of a detection (default 0.5)")
     p.add_argument("--iou", type=float, default=0.5, help="least IoU of a hit (default 0.5)")
     p.add_argument("--small", type=float, default=0.025, help="box area share of the frame below which an "
                                                               "object is small (default 0.025)")
     p.add_argument("--checkpoint", help="a trained model's checkpoint: also show what it paints per colour")
     p.add_argument("--frames", type=int, default=64, help="frames for --checkpoint (default 64)")
-    ns = p.parse_args()
-    store = Store(ns.data)
-    try:
-        store.array(ns.split, "masks")
-    except Exception:  # noqa: BLE001 - the store reader names a missing array in its own way
-        raise SystemExit(f"error: {ns.data} has no instance masks in {ns.split!r}; this reads 3D-Room stores") from None
-    rows = {}
-    for path in ns.detections:
-        rows[path] = recall(store, ns.split, json.loads(Path(path).read_text()), ns.threshold, ns.iou, ns.small)
-    keys = sorted({k for r in rows.values() for k in r})
-    print("| detections | " + " | ".join(f"{k} ({next(iter(rows.values()))[k]['objects']})" for k in keys) + " |")
-    print("|---|" + "---|" * len(keys))
-    for path, r in rows.items():
-        print(f"| {path} | " + " | ".join(f"{r[k]['recall']:.2f}" if k in r else "" for k in keys) + " |")
-    decoded = decoded_colours(ns.checkpoint, store, ns.split, ns.frames) if ns.checkpoint else None
-    if decoded:
-        print("| colour | objects | z_pres probability | alpha > 0.5 share | decoded RGB | the object's RGB |")
-        print("|---|---|---|---|---|---|")
-        for name, d in decoded.items():
-            print(f"| {name} | {d['objects']} | {d['z_pres_prob']:.2f} | {d['alpha_share']:.2f} | "
-                  f"{' '.join(f'{v:.2f}' for v in d['decoded_rgb'])} | {' '.join(f'{v:.2f}' for v in d['true_rgb'])} |")
-    print(json.dumps({"data": ns.data, "split": ns.split, "threshold": ns.threshold, "iou": ns.iou, "rows": rows,
-                      "decoded": decoded}))
+    p.add_argument("--out", help="also write the results here (JSON), e.g. bench/results/recall_by_colour.json")
+    p.add_argument("--from", dest="source", metavar="JSON", help="print the tables of a results file instead")
+    p.add_argument("--markdown", action="store_true", help="print the tables alone (bench/tables.py)")
+    ns = p.parse_args(argv)
+    if ns.source:
+        results = json.loads(Path(ns.source).read_text())
+    else:
+        if not (ns.data and ns.detections):
+            p.error("give --data and --detections (or --from a results file)")
+        if ns.labels and len(ns.labels) != len(ns.detections):
+            p.error(f"{len(ns.labels)} labels for {len(ns.detections)} detections files")
+        store = Store(ns.data)
+        try:
+            store.array(ns.split, "masks")
+        except Exception:  # noqa: BLE001 - the store reader names a missing array in its own way
+            raise SystemExit(f"error: {ns.data} has no instance masks in {ns.split!r}; this reads 3D-Room stores") from None
+        rows = {label: recall(store, ns.split, json.loads(Path(path).read_text()), ns.threshold, ns.iou, ns.small)
+                for label, path in zip(ns.labels or ns.detections, ns.detections)}
+        decoded = decoded_colours(ns.checkpoint, store, ns.split, ns.frames) if ns.checkpoint else None
+        results = {"data": ns.data, "split": ns.split, "threshold": ns.threshold, "iou": ns.iou, "rows": rows,
+                   "decoded": decoded, "machine": machine(), "command": " ".join(sys.argv)}
+        if ns.out:
+            Path(ns.out).write_text(json.dumps(results, indent=1))
+    print(tables(results))
+    if not ns.markdown:
+        print(json.dumps(results))
     return 0
 
 

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -40,3 +41,41 @@ def test_results_of_separate_processes_are_tabulated_together(tmp_path, capsys):
     with pytest.raises(SystemExit):
         learning.main(["--out", str(a), "--with", str(tmp_path / "missing.json")])
     assert "no such results file" in capsys.readouterr().err
+
+
+def test_recall_by_colour_finds_every_object_from_the_true_boxes_and_none_from_nothing(tmp_path, capsys):
+    """bench/recall_by_colour.py on a small 3D-Room store: the ground-truth boxes as detections hit every
+    object (recall 1 for every colour and size) and detections below the threshold hit none; a palette
+    colour is named after itself however it is shaded."""
+    import subprocess
+
+    import recall_by_colour
+    from datagen.coco import to_coco
+    from datagen.store import Store
+
+    store = tmp_path / "s.zarr"
+    r = subprocess.run([sys.executable, "-m", "datagen", "room3d", str(store), "--objects", "2", "4",
+                        "--image-size", "64", "--split", "val=6", "--seed", "3", "--quiet"],
+                       capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr
+    truth = to_coco(Store(str(store)), "val")
+    hits = [{"image_id": a["image_id"], "bbox": a["bbox"], "score": 0.9} for a in truth["annotations"]]
+    weak = [dict(d, score=0.2) for d in hits]
+    for name, dets in (("hits", hits), ("weak", weak)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(dets))
+    out = tmp_path / "recall.json"
+    assert recall_by_colour.main(["--data", str(store), "--detections", str(tmp_path / "hits.json"),
+                                  str(tmp_path / "weak.json"), "--labels", "hits", "weak", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    objects = sum(v["objects"] for k, v in rows["hits"].items() if k not in ("large", "small"))
+    assert objects == len(truth["annotations"]) > 0
+    assert all(v["recall"] == 1.0 for v in rows["hits"].values())
+    assert all(v["recall"] == 0.0 for v in rows["weak"].values())
+    # a palette colour keeps its name under shading (darker or lighter by a factor)
+    for name, i in recall_by_colour.PALETTE.items():
+        for shade in (0.4, 1.0):
+            assert recall_by_colour.colour_name(255 * shade * np.asarray(recall_by_colour.OBJECT_COLORS[i])) == name
+    capsys.readouterr()
+    assert recall_by_colour.main(["--from", str(out), "--markdown"]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("| detections |") and "| hits | 1.00" in table and "{" not in table
