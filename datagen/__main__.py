@@ -1,4 +1,5 @@
-"""Command line: `python -m datagen {room3d,atari,merge,inspect,coco,show,params,fingerprint} --help`."""
+"""datagen's command line: `python -m datagen --help` lists the commands, `python -m datagen COMMAND --help` each
+one's flags."""
 
 from __future__ import annotations
 
@@ -287,9 +288,11 @@ def _store_command(sub, name: str, help: str, description: str, example: str, sp
     return c
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m datagen", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m datagen", description="Make, check and look at scene stores: "
+                                "3D-Room and Atari datasets as Zarr. `python -m datagen COMMAND --help` gives "
+                                "each command's flags.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     r = _store_command(sub, "room3d", "render a 3D-Room dataset (paper, appendix E) into a Zarr store",
                        "Render 3D-Room scenes with MuJoCo into a Zarr scene store.", "room3d_small",
@@ -325,7 +328,7 @@ def main(argv=None) -> int:
                                    "store has exists, that each shard's index and last frame decode (a truncated "
                                    "file fails), that n_objects, boxes and labels agree; reading every image for "
                                    "the repeats decodes every image. Exit 1 when the store is not valid.")
-    i.add_argument("store")
+    i.add_argument("store", help="the store (a path or an s3:// URL)")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.add_argument("--full", action="store_true",
                    help="also decode every chunk of every array (masks and per-frame arrays too), so changed "
@@ -334,20 +337,20 @@ def main(argv=None) -> int:
     i.set_defaults(func=cmd_inspect)
 
     c = sub.add_parser("coco", help="write one split's ground truth as COCO-style JSON")
-    c.add_argument("store")
-    c.add_argument("--split", required=True)
+    c.add_argument("store", help="the store (a path or an s3:// URL)")
+    c.add_argument("--split", required=True, help="the split to export, e.g. test")
     c.add_argument("--out", help="output file (default: stdout)")
     c.set_defaults(func=cmd_coco)
 
     s = sub.add_parser("show", help="write a PNG contact sheet of frames with their boxes")
-    s.add_argument("store")
-    s.add_argument("--split", default="train")
+    s.add_argument("store", help="the store (a path or an s3:// URL)")
+    s.add_argument("--split", default="train", help="default: %(default)s")
     s.add_argument("--out", help="PNG path (default: beside the store, STORE.SPLIT.png)")
     s.add_argument("--count", type=int, default=16, help="random frames to show (default: 16)")
     s.add_argument("--frames", type=int, nargs="+", help="these frames instead of random ones")
     s.add_argument("--seed", type=int, default=0, help="which random frames (default: 0)")
     s.add_argument("--scale", type=int, default=2, help="pixel magnification (default: 2)")
-    s.add_argument("--columns", type=int, default=8)
+    s.add_argument("--columns", type=int, default=8, help="frames a row (default: %(default)s)")
     s.set_defaults(func=cmd_show)
 
     q = sub.add_parser("params", help="params.yaml with an overlay (e.g. config/demo.yaml) merged in, for DVC",
@@ -369,7 +372,11 @@ def main(argv=None) -> int:
     f.add_argument("--out", help="write the hash here (default: print it)")
     f.set_defaults(func=cmd_fingerprint)
 
-    ns = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    ns = build_parser().parse_args(argv)
     from .store import StoreError
 
     try:

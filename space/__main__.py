@@ -1,4 +1,4 @@
-"""Command line: `python -m space {train,sample,show} --help`."""
+"""SPACE's command line: `python -m space --help` lists the commands, `python -m space COMMAND --help` each one's flags."""
 
 from __future__ import annotations
 
@@ -170,6 +170,12 @@ def cmd_train(ns) -> int:
     return 0
 
 
+def cmd_config(ns) -> int:
+    cfg = resolve_config(ns.preset, ns.config, ns.set)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
 def cmd_sample(ns) -> int:
     from PIL import Image
 
@@ -295,6 +301,14 @@ def cmd_seeds(ns) -> int:
     return 0
 
 
+def _add_settings_flags(parser) -> None:
+    """--preset, --config and --set: where a run's settings come from, in that order."""
+    parser.add_argument("--preset", default="room3d_large", help=f"one of {', '.join(PRESETS)} (default: %(default)s)")
+    parser.add_argument("--config", help="YAML with model: and train: sections, over the preset")
+    parser.add_argument("--set", action="append", metavar="SECTION.NAME=VALUE",
+                        help="override one setting, e.g. --set model.grid_size=8 --set train.batch_size=12")
+
+
 def _add_run_flags(parser, data: bool = False) -> None:
     """The flags of a command that reads a trained run: --run, --checkpoint, and with `data` a store split."""
     parser.add_argument("--run", required=True, help="run directory (or s3:// URL) written by train")
@@ -304,19 +318,17 @@ def _add_run_flags(parser, data: bool = False) -> None:
         parser.add_argument("--split", default="test", help="default: %(default)s")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m space", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m space", description="Train, score and look at SPACE (ICLR 2020) "
+                                "on scene stores. `python -m space COMMAND --help` gives each command's flags.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train SPACE on a scene store (resumes a run that has a checkpoint)",
                        description="Train SPACE. Settings: a preset (the paper's), then --config YAML, then --set.")
     t.add_argument("--data", required=True, help="scene store, e.g. results/data/room3d_small.zarr")
     t.add_argument("--out", required=True, help="run directory (resumed if it holds a checkpoint of the same "
                                                 "store and settings; see --restart)")
-    t.add_argument("--preset", default="room3d_large", help=f"one of {', '.join(PRESETS)} (default: %(default)s)")
-    t.add_argument("--config", help="YAML with model: and train: sections, over the preset")
-    t.add_argument("--set", action="append", metavar="SECTION.NAME=VALUE",
-                   help="override one setting, e.g. --set model.grid_size=8 --set train.batch_size=12")
+    _add_settings_flags(t)
     t.add_argument("--steps", type=int, help="train to this global step (default: the config's)")
     t.add_argument("--device", help="auto (default), cpu, cuda, cuda:N, mps")
     t.add_argument("--restart", action="store_true",
@@ -327,11 +339,17 @@ def main(argv=None) -> int:
     t.add_argument("--summary", help="write the last logged metrics here as JSON when training ends")
     t.set_defaults(func=cmd_train)
 
+    g = sub.add_parser("config", help="print the settings a preset, --config and --set resolve to (YAML)",
+                       description="Print the settings `train` would use with the same --preset, --config and "
+                                   "--set, as YAML: every field of space/config.py, validated.")
+    _add_settings_flags(g)
+    g.set_defaults(func=cmd_config)
+
     s = sub.add_parser("sample", help="generate scenes from the prior of a trained run (algorithm 3)")
     _add_run_flags(s)
     s.add_argument("--out", required=True, help="PNG path")
-    s.add_argument("--count", type=int, default=16)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--count", type=int, default=16, help="scenes to generate (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the prior samples (default: %(default)s)")
     s.set_defaults(func=cmd_sample)
 
     v = sub.add_parser("show", help="decomposition of store frames by a trained run, as a PNG grid")
@@ -350,7 +368,7 @@ def main(argv=None) -> int:
     e.add_argument("--out", help="output folder (default: RUN/eval/SPLIT)")
     e.add_argument("--threshold", type=float, default=0.5, help="z_pres probability of a detection (default: 0.5)")
     e.add_argument("--frames", type=int, help="only the first FRAMES frames of the split")
-    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--batch-size", type=int, default=32, help="frames per forward pass (default: %(default)s)")
     e.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_evaluate)
@@ -378,7 +396,11 @@ def main(argv=None) -> int:
                    help="leave out files that do not exist (a run that never validated has no val.csv)")
     d.set_defaults(func=cmd_seeds)
 
-    ns = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    ns = build_parser().parse_args(argv)
     from datagen.store import StoreError
 
     from .record import RunError

@@ -84,3 +84,47 @@ def test_tables_rewrites_a_stale_table_and_refuses_other_commands(tmp_path):
     doc.write_text("<!-- table: rm -rf / -->\n<!-- end table -->\n")
     refused = subprocess.run([*tables, str(doc)], capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "must be `python bench/SCRIPT.py" in refused.stderr
+
+
+def _subparsers(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            yield from action.choices.items()
+
+
+@pytest.mark.parametrize("package", ["space", "datagen"])
+def test_every_command_and_flag_has_help(package):
+    """`--help` tells what every command and every flag is: none is listed bare."""
+    if package == "space":
+        from space.__main__ import build_parser
+    else:
+        from datagen.__main__ import build_parser
+    parser = build_parser()
+    listed = {a.dest for action in parser._actions if hasattr(action, "_choices_actions")
+              for a in action._choices_actions if a.help}
+    bare = []
+    for name, sub in _subparsers(parser):
+        if name not in listed:
+            bare.append(name)
+        bare += [f"{name} {a.option_strings or a.dest}" for a in sub._actions if not a.help and a.dest != "help"]
+    assert not bare, f"without help: {bare}"
+
+
+def test_space_config_prints_settings_that_train_reads_back(tmp_path, capsys):
+    """The YAML of `python -m space config` is the resolved settings: given back as --config (over any
+    preset) it resolves to the same Config."""
+    import yaml
+
+    from space.__main__ import main, resolve_config
+
+    sets = ["model.grid_size=8", "model.tau={start: 2.5, end: 0.5, start_step: 0, end_step: 2000}"]
+    assert main(["config", "--preset", "demo", *[f"--set={s}" for s in sets]]) == 0
+    text = capsys.readouterr().out
+    printed = yaml.safe_load(text)
+    assert printed["model"]["grid_size"] == 8 and printed["train"]["batch_size"] == 8  # the demo's
+    (tmp_path / "c.yaml").write_text(text)
+    assert resolve_config("room3d_large", str(tmp_path / "c.yaml"), []) == resolve_config("demo", None, sets)
+    assert main(["config", "--preset", "demo", "--set", "model.grid_size=3"]) == 2
+    assert "grid_size" in capsys.readouterr().err
