@@ -456,6 +456,7 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
     t0 = time.perf_counter() - (max(log.wall_s, val_log.wall_s) if is_main else 0.0)
     last = {}
     step = start
+    wall_start = time.perf_counter() - t0  # this session's start on the run's clock, for the time to go
     model.train()
     for x in loader:
         x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
@@ -478,12 +479,20 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
                         glimpses=out["fg"]["glimpses_decoded"])
             log.write(last)
             bar.set_postfix(loss=f"{last['loss']:.0f}", mse=f"{last['mse']:.4f}")
+            if not progress:  # no bar (--quiet, as the pipeline runs it): a line a log step, so logs show progress
+                done = step - start
+                eta = (steps - step) * (last["wall_s"] - wall_start) / max(done, 1)
+                print(f"{out}: step {step}/{steps} loss {last['loss']:.1f} mse {last['mse']:.5f} "
+                      f"({eta / 60:.1f} min to go)", file=sys.stderr, flush=True)
             if tb is not None:
                 for k in (*TERMS, "mse", "grad_norm"):
                     tb.add_scalar(f"train/{k}", last[k], step)
         if is_main and val_set is not None and (step % t_cfg.val_every == 0 or step == steps):
             v = validate(model, val_set, t_cfg.batch_size, t_cfg.val_batches, t_cfg.seed + 1, device, step)
             val_log.write({"step": step, "wall_s": round(time.perf_counter() - t0, 3), **v})
+            if not progress:
+                print(f"{out}: step {step}: validation AP50 {v['val_ap50']:.3f}, count error "
+                      f"{v['val_count_error']:.2f}, MSE {v['val_mse']:.5f}", file=sys.stderr, flush=True)
             if tb is not None:
                 for k, value in v.items():
                     tb.add_scalar(f"val/{k[4:]}", value, step)

@@ -172,6 +172,20 @@ def test_finished_run_is_not_retrained(cli_run, store, tmp_path):
     assert (sha(run / "checkpoints" / "last.pt"), (run / "metrics.csv").read_text()) == before
 
 
+def test_without_a_progress_bar_each_log_step_and_validation_is_a_line(store, tmp_path, capsys):
+    """--quiet (the pipeline's way) leaves no bar, so a log would stay empty until the end: instead each
+    log step prints its step, loss and time to go, and each validation its scores, as they happen."""
+    run = tmp_path / "run"
+    train(tiny("train.steps=4", "train.log_every=2", "train.val_every=2"), str(store), str(run), progress=False)
+    lines = capsys.readouterr().err.splitlines()
+    steps = [line for line in lines if " loss " in line]
+    assert [line.split(": step ")[1].split()[0] for line in steps] == ["2/4", "4/4"]
+    assert all("min to go" in line for line in steps)
+    assert [line.split(": step ")[1].split(":")[0] for line in lines if "validation AP50" in line] == ["2", "4"]
+    loss_4 = float(read_csv(run / "metrics.csv")[-1]["loss"])
+    assert f"loss {loss_4:.1f} " in steps[-1]  # the logged value, as metrics.csv has it
+
+
 # -------------------------------------------------------------------------------------------- resume
 
 
