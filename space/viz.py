@@ -31,9 +31,18 @@ def _img(t: torch.Tensor) -> np.ndarray:
     return (t.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def decomposition_grid(x: torch.Tensor, out: dict, rows: int = 8, scale: int = 2) -> np.ndarray:
+TITLE_HEIGHT = 14  # pixels of the row of column titles, room for PIL's default font
+
+
+def column_titles(k: int) -> list[str]:
+    """The titles of the grid's columns, short enough for a 64-pixel tile."""
+    return ["input", "recon", "boxes", "fg", "alpha", "bg", *(f"bg {j + 1}" for j in range(k))]
+
+
+def decomposition_grid(x: torch.Tensor, out: dict, rows: int = 8, scale: int = 2, titles: bool = True) -> np.ndarray:
     """One row per image: input, reconstruction, boxes over the input, foreground (alpha * mu_fg),
-    alpha, background, and each background component (pi_k * mu_k). Returns (H, W, 3) uint8."""
+    alpha, background, and each background component (pi_k * mu_k), under a row of column titles (unless
+    `titles` is false). Returns (H, W, 3) uint8."""
     b = min(rows, x.shape[0])
     fg = out["fg"]
     boxes = boxes_from_output(out)
@@ -59,6 +68,13 @@ def decomposition_grid(x: torch.Tensor, out: dict, rows: int = 8, scale: int = 2
                     x0, y0, x1, y1 = (bx * n * scale).tolist()
                     d.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=(255, 40, 40))
             sheet.paste(im, (pad + t * (n * scale + pad), pad + i * (n * scale + pad)))
+    if titles:
+        titled = Image.new("RGB", (sheet.width, sheet.height + TITLE_HEIGHT), (40, 40, 40))
+        titled.paste(sheet, (0, TITLE_HEIGHT))
+        d = ImageDraw.Draw(titled)
+        for t, title in enumerate(column_titles(k)):
+            d.text((pad + t * (n * scale + pad) + 2, 2), title, fill=(230, 230, 230))
+        sheet = titled
     return np.asarray(sheet)
 
 

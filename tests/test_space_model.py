@@ -1151,3 +1151,26 @@ def test_the_component_encoder_sees_pi_or_its_log(reading):
     expected = pi if reading == "pi" else torch.log(pi + 1e-5)
     assert torch.allclose(seen[0][:, :1], expected, atol=1e-6)
     assert torch.allclose(seen[0][:, 1:], x[:, None].expand(2, 2, 3, 32, 32).reshape(4, 3, 32, 32))
+
+
+def test_decomposition_grid_has_a_titled_column_per_map_and_a_row_per_image():
+    from space.viz import TITLE_HEIGHT, column_titles, decomposition_grid
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(n_components=3)
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        out = SPACE(cfg).eval()(x)
+    plain = decomposition_grid(x, out, rows=3, scale=2, titles=False)
+    titled = decomposition_grid(x, out, rows=3, scale=2)
+    tile, pad = 32 * 2, 2
+    assert plain.shape == (pad + 3 * (tile + pad), pad + (6 + 3) * (tile + pad), 3)
+    assert (titled[TITLE_HEIGHT:] == plain).all()  # the titles sit above, the maps unchanged
+    # the input column is the input image, scaled up by repeating pixels
+    first = plain[pad:pad + tile, pad:pad + tile]
+    assert (first[::2, ::2] == (x[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")).all()
+    titles = column_titles(3)
+    assert titles[:2] == ["input", "recon"] and titles[-3:] == ["bg 1", "bg 2", "bg 3"]
+    for c in range(len(titles)):  # each column's title is drawn over its own tile
+        span = titled[:TITLE_HEIGHT, pad + c * (tile + pad): pad + c * (tile + pad) + tile]
+        assert (span > 200).any(), titles[c]
