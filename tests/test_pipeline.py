@@ -463,7 +463,8 @@ def test_an_interrupted_dataset_job_resumes_where_it_stopped(tmp_path):
 
 def test_the_rules_conda_envs_pin_what_pyproject_pins():
     """envs/*.yaml (the rules' `conda:` environments) list pyproject.toml's requirements with the same
-    version ranges, and each holds every package its package's code imports."""
+    version ranges, and each holds every package its package's code imports; torch comes from conda-forge,
+    whose build conda picks by the machine's driver (the CPU one without a GPU), never from pip."""
     import tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -476,6 +477,9 @@ def test_the_rules_conda_envs_pin_what_pyproject_pins():
         doc = yaml.safe_load((REPO / f"envs/{name}.yaml").read_text())
         pip = next(d["pip"] for d in doc["dependencies"] if isinstance(d, dict) and "pip" in d)
         envs[name] = {re.split(r"[<>=!\[ ]", s, maxsplit=1)[0].lower(): s.replace(" ", "") for s in pip}
+        # conda packages: conda-forge's pytorch is PyPI's torch (conda chooses its CPU or CUDA build)
+        conda = [d.replace("pytorch", "torch", 1) for d in doc["dependencies"] if isinstance(d, str) and d.startswith("pytorch")]
+        envs[name].update({re.split(r"[<>=]", s, maxsplit=1)[0]: s for s in conda})
         for pkg, spec in envs[name].items():
             assert declared.get(pkg) == spec, f"envs/{name}.yaml has {spec}, pyproject.toml {declared.get(pkg)}"
     needs = {
@@ -487,3 +491,6 @@ def test_the_rules_conda_envs_pin_what_pyproject_pins():
     for name, pkgs in needs.items():
         assert pkgs <= set(envs[name]), f"envs/{name}.yaml lacks {sorted(pkgs - set(envs[name]))}"
     assert "ocatari==2.2.1" in (REPO / "envs/datagen.post-deploy.sh").read_text()
+    space_pip = next(d["pip"] for d in yaml.safe_load((REPO / "envs/space.yaml").read_text())["dependencies"]
+                     if isinstance(d, dict))
+    assert not any(s.startswith("torch") for s in space_pip)
