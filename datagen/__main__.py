@@ -160,6 +160,8 @@ def cmd_inspect(ns) -> int:
                 "mean_visibility": round(float(vis[~(vis != vis)].mean()), 4) if (vis == vis).any() else None,
                 "arrays": {k: [list(g[k].shape), str(g[k].dtype)] for k in sorted(g.array_keys()) if not k.startswith("_")},
             }
+        first = "train" if "train" in s.splits else s.splits[0]
+        summary["z_scale_prior"] = z_scale_advice(s.read(first, "boxes", slice(None)), s.attrs["image_size"])
         # every image is read (and so decoded) here: byte-identical frames, within and across splits
         repeats = repeated_frames(s)
     except StoreError as e:  # a file lost or damaged since it was validated
@@ -181,8 +183,31 @@ def cmd_inspect(ns) -> int:
     across = repeats["across_splits"]
     examples = ["=".join(f"{sp}[{i}]" for sp, i in ex) for ex in across["examples"]]
     print(f"  frames in two or more splits: {across['distinct_frames']}" + (f", e.g. {', '.join(examples)}" if examples else ""))
+    z = summary["z_scale_prior"]
+    if z:
+        print(f"  object boxes ({z['split_boxes']} in {first}): longer side {z['side_median']:.3f} of the frame (median; "
+              f"10-90%: {z['side_p10']:.3f}-{z['side_p90']:.3f}); for SPACE on this store, glimpses of that size: "
+              f"--set model.z_scale_prior_mean={z['z_scale_prior_mean']:.2f} (sigmoid(z_scale) is the glimpse side)")
     print("  params: " + json.dumps(summary["params"]))
     return 0
+
+
+def z_scale_advice(boxes, image_size) -> dict | None:
+    """What z_scale prior mean fits a store's objects: SPACE's glimpse side is sigmoid(z_scale) of the frame
+    (algorithm 1), so the logit of the objects' median longer side (boxes (N, K, 4) in pixels, NaN padded)
+    starts glimpses at the typical object's size, the first thing to set for a new dataset."""
+    import numpy as np
+
+    b = boxes.reshape(-1, 4)
+    b = b[~np.isnan(b[:, 0])]
+    if not len(b):
+        return None
+    height, width = (image_size, image_size) if np.isscalar(image_size) else image_size[:2]
+    side = np.maximum((b[:, 2] - b[:, 0]) / width, (b[:, 3] - b[:, 1]) / height).clip(1e-3, 1 - 1e-3)
+    median = float(np.median(side))
+    return {"split_boxes": int(len(b)), "side_median": round(median, 4),
+            "side_p10": round(float(np.quantile(side, 0.1)), 4), "side_p90": round(float(np.quantile(side, 0.9)), 4),
+            "z_scale_prior_mean": round(float(np.log(median / (1 - median))), 3)}
 
 
 def cmd_coco(ns) -> int:

@@ -290,6 +290,16 @@ def test_inspect_json(small):
         assert sum(v["objects_per_category"].values()) == c.sum()
         assert v["arrays"]["images"] == [[len(c), 64, 64, 3], "uint8"]
         assert "_shards_done" not in v["arrays"]
+    # the z_scale prior advice: glimpses (sigmoid(z_scale) of the frame) the size of the median object's
+    # longer box side in the train split, read here from the store's boxes directly
+    b = arrays(small, "train")["boxes"].reshape(-1, 4)
+    b = b[~np.isnan(b[:, 0])]
+    side = np.median(np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) / 64)
+    z = d["z_scale_prior"]
+    assert z["split_boxes"] == len(b) and z["side_median"] == pytest.approx(side, abs=1e-4)
+    assert 1 / (1 + np.exp(-z["z_scale_prior_mean"])) == pytest.approx(side, abs=1e-3)
+    assert z["side_p10"] <= z["side_median"] <= z["side_p90"]
+    assert f"--set model.z_scale_prior_mean={z['z_scale_prior_mean']:.2f}" in cli("inspect", small).stdout
 
 
 def test_inspect_into_a_closed_pipe_stops_quietly(small):
