@@ -50,6 +50,7 @@ import asyncio
 import hashlib
 import itertools
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +88,33 @@ _GENERATOR_ARRAYS = {
     "atari": {"moving": ("uint8", lambda h, w, k: (k,)), "game": ("int16", lambda h, w, k: ())},
 }
 _GENERATOR_PARAMS = {"atari": ("games",)}
+# Dimension names after the first axis ("frame"), so xarray reads every array of a split group as one
+# Dataset: equal names are equal sizes (y and x: the frame; object: k_max). Arrays not named here (a
+# generator's extras, per frame) get NAME_0, NAME_1, ...
+DIMENSIONS = {
+    "images": ("y", "x", "rgb"),
+    "masks": ("y", "x"),
+    "boxes": ("object", "box"),  # box: x_min, y_min, x_max, y_max
+    "labels": ("object",),
+    "visibility": ("object",),
+    "moving": ("object",),
+    "camera": ("camera_param",),  # room3d: lookat x, lookat y, distance, azimuth, elevation
+    "background_colors": ("wall_floor_sky",),  # room3d
+}
+
+
+def _open_group(path, mode: str) -> zarr.Group:
+    """The store's root as its files say it is: never through the consolidated metadata that a finished store
+    carries for other readers (xarray), which would still list a group or array whose files are gone."""
+    return zarr.open_group(str(path), mode=mode, use_consolidated=False)
+
+
+def dimension_names(name: str, ndim: int) -> tuple:
+    """The names of an array's axes in a store: "frame", then DIMENSIONS' (or the array's own)."""
+    if name == DONE:
+        return ("shard",)
+    rest = DIMENSIONS.get(name, tuple(f"{name}_{i}" for i in range(ndim - 1)))
+    return ("frame", *rest)
 
 
 def _location(path) -> tuple:
@@ -169,7 +197,7 @@ class StoreWriter:
 
     def __init__(self, path: str | Path):
         self.path = str(path)
-        self.root = zarr.open_group(self.path, mode="r+")
+        self.root = _open_group(self.path, "r+")
         self.attrs = dict(self.root.attrs)
 
     @classmethod
@@ -190,7 +218,7 @@ class StoreWriter:
             bad = _node_problem(fs, where, path, "zarr.json", "group")
             if bad:
                 raise StoreError(f"{bad.removesuffix(REGENERATE)}move it away or choose another output path")
-            root = zarr.open_group(str(path), mode="r")
+            root = _open_group(str(path), "r")
             attrs = dict(root.attrs)
             if _creation_unfinished(root, attrs, spec):
                 _remove(path)  # it holds no frames yet: make it again from the start
@@ -256,6 +284,11 @@ class StoreWriter:
         if any(missing.values()):
             raise StoreError(f"cannot mark {self.path} complete: shards still missing {missing}")
         self.root.attrs["complete"] = True
+        # Every array's metadata in the root document: one read opens the store (one round trip on S3),
+        # and xarray.open_zarr finds it. Nothing's metadata changes after this, so it cannot go stale.
+        with warnings.catch_warnings():  # zarr notes that v3's spec has no consolidated metadata yet
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            zarr.consolidate_metadata(self.path)
 
     def part_tasks(self, part: tuple[int, int]) -> list:
         """The (split, shard) tasks of part (i, n): every n-th shard of the whole store, from the i-th."""
@@ -300,7 +333,7 @@ def merge_parts(out: str | Path, parts: list, overwrite: bool = False) -> Path:
     for p in parts:
         if not (p / "zarr.json").exists():
             raise StoreError(f"{p} is not a Zarr store; give the part stores written with --part I/N")
-        a = dict(zarr.open_group(str(p), mode="r").attrs)
+        a = dict(_open_group(str(p), "r").attrs)
         if a.get("schema") != SCHEMA:
             raise StoreError(f"{p} is a Zarr store of another kind (schema {a.get('schema')!r})")
         part = a.get("part")
@@ -319,7 +352,7 @@ def merge_parts(out: str | Path, parts: list, overwrite: bool = False) -> Path:
     if any(part["of"] != n for _, _, part in infos) or have != list(range(n)):
         raise StoreError(f"merge needs parts 0..{n - 1} of {n} exactly once each; got parts {have}")
     if out.exists():
-        if overwrite and (out / "zarr.json").exists() and dict(zarr.open_group(str(out), mode="r").attrs).get("schema") == SCHEMA:
+        if overwrite and (out / "zarr.json").exists() and dict(_open_group(str(out), "r").attrs).get("schema") == SCHEMA:
             _remove(out)
         else:
             raise StoreError(f"{out} exists; pass --overwrite to replace a store there, or choose another path")
@@ -333,7 +366,7 @@ def merge_parts(out: str | Path, parts: list, overwrite: bool = False) -> Path:
             if f.is_file() and "c" in rel.parts[:-1]:  # chunk and shard files only; metadata is part 0's
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(f, tmp / rel)
-    root = zarr.open_group(str(tmp), mode="r+")
+    root = _open_group(str(tmp), "r+")
     del root.attrs["part"]
     StoreWriter(tmp).finish()
     tmp.rename(out)
@@ -355,7 +388,7 @@ def _create(path, spec: StoreSpec, in_place: bool | None = None) -> None:
         in_place = not _is_local(fs)
     if in_place:
         _write_metadata(str(path), spec, creating=True)
-        del zarr.open_group(str(path), mode="r+").attrs[CREATING]
+        del _open_group(str(path), "r+").attrs[CREATING]
         return
     out = Path(where)
     tmp = out.with_name(out.name + ".creating")
@@ -406,8 +439,10 @@ def _write_metadata(location: str, spec: StoreSpec, creating: bool) -> None:
                 shards=shard_shape if per_frame else None,
                 fill_value=fill,
                 compressors=compressors,
+                dimension_names=dimension_names(name, len(shape)),
             )
-        g.create_array(DONE, shape=(n_shards(n, spec.shard_size),), dtype="uint8", chunks=(1,), fill_value=0)
+        g.create_array(DONE, shape=(n_shards(n, spec.shard_size),), dtype="uint8", chunks=(1,), fill_value=0,
+                       dimension_names=dimension_names(DONE, 1))
 
 
 def _remove(path) -> None:
@@ -425,7 +460,7 @@ def _remove(path) -> None:
     # see _creation_unfinished), and delete the root last.
     root_key = f"{where}/zarr.json"
     if fs.exists(root_key):
-        root = zarr.open_group(str(path), mode="r+")
+        root = _open_group(str(path), "r+")
         if dict(root.attrs).get("schema") == SCHEMA:
             root.attrs.update({CREATING: True, "complete": False})
     rest = [f for f in fs.find(where) if f.rstrip("/") != root_key]
@@ -687,7 +722,7 @@ def _check_metadata(path) -> tuple[list, zarr.Group | None, dict]:
     if bad:
         return [bad], None, {}
     try:
-        root = zarr.open_group(str(path), mode="r")
+        root = _open_group(str(path), "r")
     except Exception as e:  # noqa: BLE001 - any failure to open is the problem to report
         return [f"{path} cannot be opened as a Zarr group: {e}"], None, {}
     try:
@@ -815,7 +850,7 @@ class Store:
         if problems:
             raise StoreError(f"{path} is not a valid scene store:\n  - " + "\n  - ".join(problems))
         self.path = str(path)
-        self.root = zarr.open_group(self.path, mode="r")
+        self.root = _open_group(self.path, "r")
         self.attrs = dict(self.root.attrs)
         self.categories = list(self.attrs["categories"])
         self.splits = dict(self.attrs["splits"])

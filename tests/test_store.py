@@ -740,3 +740,41 @@ def test_repeated_frames_of_a_generated_store(small):
     imgs = {s: load(small)[s]["images"] for s in ("train", "val")}
     distinct = len({f.tobytes() for s in imgs for f in imgs[s]})
     assert r["overall"]["frames"] == 60 and r["overall"]["distinct"] == distinct
+
+
+def test_a_finished_store_opens_in_xarray_with_named_dimensions_and_consolidated_metadata(small):
+    """Every array has dimension names (frame first; y, x and object shared), so xarray reads a split as
+    one Dataset with the store's own values; the root document holds every array's metadata once the store
+    is finished (one read opens it), which the project's own checks do not trust (see the missing-group test)."""
+    xr = pytest.importorskip("xarray")
+    root = json.loads((small / "zarr.json").read_text())
+    assert set(root["consolidated_metadata"]["metadata"]) >= {"train", "train/images", "val/boxes"}
+    store = Store(small)
+    for split in ("train", "val"):
+        ds = xr.open_zarr(str(small), group=split)  # consolidated: no fallback warning
+        assert ds["images"].dims == ("frame", "y", "x", "rgb")
+        assert ds["masks"].dims == ("frame", "y", "x")
+        assert ds["boxes"].dims == ("frame", "object", "box")
+        assert ds.sizes["frame"] == store.n_frames(split) and ds.sizes["object"] == store.attrs["k_max"]
+        for name in ("images", "boxes", "labels", "camera"):
+            np.testing.assert_array_equal(ds[name].values, store.read(split, name, slice(None)))
+
+
+def test_consolidated_metadata_comes_with_finishing_and_not_before(tmp_path, small):
+    """Written shard by shard through the writer: no consolidated metadata while shards are missing (a
+    reader of it would take the store for whole), then every array's once finish() has marked it complete."""
+    spec = store_spec(Room3DConfig(image_size=64).validate(), {"train": 40, "val": 20}, seed=2, shard_size=16)
+    store = tmp_path / "w.zarr"
+    w = StoreWriter.create_or_resume(store, spec)
+    full = load(small)
+    consolidated = lambda: json.loads((store / "zarr.json").read_text()).get("consolidated_metadata")  # noqa: E731
+    for split in ("train", "val"):
+        for shard in w.pending(split):
+            assert consolidated() is None
+            a, b = w.shard_bounds(split, shard)
+            w.write_shard(split, shard, {k: v[a:b] for k, v in full[split].items() if k != "_shards_done"})
+    assert consolidated() is None
+    w.finish()
+    assert set(consolidated()["metadata"]) >= {"train/images", "val/masks", "train/_shards_done"}
+    assert validate_store(store) == []
+    assert_same_arrays(store, small)
