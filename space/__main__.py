@@ -255,6 +255,26 @@ def cmd_evaluate(ns) -> int:
     return 0
 
 
+def cmd_encode(ns) -> int:
+    import json
+
+    from .devices import pick_device
+    from .encode import encode
+
+    if ns.frames is not None and ns.frames < 1:
+        raise ConfigError(f"--frames: at least 1, got {ns.frames}")
+    if ns.batch_size < 1:
+        raise ConfigError(f"--batch-size: at least 1, got {ns.batch_size}")
+    if Path(ns.out).exists():
+        raise ConfigError(f"--out {ns.out} exists; remove it or give another path (latents are never overwritten)")
+    _check_creatable(Path(ns.out).parent, f"--out {ns.out}")
+    device = str(pick_device(ns.device, "--device"))
+    _, _, path, _ = _run_checkpoint(ns.run, ns.checkpoint)
+    summary = encode(path, ns.data, ns.split, ns.out, ns.batch_size, ns.frames, device, progress=not ns.quiet)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_summary(ns) -> int:
     import json
     from pathlib import Path
@@ -372,6 +392,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_evaluate)
+
+    n = sub.add_parser("encode", help="a trained run's latents (z_pres, z_where, z_depth, z_what, z^m, z^c) per "
+                                      "frame of a store split, as a Zarr store",
+                       description="Encode every frame of a store split with a trained run (eval mode: the "
+                                   "means) and write the latents as a new Zarr store whose arrays name their "
+                                   "dimensions, for xarray: per frame and cell z_pres_prob, box (pixels), "
+                                   "z_depth and z_what; per frame and background component z_mask and z_comp.")
+    _add_run_flags(n, data=True)
+    n.add_argument("--out", required=True, help="the latents store to create, e.g. latents.zarr (not overwritten)")
+    n.add_argument("--frames", type=int, help="only the first FRAMES frames of the split")
+    n.add_argument("--batch-size", type=int, default=32, help="frames per forward pass (default: %(default)s)")
+    n.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
+    n.add_argument("--quiet", action="store_true", help="no progress bar")
+    n.set_defaults(func=cmd_encode)
 
     m = sub.add_parser("summary", help="one table over runs from their evaluate metrics.json files")
     m.add_argument("metrics", nargs="*", help="metrics.json files (none: an empty table), e.g. results/runs/*/eval/test/metrics.json")

@@ -548,6 +548,8 @@ class Background(nn.Module):
         return {
             "log_pi": log_pi,  # (B, K, 1, N, N)
             "mu_bg": mu_bg,  # (B, K, 3, N, N)
+            "z_mask": z_m,  # (B, K, Dm) sampled in training, the means in eval
+            "z_comp": z_c.view(b, k, dc),  # (B, K, Dc)
             "kl_bg_mask": torch.stack(kl_m, 1).sum(1),  # (B,)
             "kl_bg_comp": kl_c.sum(1),
         }

@@ -12,6 +12,7 @@ from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
+import numpy as np
 import pytest
 import torch
 
@@ -279,3 +280,39 @@ def test_evaluate_on_an_atari_store_scores_games_and_categories(tmp_path, capsys
     assert a["moving"]["objects"] < m["objects"]  # SpaceInvaders' shields are static
     assert "SpaceInvaders.Shield" in a["categories"] and not any("Score" in c for c in a["categories"])
     assert isinstance(m["baseline_f1"], float) and "baseline_atari" in m
+
+
+def test_encode_writes_the_latents_the_model_decodes(trained, tmp_path, capsys):
+    """`space encode`: a Zarr store that xarray reads, with per cell the z_pres probability and box the
+    model's own forward pass gives, and a z_what (and per component z^c) that the model's decoders turn
+    back into exactly the glimpses (and background components) of that pass."""
+    xr = pytest.importorskip("xarray")
+    from space.checkpoints import load_model
+    from space.data import StoreDataset
+
+    store, run = trained
+    out = tmp_path / "latents.zarr"
+    assert space_main(["encode", "--run", str(run), "--data", str(store), "--split", "test", "--out", str(out),
+                       "--batch-size", "5", "--quiet", "--device", "cpu"]) == 0
+    ds = xr.open_zarr(str(out))
+    model, cfg, state = load_model(run / "checkpoints" / "last.pt")
+    g, n = cfg.model.grid_size, 12
+    assert ds["z_what"].dims == ("frame", "cell_y", "cell_x", "z_what_dim")
+    assert ds["z_what"].shape == (n, g, g, cfg.model.z_what_dim)
+    assert ds["z_comp"].shape == (n, cfg.model.n_components, cfg.model.z_comp_dim)
+    x = StoreDataset(str(store), "test", image_size=cfg.model.image_size).__getitems__(np.arange(n))
+    with torch.no_grad():
+        o = model(x, int(state["step"]))
+        np.testing.assert_allclose(ds["z_pres_prob"].values, o["fg"]["z_pres_prob"].numpy(), atol=1e-5)
+        centre = o["fg"]["centre"].numpy() * cfg.model.image_size
+        np.testing.assert_allclose((ds["box"].values[..., :2] + ds["box"].values[..., 2:]) / 2, centre, atol=1e-3)
+        z_what = torch.from_numpy(ds["z_what"].values).reshape(n * g * g, -1)
+        maps = model.fg.decode(z_what).view_as(o["fg"]["glimpse_maps"])
+        assert torch.allclose(maps, o["fg"]["glimpse_maps"], atol=1e-4)
+        z_comp = torch.from_numpy(ds["z_comp"].values).reshape(n * cfg.model.n_components, -1)
+        mu_bg = model.bg.comp_decoder(z_comp).view_as(o["bg"]["mu_bg"])
+        assert torch.allclose(mu_bg, o["bg"]["mu_bg"], atol=1e-4)
+    capsys.readouterr()
+    # an existing output is never overwritten
+    assert space_main(["encode", "--run", str(run), "--data", str(store), "--out", str(out), "--quiet"]) == 2
+    assert "exists" in capsys.readouterr().err
