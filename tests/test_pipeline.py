@@ -119,6 +119,17 @@ def test_the_reference_overlay_trains_its_three_seeds_with_both_schedules_instea
         assert "model.kl_what_weight=" in c and "model.mixture_temperature=" in c and "train.steps=3000" in c
 
 
+def test_latents_all_encodes_each_seeds_run_on_its_test_split():
+    p = run(["snakemake", "-n", "--forceall", "latents_all", "--configfile", "config/demo.yaml",
+             "config/reference.yaml"], REPO)
+    assert _job_counts(p.stdout)["encode"] == 3
+    commands = sorted(line.strip() for line in p.stdout.splitlines() if "python -m space encode" in line)
+    for seed, c in enumerate(commands):
+        assert f"--run results/runs/space_room3d_reference/seeds/{seed} " in c
+        assert "--data results/data/room3d_small.zarr --split test" in c
+        assert f"--out results/runs/space_room3d_reference/latents/seeds/{seed}/test.zarr" in c
+
+
 @pytest.mark.parametrize(
     "mutate, named",
     [

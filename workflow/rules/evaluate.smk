@@ -50,6 +50,29 @@ rule decomposition_figure:
         "python -m space show --run {params.run} --data {input.data} --split test --out {output} 2> {log}"
 
 
+rule encode:
+    """The run's latents on the test split (python -m space encode): per frame and cell z_pres, box,
+    z_depth, z_what, per background component z^m and z^c, a Zarr store for xarray and RL work."""
+    input:
+        summary="results/runs/{experiment}/seeds/{seed}/train.json",
+        data=lambda wc: f"results/data/{config['experiments'][wc.experiment]['dataset']}.zarr",
+    output:
+        directory("results/runs/{experiment}/latents/seeds/{seed}/test.zarr"),
+    wildcard_constraints:
+        experiment="|".join(EXPERIMENTS) or "^$",
+        seed=r"\d+",
+    params:
+        run=lambda wc, input: os.path.dirname(input.summary),
+    threads: workflow.cores
+    log:
+        "logs/evaluate/{experiment}.seed{seed}.encode.log",
+    conda:
+        "../../envs/space.yaml"
+    shell:
+        "python -m space encode --run {params.run} --data {input.data} --split test --out {output} "
+        "--quiet > /dev/null 2> {log}"
+
+
 rule combine_seeds_scores:
     """The experiment's test scores: the mean over seeds of each score, its spread, and each seed's. Made
     once every seed is scored and pictured, so this one file stands for the experiment's evaluation (DVC's
@@ -111,3 +134,10 @@ rule eval_all:
         every_seed("results/runs/{experiment}/eval/seeds/{seed}/test/decomposition.png"),
         expand("results/runs/{experiment}/eval/curves.png", experiment=EXPERIMENTS),
         "results/summary.md",
+
+
+rule latents_all:
+    """Every enabled experiment's latents on its test split, each seed (not part of train_all)."""
+    input:
+        every_seed("results/runs/{experiment}/latents/seeds/{seed}/test.zarr"),
+
