@@ -30,11 +30,12 @@ VARIABLES = {
 
 
 @torch.no_grad()
-def latents(model, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-    """Images (B, 3, N, N) -> the VARIABLES of this batch, each batch first (model in eval mode)."""
+def latents(model, x: torch.Tensor, step: int, out: dict | None = None) -> dict[str, torch.Tensor]:
+    """Images (B, 3, N, N) -> the VARIABLES of this batch, each batch first (model in eval mode); `out`:
+    the model's output on x when the caller has it already."""
     cfg = model.cfg
     b, g, n = x.shape[0], cfg.grid_size, cfg.image_size
-    out = model(x, step)
+    out = model(x, step) if out is None else out
     fg = out["fg"]
     centre, size = fg["centre"], fg["size"]  # (B, G, G, 2) fractions of the image
     # z_what's mean is the glimpse encoder's output on the glimpse the model extracted for the cell

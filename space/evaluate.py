@@ -162,6 +162,8 @@ def evaluate(run: str, data: str, split: str = "test", out: str | None = None, t
     from tqdm import tqdm
 
     from .checkpoints import load_model
+    from .encode import latents
+    from .probe import matched_codes, probe
 
     checkpoint = Path(checkpoint) if checkpoint else Path(run) / "checkpoints" / "last.pt"
     if batch_size < 1:
@@ -180,14 +182,19 @@ def evaluate(run: str, data: str, split: str = "test", out: str | None = None, t
     from datagen.store import MASK_OTHER_OBJECT
 
     has_masks = "masks" in dataset.store.split(split)
-    dets, sq_err, aris, ious, base_aris, base_ious = [], 0.0, [], [], [], []
+    dets, sq_err, aris, ious, base_aris, base_ious, cells = [], 0.0, [], [], [], [], []
     t0 = time.perf_counter()
     with torch.no_grad():
         for start in tqdm(range(0, n, batch_size), desc=f"evaluate {split}", unit="batch", disable=not progress):
             idx = np.arange(start, min(start + batch_size, n))
-            o = model(dataset.__getitems__(idx).to(device), step)
+            x = dataset.__getitems__(idx).to(device)
+            o = model(x, step)
             sq_err += float(o["mse"].sum())
             dets += detect(o, size, threshold)
+            z = latents(model, x, step, out=o)  # for the z_what probe: each cell's box, probability, z_what
+            g2 = cfg.model.grid_size ** 2
+            cells += [(b.reshape(g2, 4), p.reshape(g2), w.reshape(g2, -1)) for b, p, w in
+                      zip(z["box"].cpu().numpy(), z["z_pres_prob"].cpu().numpy(), z["z_what"].cpu().numpy())]
             if has_masks:
                 gt_masks = dataset.store.read(split, "masks", idx)  # (B, N, N)
                 a, i = segmentation_scores(gt_masks, instance_labels(o, size), MASK_OTHER_OBJECT)
@@ -222,6 +229,11 @@ def evaluate(run: str, data: str, split: str = "test", out: str | None = None, t
                    scored_on=store_digest(store_record(dataset.store, data)))
     metrics.update(checkpoint=checkpoint.name, frames=n, split=split, step=step, threshold=threshold, objects=sum(len(g) for g in gt_boxes),
                    detections=sum(len(d[0]) for d in dets), seconds=round(seconds, 2))
+    # z_what's use beyond the paper: each found object's category read back from its z_what
+    gt_labels = dataset.store.read(split, "labels", slice(0, n))  # (N, K), boxes first, -1 padding
+    codes, cats = matched_codes(gt_boxes, [gt_labels[i, : len(g)] for i, g in enumerate(gt_boxes)],
+                                *zip(*cells), threshold=threshold) if cells else (np.zeros((0, 1)), np.zeros(0, int))
+    metrics["z_what_probe"] = probe(codes, cats, list(dataset.store.categories))
     if is_atari:
         metrics["atari"] = atari_scores(dataset.store, split, n, gt_boxes, dets)
         metrics["baseline_atari"] = atari_scores(dataset.store, split, n, gt_boxes, baseline_dets)

@@ -52,6 +52,9 @@ def test_evaluate_writes_scores_and_coco_files_that_pycocotools_agrees_with(trai
                 "fg_ari", "mask_miou", "baseline_ap50", "baseline_count_error", "baseline_fg_ari"):
         assert isinstance(metrics[key], float), key
     assert metrics["frames"] == 12 and metrics["detections"] == 12 * 16  # 4x4 cells, all above 0
+    probe = metrics["z_what_probe"]  # found objects' shapes read back from their z_what
+    assert probe["objects"] <= metrics["objects"] and sum(probe["per_category"].values()) == probe["objects"]
+    assert set(probe["per_category"]) <= {"sphere", "cube", "cylinder"}
     assert json.loads(capsys.readouterr().out) == metrics
 
     from pycocotools.coco import COCO
