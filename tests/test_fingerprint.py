@@ -84,7 +84,9 @@ def test_each_fingerprint_covers_every_module_its_stage_imports():
     needs = {
         # validation in training (best.pt) uses evaluate's detections and metrics' AP, imported lazily
         "results/code/train.txt": "import space.__main__, space.train, space.evaluate, space.metrics",
-        "results/code/evaluate.txt": "import space.__main__, space.evaluate, space.viz, space.curves, datagen.coco",
+        # scoring also reads the latents for the z_what probe (space.encode, space.probe, imported lazily)
+        "results/code/evaluate.txt": "import space.__main__, space.evaluate, space.encode, space.probe, space.viz, "
+                                     "space.curves, datagen.coco",
         "results/code/datagen.txt": "import datagen.__main__, datagen.room3d, datagen.atari, datagen.show",
     }
     for target, code in needs.items():
