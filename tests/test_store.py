@@ -69,7 +69,8 @@ def _done_shards(store: Path) -> dict:
     for split_dir in store.iterdir():
         c = split_dir / "_shards_done" / "c"
         if c.is_dir():
-            out[split_dir.name] = {int(f.name) for f in c.iterdir()}
+            # a marker being written is a temporary "<n>.<uuid>.partial" file until zarr renames it into place
+            out[split_dir.name] = {int(f.name) for f in c.iterdir() if f.name.isdigit()}
     return out
 
 
