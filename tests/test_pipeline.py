@@ -196,6 +196,7 @@ def test_values_from_params_reach_the_shell_as_data(tmp_path):
     assert not list(proj.rglob("INJECTED"))
 
 
+@pytest.mark.slow  # 4-5 minutes each on 2 cores: `pytest -m slow` runs them
 def test_snakemake_train_runs_then_eval_all_scores_each_experiment(tmp_path):
     """An experiment with two seeds: each trained with its own train.seed, scored and pictured; the
     experiment's scores are their means, with each seed's beside them."""
@@ -349,6 +350,7 @@ def test_dvc_pull_then_repro_on_a_second_clone_reruns_nothing(tmp_path):
     Store(second / "results/data/room3d_small.zarr")  # complete and valid
 
 
+@pytest.mark.slow  # 4-5 minutes each on 2 cores: `pytest -m slow` runs them
 def test_dvc_exp_run_with_new_object_counts_regenerates_that_dataset_beside_the_baseline(tmp_path):
     """`dvc exp run -S 'datasets.room3d_large.objects=[10,12]'`: that dataset's stage alone reruns (the
     other store is left byte for byte), the experiment on it is trained afresh on the new store and scored
