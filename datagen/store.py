@@ -109,6 +109,13 @@ def _open_group(path, mode: str) -> zarr.Group:
     return zarr.open_group(str(path), mode=mode, use_consolidated=False)
 
 
+def consolidate(location) -> None:
+    """Every array's metadata copied into the root document of a finished Zarr store (one read opens it)."""
+    with warnings.catch_warnings():  # zarr notes that v3's spec has no consolidated metadata yet
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(str(location))
+
+
 def dimension_names(name: str, ndim: int) -> tuple:
     """The names of an array's axes in a store: "frame", then DIMENSIONS' (or the array's own)."""
     if name == DONE:
@@ -286,9 +293,7 @@ class StoreWriter:
         self.root.attrs["complete"] = True
         # Every array's metadata in the root document: one read opens the store (one round trip on S3),
         # and xarray.open_zarr finds it. Nothing's metadata changes after this, so it cannot go stale.
-        with warnings.catch_warnings():  # zarr notes that v3's spec has no consolidated metadata yet
-            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-            zarr.consolidate_metadata(self.path)
+        consolidate(self.path)
 
     def part_tasks(self, part: tuple[int, int]) -> list:
         """The (split, shard) tasks of part (i, n): every n-th shard of the whole store, from the i-th."""

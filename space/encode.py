@@ -8,11 +8,12 @@ no sampling, as `evaluate` scores. `python -m space encode --help`.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from datagen.store import consolidate
 
 from .data import StoreDataset
 from .model import extract_glimpses
@@ -80,7 +81,5 @@ def encode(checkpoint: str | Path, data: str, split: str, out: str | Path, batch
         idx = np.arange(start, min(start + batch_size, n))
         for name, value in latents(model, dataset.__getitems__(idx).to(device), step).items():
             arrays[name][start:start + len(idx)] = value.float().cpu().numpy()
-    with warnings.catch_warnings():  # zarr notes that v3's spec has no consolidated metadata yet
-        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        zarr.consolidate_metadata(str(out))  # xarray opens it in one read
+    consolidate(out)  # xarray opens it in one read
     return {"out": str(out), "frames": n, "step": step, "shapes": {k: list(a.shape) for k, a in arrays.items()}}
