@@ -5,6 +5,9 @@
 configfile: "params.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/datagen.smk"
 include: "workflow/rules/train.smk"

@@ -279,15 +279,16 @@ def cmd_summary(ns) -> int:
     import json
     from pathlib import Path
 
-    from .evaluate import summary
+    from .evaluate import summary, summary_tsv
 
     missing = [f for f in ns.metrics if not Path(f).is_file()]
     if missing:
         raise ConfigError(f"no metrics file at {', '.join(missing)}; run `python -m space evaluate` first")
     markdown = output_file(ns.out_markdown, "--out-markdown") if ns.out_markdown else None
     rows_json = output_file(ns.out_json, "--out-json") if ns.out_json else None
+    rows_tsv = output_file(ns.out_tsv, "--out-tsv") if ns.out_tsv else None
     table, rows = summary(ns.metrics)
-    for f in (markdown, rows_json):
+    for f in (markdown, rows_json, rows_tsv):
         if f:
             f.parent.mkdir(parents=True, exist_ok=True)
     if markdown:
@@ -296,6 +297,8 @@ def cmd_summary(ns) -> int:
         print(table, end="")
     if rows_json:
         rows_json.write_text(json.dumps(rows, indent=2))
+    if rows_tsv:
+        rows_tsv.write_text(summary_tsv(rows))
     return 0
 
 
@@ -411,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("metrics", nargs="*", help="metrics.json files (none: an empty table), e.g. results/runs/*/eval/test/metrics.json")
     m.add_argument("--out-markdown", help="write the Markdown table here (default: print it)")
     m.add_argument("--out-json", help="write the rows here as JSON")
+    m.add_argument("--out-tsv", help="write the rows here as tab-separated values (the Snakemake report's table)")
     m.set_defaults(func=cmd_summary)
 
     c = sub.add_parser("curves", help="training loss and validation MSE (against steps and wall time) as a PNG")

@@ -258,6 +258,11 @@ SUMMARY_COLUMNS = ("ap50", "ap50_95", "ap50_paper", "ap50_95_paper", "count_erro
                    "fg_ari", "mask_miou", "f1", "baseline_ap50", "baseline_count_error", "step", "frames")
 
 
+def summary_head(rows: list[dict]) -> list[str]:
+    """The summary table's columns: the run, its split and seeds, then the scores."""
+    return list(rows[0]) if rows else ["run", "split", "seeds", SUMMARY_COLUMNS[0], "ap50_std", *SUMMARY_COLUMNS[1:]]
+
+
 def summary(metric_files: list[str]) -> tuple[str, list[dict]]:
     """A Markdown table and its rows, one per run, from `evaluate`'s metrics.json files.
 
@@ -277,7 +282,14 @@ def summary(metric_files: list[str]) -> tuple[str, list[dict]]:
     def cell(v):
         return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
-    head = list(rows[0]) if rows else ["run", "split", "seeds", SUMMARY_COLUMNS[0], "ap50_std", *SUMMARY_COLUMNS[1:]]
+    head = summary_head(rows)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(cell(r[k]) for k in head) + " |" for r in rows]
     return "\n".join(lines) + "\n", rows
+
+
+def summary_tsv(rows: list[dict]) -> str:
+    """`summary`'s rows as tab-separated values with a header line (empty cells for missing scores)."""
+    head = summary_head(rows)
+    cell = lambda v: "" if v is None else repr(v) if isinstance(v, float) else str(v)  # noqa: E731
+    return "".join("\t".join(line) + "\n" for line in [head, *([cell(r[k]) for k in head] for r in rows)])

@@ -164,10 +164,17 @@ def test_summary_table_over_runs(trained, tmp_path, capsys):
     store, run = trained
     assert space_main(["evaluate", "--run", str(run), "--data", str(store), "--quiet", "--device", "cpu"]) == 0
     capsys.readouterr()
-    md, js = tmp_path / "s.md", tmp_path / "s.json"
+    md, js, tsv = tmp_path / "s.md", tmp_path / "s.json", tmp_path / "s.tsv"
     f = str(run / "eval" / "test" / "metrics.json")
-    assert space_main(["summary", f, f, "--out-markdown", str(md), "--out-json", str(js)]) == 0
+    assert space_main(["summary", f, f, "--out-markdown", str(md), "--out-json", str(js), "--out-tsv", str(tsv)]) == 0
     rows = json.loads(js.read_text())
+    # The TSV (the Snakemake report's table) holds the same rows and values as the JSON.
+    import csv
+
+    with open(tsv) as fh:
+        table = list(csv.DictReader(fh, delimiter="\t"))
+    assert [r["run"] for r in table] == ["run", "run"] and list(table[0]) == list(rows[0])
+    assert float(table[0]["ap50"]) == rows[0]["ap50"] and float(table[1]["mse"]) == rows[1]["mse"]
     assert [r["run"] for r in rows] == ["run", "run"]
     lines = md.read_text().splitlines()
     assert lines[0].startswith("| run | split | seeds | ap50 | ap50_std |") and len(lines) == 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -81,6 +82,15 @@ def test_snakemake_data_all_on_a_tiny_config(tmp_path):
     # Nothing left to do: a second run schedules no job.
     dry = run(["snakemake", "-n", "data_all"], proj)
     assert "Nothing to be done" in dry.stdout + dry.stderr
+    # Each generator job's time and memory (benchmark:), and the report of what was made, without --cores.
+    for name in TINY["datasets"]:
+        with open(proj / f"benchmarks/datagen/{name}.tsv") as fh:
+            row = next(csv.DictReader(fh, delimiter="\t"))
+        assert float(row["s"]) > 0 and float(row["max_rss"]) > 0
+    run(["snakemake", "--report", "report.html", "data_all"], proj)
+    html = (proj / "report.html").read_text()
+    assert "1. Datasets" in html and "Training frames of dataset" in html
+    assert all(f"{name}.train.png" in html for name in TINY["datasets"])
 
 
 @IN_CHECKOUT
@@ -232,6 +242,12 @@ def test_snakemake_train_runs_then_eval_all_scores_each_experiment(tmp_path):
             assert (proj / f"results/runs/tiny/eval/seeds/{seed}/test" / name).exists(), name
     assert "| tiny | test | 2 |" in (proj / "results/summary.md").read_text()
     assert (proj / "results/runs/tiny/eval/curves.png").exists()
+    # The report as the results page: the figures and the summary table, with captions; and the jobs' times.
+    assert all((proj / f"benchmarks/{step}/tiny.seed{s}.tsv").exists() for step in ("train", "evaluate") for s in (0, 5))
+    run(["snakemake", "--report", "report.html", "train_all"], proj)
+    html = (proj / "report.html").read_text()
+    for text in ("2. Training", "3. Decompositions", "4. Scores", "decomposition.png", "curves.png", "summary.tsv"):
+        assert text in html, text
 
     # A changed training setting trains a new model, from step 0, and scores it.
     params["experiments"]["tiny"]["set"]["train.fg_lr"] = 2e-4

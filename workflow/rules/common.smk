@@ -153,5 +153,7 @@ def staging(wc, output) -> str:
     return output[0].replace("results/", "results/.staging/", 1)
 
 
-def gen_log(dataset_log: str) -> str:
-    return dataset_log if PARTS == 1 else dataset_log.replace(".log", ".part{part}.log")
+def per_part(path: str) -> str:
+    """A generator job's log or benchmark file: one per dataset, or with datagen.parts > 1 one per part."""
+    stem, _, ext = path.rpartition(".")
+    return path if PARTS == 1 else f"{stem}.part{{part}}.{ext}"

@@ -21,7 +21,9 @@ rule room3d:
     resources:
         mem_mb=lambda wc, threads: 1000 + 600 * threads,
     log:
-        gen_log("logs/datagen/{dataset}.log"),
+        per_part("logs/datagen/{dataset}.log"),
+    benchmark:
+        per_part("benchmarks/datagen/{dataset}.tsv")
     conda:
         "../../envs/datagen.yaml"
     shell:
@@ -48,7 +50,9 @@ rule atari:
     resources:
         mem_mb=lambda wc, threads: 800 + 400 * threads,
     log:
-        gen_log("logs/datagen/{dataset}.log"),
+        per_part("logs/datagen/{dataset}.log"),
+    benchmark:
+        per_part("benchmarks/datagen/{dataset}.tsv")
     conda:
         "../../envs/datagen.yaml"
     shell:
@@ -94,7 +98,8 @@ rule show_dataset:
     input:
         "results/data/{dataset}.zarr",
     output:
-        "results/data/{dataset}.train.png",
+        report("results/data/{dataset}.train.png", caption="../report/dataset.rst", category="1. Datasets",
+               labels={"dataset": "{dataset}"}),
     log:
         "logs/datagen/{dataset}.show.log",
     conda:

@@ -20,9 +20,11 @@ rule evaluate:
     params:
         run=lambda wc, input: os.path.dirname(input.summary),
         folder=lambda wc, output: os.path.dirname(output.metrics),
-    threads: workflow.cores
+    threads: lambda wc: workflow.cores  # a function: --report, --lint and -n need no --cores
     log:
         "logs/evaluate/{experiment}.seed{seed}.log",
+    benchmark:
+        "benchmarks/evaluate/{experiment}.seed{seed}.tsv"
     conda:
         "../../envs/space.yaml"
     shell:
@@ -36,7 +38,8 @@ rule decomposition_figure:
         summary="results/runs/{experiment}/seeds/{seed}/train.json",
         data=lambda wc: f"results/data/{config['experiments'][wc.experiment]['dataset']}.zarr",
     output:
-        "results/runs/{experiment}/eval/seeds/{seed}/test/decomposition.png",
+        report("results/runs/{experiment}/eval/seeds/{seed}/test/decomposition.png", caption="../report/decomposition.rst",
+               category="3. Decompositions", labels={"experiment": "{experiment}", "seed": "{seed}"}),
     wildcard_constraints:
         experiment="|".join(EXPERIMENTS) or "^$",
         seed=r"\d+",
@@ -63,9 +66,11 @@ rule encode:
         seed=r"\d+",
     params:
         run=lambda wc, input: os.path.dirname(input.summary),
-    threads: workflow.cores
+    threads: lambda wc: workflow.cores  # a function: --report, --lint and -n need no --cores
     log:
         "logs/evaluate/{experiment}.seed{seed}.encode.log",
+    benchmark:
+        "benchmarks/evaluate/{experiment}.seed{seed}.encode.tsv"
     conda:
         "../../envs/space.yaml"
     shell:
@@ -98,7 +103,8 @@ rule curves:
     input:
         seed_paths("results/runs/{experiment}/seeds/{seed}/train.json"),
     output:
-        "results/runs/{experiment}/eval/curves.png",
+        report("results/runs/{experiment}/eval/curves.png", caption="../report/curves.rst", category="2. Training",
+               labels={"experiment": "{experiment}"}),
     wildcard_constraints:
         experiment="|".join(EXPERIMENTS) or "^$",
     params:
@@ -119,12 +125,14 @@ rule summary:
     output:
         markdown="results/summary.md",
         json="results/summary.json",
+        tsv=report("results/summary.tsv", caption="../report/summary.rst", category="4. Scores"),
     log:
         "logs/evaluate/summary.log",
     conda:
         "../../envs/space.yaml"
     shell:
-        "python -m space summary {input} --out-markdown {output.markdown} --out-json {output.json} 2> {log}"
+        "python -m space summary {input} --out-markdown {output.markdown} --out-json {output.json} --out-tsv {output.tsv} "
+        "2> {log}"
 
 
 rule eval_all:

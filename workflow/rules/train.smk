@@ -20,12 +20,14 @@ rule train:
         run="results/runs/{experiment}/seeds/{seed}",
         preset=lambda wc: config["experiments"][wc.experiment]["preset"],
         sets=lambda wc: set_flags(config["experiments"][wc.experiment].get("set", {})),
-    threads: workflow.cores
+    threads: lambda wc: workflow.cores  # a function: --report, --lint and -n need no --cores
     resources:
         gpu=1,
         mem_mb=8000,
     log:
         "logs/train/{experiment}.seed{seed}.log",
+    benchmark:
+        "benchmarks/train/{experiment}.seed{seed}.tsv"
     conda:
         "../../envs/space.yaml"
     shell:
