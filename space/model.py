@@ -609,6 +609,22 @@ def tempered_log_likelihood(log_fg, log_bg, temperature: float):
     return log_lik.detach() + tempered - tempered.detach()
 
 
+def appearance_tempering(log_fg, log_bg, log_fg_colour, temperature: float, appearance_temperature: float):
+    """A term of value 0 per image (B,) whose gradient tempers the foreground's colour alone
+    (model.appearance_temperature, not in the paper).
+
+    log_fg, log_bg as in `tempered_log_likelihood`; log_fg_colour (B, 1, C, N, N) is log N(x; mu_fg) without
+    log alpha. The log-likelihood's gradient trains mu_fg at each pixel by the foreground's share of it,
+    softmax(log p / T) at the mixture's temperature T; this adds the difference between the share at the
+    higher appearance temperature and that one, so the glimpse decoder learns the colour of pixels the
+    background still explains better (an object it paints the wrong colour), while alpha, z_pres and the
+    background keep the mixture's gradient."""
+    log_joint = torch.cat([log_fg, log_bg], 1).detach()  # (B, 1+K, C, N, N)
+    share = torch.softmax(log_joint / appearance_temperature, 1)[:, :1] - torch.softmax(log_joint / temperature, 1)[:, :1]
+    extra = (share * log_fg_colour).sum((1, 2, 3, 4))  # (B,)
+    return extra - extra.detach()
+
+
 class SPACE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -638,7 +654,12 @@ class SPACE(nn.Module):
         log_fg = torch.log(alpha)[:, None] + log_normal(fg["mu_fg"][:, None], cfg.fg_sigma)  # (B, 1, 1|3, N, N)
         log_bg = torch.log1p(-alpha)[:, None] + bg["log_pi"] + log_normal(bg["mu_bg"], cfg.bg_sigma)  # (B, K, 1|3, N, N)
         # The exact log-likelihood (B,); above model.mixture_temperature 1 its gradient is tempered.
-        log_lik = tempered_log_likelihood(log_fg, log_bg, cfg.mixture_temperature.at(step))
+        temperature = cfg.mixture_temperature.at(step)
+        log_lik = tempered_log_likelihood(log_fg, log_bg, temperature)
+        appearance_temperature = cfg.appearance_temperature.at(step)
+        if appearance_temperature > temperature and torch.is_grad_enabled():
+            log_lik = log_lik + appearance_tempering(log_fg, log_bg, log_normal(fg["mu_fg"][:, None], cfg.fg_sigma),
+                                                     temperature, appearance_temperature)
 
         kl = fg["kl_pres"] + fg["kl_where"] + fg["kl_depth"] + fg["kl_what"] + bg["kl_bg_mask"] + bg["kl_bg_comp"]
         elbo = log_lik - kl  # equation 6

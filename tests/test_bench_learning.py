@@ -1,4 +1,5 @@
-"""bench/learning.py's command line: variants with schedules, and results of several processes together."""
+"""The benchmarks' command lines: learning.py's variants with schedules and results of several processes
+together, recall_by_colour.py, step_parts.py."""
 
 from __future__ import annotations
 
@@ -79,3 +80,22 @@ def test_recall_by_colour_finds_every_object_from_the_true_boxes_and_none_from_n
     assert recall_by_colour.main(["--from", str(out), "--markdown"]) == 0
     table = capsys.readouterr().out
     assert table.startswith("| detections |") and "| hits | 1.00" in table and "{" not in table
+
+
+def test_step_parts_times_every_part_of_a_step_and_the_rest(capsys):
+    """bench/step_parts.py on the demo model at batch 2: every part of the model is found and timed, each
+    once per call a step makes, and the table ends with the whole step."""
+    import step_parts
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        assert step_parts.main(["--preset", "demo", "--batch", "2", "--repeats", "1", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    labels = [label for label, _ in step_parts.MODULES + step_parts.FUNCTIONS]
+    assert sorted(result["parts_s"]) == sorted(labels)
+    assert all(s > 0 for s in result["parts_s"].values()) and result["step_s"] > 0
+    assert out[0].startswith("| part |") and "**the training step**" in out[-2]

@@ -1042,6 +1042,47 @@ def test_tempered_likelihood_shares_each_pixel_by_tempered_responsibilities():
         assert bool((r.min(1).values >= exact.min(1).values - 1e-12).all())
 
 
+@pytest.mark.parametrize("mixture_t", [1.0, 2.0])
+def test_appearance_tempering_is_worth_nothing_and_shares_the_colour_at_its_own_temperature(mixture_t):
+    """Its value is 0; with the tempered log-likelihood, d/d log N(x; mu_fg) at each pixel is the
+    foreground's share softmax(log p / T_appearance), where the log-likelihood alone gives the share at
+    the mixture's temperature; log alpha and the background keep the mixture's gradient."""
+    from space.model import appearance_tempering, tempered_log_likelihood
+
+    log_alpha, log_bg = _log_densities(seed=1)
+    log_colour = (torch.randn(log_alpha.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+                  * 3).requires_grad_()
+    log_fg = log_alpha + log_colour  # log alpha N(x; mu_fg)
+    t_app = 4.0
+    base = tempered_log_likelihood(log_fg, log_bg, mixture_t)
+    extra = appearance_tempering(log_fg, log_bg, log_colour, mixture_t, t_app)
+    assert torch.equal(extra, torch.zeros_like(extra))
+    g_colour, g_alpha, g_bg = torch.autograd.grad((base + extra).sum(), (log_colour, log_alpha, log_bg))
+    with torch.no_grad():
+        log_p = torch.cat([log_fg, log_bg], 1)
+        share = lambda t: torch.exp(log_p / t) / torch.exp(log_p / t).sum(1, keepdim=True)  # noqa: E731
+        assert torch.allclose(g_colour, share(t_app)[:, :1], rtol=1e-10)
+        assert torch.allclose(g_alpha, share(mixture_t)[:, :1], rtol=1e-10)
+        assert torch.allclose(g_bg, share(mixture_t)[:, 1:], rtol=1e-10)
+
+
+def test_appearance_temperature_leaves_the_loss_and_the_backgrounds_gradient_and_changes_the_decoders():
+    cfgs = (tiny_cfg(), tiny_cfg(appearance_temperature=Anneal(3.0, 3.0)))
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for cfg in cfgs:
+        torch.manual_seed(0)
+        model = SPACE(cfg).train()
+        torch.manual_seed(5)
+        loss = model(x, 10)["terms"]["loss"]
+        loss.backward()
+        runs.append((float(loss), {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}))
+    (loss_off, g_off), (loss_on, g_on) = runs
+    assert loss_on == loss_off
+    assert all(torch.equal(g_on[n], g) for n, g in g_off.items() if n.startswith("bg."))
+    assert not torch.allclose(g_on["fg.glimpse_decoder.net.11.weight"], g_off["fg.glimpse_decoder.net.11.weight"])
+
+
 def test_kl_what_weight_reweights_z_whats_kl_in_the_loss_only():
     """loss(w) - loss(1) = (w - 1) KL(z_what), the reported terms unchanged, along the weight's schedule."""
     cfg_w = tiny_cfg(kl_what_weight=Anneal(0.0, 1.0, 0, 100))
@@ -1058,7 +1099,8 @@ def test_kl_what_weight_reweights_z_whats_kl_in_the_loss_only():
         assert float(weighted["elbo"]) == pytest.approx(float(paper["elbo"]), rel=1e-6)
 
 
-@pytest.mark.parametrize("setting, value", [("mixture_temperature", 0.5), ("kl_what_weight", -1.0)])
+@pytest.mark.parametrize("setting, value", [("mixture_temperature", 0.5), ("appearance_temperature", 0.9),
+                                            ("kl_what_weight", -1.0)])
 def test_schedule_settings_out_of_range_are_named(setting, value):
     with pytest.raises(ConfigError, match=setting):
         tiny_cfg(**{setting: value}).validate()
