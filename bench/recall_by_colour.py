@@ -10,7 +10,8 @@ detection with z_pres probability above --threshold overlaps its box at IoU --io
 over all objects; this shows where the misses are (the CPU demo's foreground once kept to warm colours).
 With --checkpoint it also shows, per colour, what that model does with each object (eval mode, the first
 --frames frames): the z_pres probability of the cell holding the object's box centre, the share of that
-glimpse where alpha is above 0.5, and the colour its decoder paints there against the object's own.
+glimpse where alpha is above 0.5, and the colour its decoder paints there against the object's own; and
+the colour it paints from the mean z_what of all objects of that colour (what the code carries of it).
 The last line printed is one JSON object.
 """
 
@@ -87,11 +88,18 @@ def decoded_colours(checkpoint: str, store: Store, split: str, frames: int) -> d
     images = store.read(split, "images", slice(0, n))
     boxes = store.read(split, "boxes", slice(0, n))
     masks = store.read(split, "masks", slice(0, n))
+    from space.model import extract_glimpses
+
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
-        out = model(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, int(state["step"]))
+        out = model(x, int(state["step"]))
+        fg = out["fg"]
+        glimpses = extract_glimpses(x, fg["centre"].reshape(n, -1, 2), fg["size"].reshape(n, -1, 2),
+                                    cfg.model.glimpse_size)
+        z_what = model.fg.glimpse_encoder(glimpses)[0].view(n, -1, cfg.model.z_what_dim)  # (B, C, D) means
     g, side = cfg.model.grid_size, images.shape[1]
-    maps = out["fg"]["glimpse_maps"]  # (B, C, 5, S, S)
-    prob = out["fg"]["z_pres_prob"].reshape(n, -1)  # (B, C)
+    maps = fg["glimpse_maps"]  # (B, C, 5, S, S)
+    prob = fg["z_pres_prob"].reshape(n, -1)  # (B, C)
     rows: dict = {}
     for i in range(n):
         for k, box in enumerate(boxes[i]):
@@ -104,10 +112,19 @@ def decoded_colours(checkpoint: str, store: Store, split: str, frames: int) -> d
             painted = glimpse[1:4][:, solid].mean(1).numpy() if solid.any() else np.full(3, np.nan)
             true = images[i][mask].mean(0) / 255
             rows.setdefault(colour_name(true * 255), []).append(
-                (prob[i, cell].item(), solid.float().mean().item(), painted, true))
+                (prob[i, cell].item(), solid.float().mean().item(), painted, true, z_what[i, cell]))
+
+    def mean_code_paints(r) -> list:
+        """The colour the decoder paints from the mean z_what of a colour's objects: what the code says."""
+        with torch.no_grad():
+            alpha, o_att = model.fg.glimpse_decoder(torch.stack([x[4] for x in r]).mean(0, keepdim=True))
+        solid = alpha[0, 0] > 0.5
+        return np.round(o_att[0][:, solid].mean(1).numpy(), 2).tolist() if solid.any() else [float("nan")] * 3
+
     return {name: {"objects": len(r), "z_pres_prob": float(np.mean([x[0] for x in r])),
                    "alpha_share": float(np.mean([x[1] for x in r])),
                    "decoded_rgb": np.round(np.nanmean([x[2] for x in r], 0), 2).tolist(),
+                   "mean_code_rgb": mean_code_paints(r),
                    "true_rgb": np.round(np.mean([x[3] for x in r], 0), 2).tolist()} for name, r in sorted(rows.items())}
 
 
@@ -122,12 +139,12 @@ def tables(results: dict) -> str:
     for label, r in rows.items():
         lines.append(f"| {label} | " + " | ".join(f"{r[k]['recall']:.2f}" if k in r else "" for k in keys) + " |")
     if decoded:
-        lines += ["", "| colour | objects | z_pres probability | alpha > 0.5 share | decoded RGB | the object's RGB |",
-                  "|---|---|---|---|---|---|"]
+        rgb = lambda v: " ".join(f"{c:.2f}" for c in v) if v else ""  # noqa: E731
+        lines += ["", "| colour | objects | z_pres probability | alpha > 0.5 share | decoded RGB | "
+                  "decoded from the mean z_what | the object's RGB |", "|---|---|---|---|---|---|---|"]
         for name, d in decoded.items():
             lines.append(f"| {name} | {d['objects']} | {d['z_pres_prob']:.2f} | {d['alpha_share']:.2f} | "
-                         f"{' '.join(f'{v:.2f}' for v in d['decoded_rgb'])} | "
-                         f"{' '.join(f'{v:.2f}' for v in d['true_rgb'])} |")
+                         f"{rgb(d['decoded_rgb'])} | {rgb(d.get('mean_code_rgb'))} | {rgb(d['true_rgb'])} |")
     return "\n".join(lines)
 
 

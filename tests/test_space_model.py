@@ -1042,44 +1042,47 @@ def test_tempered_likelihood_shares_each_pixel_by_tempered_responsibilities():
         assert bool((r.min(1).values >= exact.min(1).values - 1e-12).all())
 
 
-@pytest.mark.parametrize("mixture_t", [1.0, 2.0])
-def test_appearance_tempering_is_worth_nothing_and_shares_the_colour_at_its_own_temperature(mixture_t):
-    """Its value is 0; with the tempered log-likelihood, d/d log N(x; mu_fg) at each pixel is the
-    foreground's share softmax(log p / T_appearance), where the log-likelihood alone gives the share at
-    the mixture's temperature; log alpha and the background keep the mixture's gradient."""
-    from space.model import appearance_tempering, tempered_log_likelihood
+def test_glimpse_colour_loss_counts_the_masked_colour_error_in_image_pixels():
+    """alpha_att * |o_att - glimpse|^2 / (2 sigma^2) summed over the glimpse, each glimpse pixel worth
+    (box side * N / S)^2 image pixels; zero where the decoder paints the glimpse's own colours."""
+    from space.model import glimpse_colour_loss
 
-    log_alpha, log_bg = _log_densities(seed=1)
-    log_colour = (torch.randn(log_alpha.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-                  * 3).requires_grad_()
-    log_fg = log_alpha + log_colour  # log alpha N(x; mu_fg)
-    t_app = 4.0
-    base = tempered_log_likelihood(log_fg, log_bg, mixture_t)
-    extra = appearance_tempering(log_fg, log_bg, log_colour, mixture_t, t_app)
-    assert torch.equal(extra, torch.zeros_like(extra))
-    g_colour, g_alpha, g_bg = torch.autograd.grad((base + extra).sum(), (log_colour, log_alpha, log_bg))
-    with torch.no_grad():
-        log_p = torch.cat([log_fg, log_bg], 1)
-        share = lambda t: torch.exp(log_p / t) / torch.exp(log_p / t).sum(1, keepdim=True)  # noqa: E731
-        assert torch.allclose(g_colour, share(t_app)[:, :1], rtol=1e-10)
-        assert torch.allclose(g_alpha, share(mixture_t)[:, :1], rtol=1e-10)
-        assert torch.allclose(g_bg, share(mixture_t)[:, 1:], rtol=1e-10)
+    cfg = tiny_cfg()
+    s, n = cfg.glimpse_size, cfg.image_size
+    g = torch.Generator().manual_seed(0)
+    glimpses = torch.rand(3, 3, s, s, generator=g)
+    alpha = (torch.rand(3, 1, s, s, generator=g) > 0.5).float()
+    o_att = glimpses + 0.1 * (1 - alpha)  # right where the mask is, wrong elsewhere
+    maps = torch.cat([alpha, o_att, torch.zeros(3, 1, s, s)], 1)
+    size = torch.tensor([[[0.25, 0.5], [0.5, 0.5], [1.0, 0.25]]])  # (B=1, C=3, 2)
+    assert torch.allclose(glimpse_colour_loss(maps, glimpses, size, cfg), torch.zeros(3), atol=1e-6)
+    o_att = glimpses + 0.2
+    maps = torch.cat([alpha, o_att, torch.zeros(3, 1, s, s)], 1)
+    per_pixel = 3 * 0.2**2 / (2 * cfg.fg_sigma**2)
+    expected = alpha.sum((1, 2, 3)) * per_pixel * size[0].prod(-1) * (n / s) ** 2
+    assert torch.allclose(glimpse_colour_loss(maps, glimpses, size, cfg), expected, rtol=1e-5)
 
 
-def test_appearance_temperature_leaves_the_loss_and_the_backgrounds_gradient_and_changes_the_decoders():
-    cfgs = (tiny_cfg(), tiny_cfg(appearance_temperature=Anneal(3.0, 3.0)))
+def test_glimpse_colour_weight_trains_the_glimpse_decoder_not_z_pres_nor_the_background():
+    """The term joins the loss (not the ELBO) at its weight; its gradient reaches the glimpse decoder and
+    never z_pres, the glimpse masks' weights in the likelihood, or the background."""
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     runs = []
-    for cfg in cfgs:
+    for cfg in (tiny_cfg(), tiny_cfg(glimpse_colour_weight=Anneal(0.5, 0.5))):
         torch.manual_seed(0)
         model = SPACE(cfg).train()
         torch.manual_seed(5)
-        loss = model(x, 10)["terms"]["loss"]
-        loss.backward()
-        runs.append((float(loss), {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}))
-    (loss_off, g_off), (loss_on, g_on) = runs
-    assert loss_on == loss_off
-    assert all(torch.equal(g_on[n], g) for n, g in g_off.items() if n.startswith("bg."))
+        out = model(x, 10)
+        out["terms"]["loss"].backward()
+        runs.append((out, {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}))
+    (off, g_off), (on, g_on) = runs
+    term = on["fg"]["glimpse_colour_loss"]
+    assert float(term.min()) > 0 and float(off["fg"]["glimpse_colour_loss"].abs().max()) == 0
+    assert float(on["terms"]["loss"]) == pytest.approx(float(off["terms"]["loss"]) + 0.5 * float(term.mean()), rel=1e-5)
+    assert float(on["terms"]["elbo"]) == float(off["terms"]["elbo"])
+    for name, g in g_off.items():
+        if name.startswith("bg.") or name.startswith("fg.z_pres_net"):
+            assert torch.equal(g_on[name], g), name
     assert not torch.allclose(g_on["fg.glimpse_decoder.net.11.weight"], g_off["fg.glimpse_decoder.net.11.weight"])
 
 
@@ -1099,8 +1102,8 @@ def test_kl_what_weight_reweights_z_whats_kl_in_the_loss_only():
         assert float(weighted["elbo"]) == pytest.approx(float(paper["elbo"]), rel=1e-6)
 
 
-@pytest.mark.parametrize("setting, value", [("mixture_temperature", 0.5), ("appearance_temperature", 0.9),
-                                            ("kl_what_weight", -1.0)])
+@pytest.mark.parametrize("setting, value", [("mixture_temperature", 0.5), ("kl_what_weight", -1.0),
+                                            ("glimpse_colour_weight", -0.1)])
 def test_schedule_settings_out_of_range_are_named(setting, value):
     with pytest.raises(ConfigError, match=setting):
         tiny_cfg(**{setting: value}).validate()
