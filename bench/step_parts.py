@@ -133,7 +133,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     p.add_argument("--device", default="auto")
     p.add_argument("--markdown", action="store_true", help="print the table alone")
+    p.add_argument("--out", help="also write the results here (JSON), e.g. bench/results/step_parts_large.json")
+    p.add_argument("--from", dest="source", metavar="JSON", help="print the table of a results file instead")
     ns = p.parse_args(argv)
+    if ns.source:
+        result = json.loads(Path(ns.source).read_text())
+        print(table(result))
+        if not ns.markdown:
+            print(json.dumps(result))
+        return 0
     if ns.threads:
         torch.set_num_threads(ns.threads)
     device = torch.device("cuda" if ns.device == "auto" and torch.cuda.is_available() else
@@ -154,18 +162,28 @@ def main(argv=None) -> int:
     model.set_checkpoint_images(0)
     seen, calls = capture(model, x)
     parts = {label: calls[label] * time_part(fn, args, kwargs, ns.repeats, sync) for label, (fn, args, kwargs) in seen.items()}
-    rest = step_s - sum(parts.values())
-    rows = sorted(parts.items(), key=lambda kv: -kv[1]) + [("the rest (losses, glue, clipping, optimisers)", rest)]
+    result = {"preset": ns.preset, "batch": ns.batch, "threads": torch.get_num_threads(), "device": str(device),
+              "checkpoint_images": ckpt, "step_s": round(step_s, 4), "parts_s": {k: round(v, 4) for k, v in parts.items()},
+              "rest_s": round(step_s - sum(parts.values()), 4), "machine": machine(),
+              "date": time.strftime("%Y-%m-%d %H:%M"),
+              "command": " ".join(["bench/step_parts.py", *(sys.argv[1:] if argv is None else argv)])}
+    if ns.out:
+        Path(ns.out).write_text(json.dumps(result, indent=1))
+    print(table(result))
+    if not ns.markdown:
+        print(json.dumps(result))
+    return 0
+
+
+def table(result: dict) -> str:
+    """The parts, largest first, then the rest and the whole step: seconds and shares. Markdown."""
+    step_s = result["step_s"]
+    rows = sorted(result["parts_s"].items(), key=lambda kv: -kv[1])
+    rows.append(("the rest (losses, glue, clipping, optimisers)", result["rest_s"]))
     lines = ["| part | s (forward + backward) | share of the step |", "|---|---|---|"]
     lines += [f"| {label} | {s:.3f} | {s / step_s:.0%} |" for label, s in rows]
-    lines.append(f"| **the training step** (checkpointing {ckpt or 'off'}) | **{step_s:.3f}** | 100% |")
-    print("\n".join(lines))
-    if not ns.markdown:
-        print(json.dumps({"preset": ns.preset, "batch": ns.batch, "threads": torch.get_num_threads(),
-                          "device": str(device), "checkpoint_images": ckpt, "step_s": round(step_s, 4),
-                          "parts_s": {k: round(v, 4) for k, v in parts.items()}, "rest_s": round(rest, 4),
-                          "machine": machine(), "command": " ".join(["bench/step_parts.py", *(argv or sys.argv[1:])])}))
-    return 0
+    lines.append(f"| **the training step** (checkpointing {result['checkpoint_images'] or 'off'}) | **{step_s:.3f}** | 100% |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

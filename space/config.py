@@ -104,10 +104,6 @@ class ModelConfig:
     # their log-densities / T) rather than the exact posterior, so a component that explains a pixel worse
     # still learns from it. 1 (constant) is the exact gradient. The reported ELBO is the exact one either way.
     mixture_temperature: Anneal = field(default_factory=lambda: Anneal(1.0, 1.0))
-    # glimpse_colour_weight: a term added to the loss, each glimpse's decoded colour against the glimpse where
-    # its own mask is (space/model.py, glimpse_colour_loss), so the decoder learns the colour of an object it
-    # paints wrong even while the background explains that object. 0: off (the paper's objective).
-    glimpse_colour_weight: Anneal = field(default_factory=lambda: Anneal(0.0, 0.0))
     # Architecture details where appendix D.3 and the code behind the paper's numbers differ; each "paper"
     # (the text) or "code". The foreground image encoder: the table's layers (conv, GroupNorm, CELU), or the
     # code's order (conv, CELU, GroupNorm) and its lateral branch over the cell features.
@@ -154,9 +150,6 @@ class ModelConfig:
         if not (self.mixture_temperature.start >= 1 and self.mixture_temperature.end >= 1):
             raise ConfigError(f"model.mixture_temperature: 1 (the exact gradient) or more, got "
                               f"{self.mixture_temperature.start} -> {self.mixture_temperature.end}")
-        if not (self.glimpse_colour_weight.start >= 0 and self.glimpse_colour_weight.end >= 0):
-            raise ConfigError(f"model.glimpse_colour_weight: 0 (off) or more, got "
-                              f"{self.glimpse_colour_weight.start} -> {self.glimpse_colour_weight.end}")
         if not (self.kl_what_weight.start >= 0 and self.kl_what_weight.end >= 0):
             raise ConfigError(f"model.kl_what_weight: 0 or more (1: the paper's), got "
                               f"{self.kl_what_weight.start} -> {self.kl_what_weight.end}")

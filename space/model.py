@@ -351,8 +351,6 @@ class Foreground(nn.Module):
 
         alpha, mu_fg, overlap, depth_weight = self.render(maps.view(b, c, 5, s, s), z_pres.reshape(b, c),
                                                           z_depth[..., 0].reshape(b, c), centre_f, size_f)
-        colour = glimpse_colour_loss(maps, glimpses, size_f, cfg) if self.training and cfg.glimpse_colour_weight.end + \
-            cfg.glimpse_colour_weight.start > 0 else x.new_zeros(b * c)  # (B*C,)
 
         # KL terms (appendix B), per cell; z_where, z_depth, z_what weighted by the z_pres sample (the
         # paper's appendix) or charged for every cell (model.kl_weighting, the paper's code).
@@ -370,7 +368,6 @@ class Foreground(nn.Module):
             "kl_where": (zp * (kl_scale + kl_shift)).sum((1, 2)),
             "kl_depth": (zp * kl_depth).sum((1, 2)),
             "kl_what": (zp * kl_what).sum((1, 2)),
-            "glimpse_colour_loss": colour.view(b, c).sum(1),  # (B,) model.glimpse_colour_weight's term
             "z_pres": z_pres,  # (B, G, G) relaxed sample
             "z_pres_prob": pres_prob,  # (B, G, G)
             "centre": centre,  # (B, G, G, 2) fraction of the image, (x, y)
@@ -380,24 +377,6 @@ class Foreground(nn.Module):
             # For evaluation (which glimpse owns a pixel); not kept in training, where they would hold memory.
             **({} if self.training else {"glimpse_maps": maps.view(b, c, 5, s, s), "depth_weight": depth_weight}),
         }
-
-
-def glimpse_colour_loss(maps, glimpses, size, cfg: ModelConfig):
-    """Each glimpse's decoded colour o_att against the glimpse itself where its own mask says "object",
-    (M,) (model.glimpse_colour_weight; not in the paper). maps (M, 5, S, S) as `decode` gives them, glimpses
-    (M, 3, S, S) as read from the image, size (B, C, 2) the boxes' sides as fractions of the image.
-
-    sum over glimpse pixels of alpha_att * |o_att - glimpse|^2 / (2 fg_sigma^2), each glimpse pixel counted
-    as the image pixels it covers. alpha_att, the glimpse as the target and its size are held fixed: this
-    trains what the decoder paints and the z_what it decodes (whose encoder reads the glimpse at its box),
-    never z_pres, the masks or the background. So an object the decoder paints the wrong colour, which the
-    background then explains better and the mixture's gradient no longer reaches, still teaches it its
-    colour."""
-    alpha_att, o_att = maps[:, :1].detach(), maps[:, 1:4]
-    s, n = glimpses.shape[-1], cfg.image_size
-    image_pixels_per_glimpse_pixel = (size.detach().reshape(-1, 2).prod(-1) * (n / s) ** 2)  # (M,)
-    err = ((o_att - glimpses.detach()) ** 2).sum(1, keepdim=True) / (2 * cfg.fg_sigma**2)  # (M, 1, S, S)
-    return (alpha_att * err).sum((1, 2, 3)) * image_pixels_per_glimpse_pixel
 
 
 # ------------------------------------------------------------------------------------------ background
@@ -668,9 +647,6 @@ class SPACE(nn.Module):
         kl_what_weight = cfg.kl_what_weight.at(step)
         if kl_what_weight != 1.0:  # model.kl_what_weight (not in the paper): z_what's KL reweighted in the loss only
             loss = loss + (kl_what_weight - 1.0) * fg["kl_what"]
-        colour_weight = cfg.glimpse_colour_weight.at(step)
-        if colour_weight:  # model.glimpse_colour_weight (not in the paper): the decoder's colour, glimpse by glimpse
-            loss = loss + colour_weight * fg["glimpse_colour_loss"]
         loss = loss.mean()
 
         recon = fg["alpha"] * fg["mu_fg"] + (1 - fg["alpha"]) * bg_image

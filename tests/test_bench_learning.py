@@ -82,15 +82,17 @@ def test_recall_by_colour_finds_every_object_from_the_true_boxes_and_none_from_n
     assert table.startswith("| detections |") and "| hits | 1.00" in table and "{" not in table
 
 
-def test_step_parts_times_every_part_of_a_step_and_the_rest(capsys):
+def test_step_parts_times_every_part_of_a_step_and_the_rest(tmp_path, capsys):
     """bench/step_parts.py on the demo model at batch 2: every part of the model is found and timed, each
-    once per call a step makes, and the table ends with the whole step."""
+    once per call a step makes, and the table ends with the whole step; --from prints it again."""
     import step_parts
     import torch
 
     threads = torch.get_num_threads()
+    out_file = tmp_path / "parts.json"
     try:
-        assert step_parts.main(["--preset", "demo", "--batch", "2", "--repeats", "1", "--threads", "1"]) == 0
+        assert step_parts.main(["--preset", "demo", "--batch", "2", "--repeats", "1", "--threads", "1",
+                                "--out", str(out_file)]) == 0
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out.strip().splitlines()
@@ -98,4 +100,7 @@ def test_step_parts_times_every_part_of_a_step_and_the_rest(capsys):
     labels = [label for label, _ in step_parts.MODULES + step_parts.FUNCTIONS]
     assert sorted(result["parts_s"]) == sorted(labels)
     assert all(s > 0 for s in result["parts_s"].values()) and result["step_s"] > 0
+    assert result["rest_s"] == pytest.approx(result["step_s"] - sum(result["parts_s"].values()), abs=1e-3)
     assert out[0].startswith("| part |") and "**the training step**" in out[-2]
+    assert step_parts.main(["--from", str(out_file), "--markdown"]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == out[:-1]

@@ -1042,50 +1042,6 @@ def test_tempered_likelihood_shares_each_pixel_by_tempered_responsibilities():
         assert bool((r.min(1).values >= exact.min(1).values - 1e-12).all())
 
 
-def test_glimpse_colour_loss_counts_the_masked_colour_error_in_image_pixels():
-    """alpha_att * |o_att - glimpse|^2 / (2 sigma^2) summed over the glimpse, each glimpse pixel worth
-    (box side * N / S)^2 image pixels; zero where the decoder paints the glimpse's own colours."""
-    from space.model import glimpse_colour_loss
-
-    cfg = tiny_cfg()
-    s, n = cfg.glimpse_size, cfg.image_size
-    g = torch.Generator().manual_seed(0)
-    glimpses = torch.rand(3, 3, s, s, generator=g)
-    alpha = (torch.rand(3, 1, s, s, generator=g) > 0.5).float()
-    o_att = glimpses + 0.1 * (1 - alpha)  # right where the mask is, wrong elsewhere
-    maps = torch.cat([alpha, o_att, torch.zeros(3, 1, s, s)], 1)
-    size = torch.tensor([[[0.25, 0.5], [0.5, 0.5], [1.0, 0.25]]])  # (B=1, C=3, 2)
-    assert torch.allclose(glimpse_colour_loss(maps, glimpses, size, cfg), torch.zeros(3), atol=1e-6)
-    o_att = glimpses + 0.2
-    maps = torch.cat([alpha, o_att, torch.zeros(3, 1, s, s)], 1)
-    per_pixel = 3 * 0.2**2 / (2 * cfg.fg_sigma**2)
-    expected = alpha.sum((1, 2, 3)) * per_pixel * size[0].prod(-1) * (n / s) ** 2
-    assert torch.allclose(glimpse_colour_loss(maps, glimpses, size, cfg), expected, rtol=1e-5)
-
-
-def test_glimpse_colour_weight_trains_the_glimpse_decoder_not_z_pres_nor_the_background():
-    """The term joins the loss (not the ELBO) at its weight; its gradient reaches the glimpse decoder and
-    never z_pres, the glimpse masks' weights in the likelihood, or the background."""
-    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    runs = []
-    for cfg in (tiny_cfg(), tiny_cfg(glimpse_colour_weight=Anneal(0.5, 0.5))):
-        torch.manual_seed(0)
-        model = SPACE(cfg).train()
-        torch.manual_seed(5)
-        out = model(x, 10)
-        out["terms"]["loss"].backward()
-        runs.append((out, {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}))
-    (off, g_off), (on, g_on) = runs
-    term = on["fg"]["glimpse_colour_loss"]
-    assert float(term.min()) > 0 and float(off["fg"]["glimpse_colour_loss"].abs().max()) == 0
-    assert float(on["terms"]["loss"]) == pytest.approx(float(off["terms"]["loss"]) + 0.5 * float(term.mean()), rel=1e-5)
-    assert float(on["terms"]["elbo"]) == float(off["terms"]["elbo"])
-    for name, g in g_off.items():
-        if name.startswith("bg.") or name.startswith("fg.z_pres_net"):
-            assert torch.equal(g_on[name], g), name
-    assert not torch.allclose(g_on["fg.glimpse_decoder.net.11.weight"], g_off["fg.glimpse_decoder.net.11.weight"])
-
-
 def test_kl_what_weight_reweights_z_whats_kl_in_the_loss_only():
     """loss(w) - loss(1) = (w - 1) KL(z_what), the reported terms unchanged, along the weight's schedule."""
     cfg_w = tiny_cfg(kl_what_weight=Anneal(0.0, 1.0, 0, 100))
@@ -1102,8 +1058,7 @@ def test_kl_what_weight_reweights_z_whats_kl_in_the_loss_only():
         assert float(weighted["elbo"]) == pytest.approx(float(paper["elbo"]), rel=1e-6)
 
 
-@pytest.mark.parametrize("setting, value", [("mixture_temperature", 0.5), ("kl_what_weight", -1.0),
-                                            ("glimpse_colour_weight", -0.1)])
+@pytest.mark.parametrize("setting, value", [("mixture_temperature", 0.5), ("kl_what_weight", -1.0)])
 def test_schedule_settings_out_of_range_are_named(setting, value):
     with pytest.raises(ConfigError, match=setting):
         tiny_cfg(**{setting: value}).validate()
