@@ -11,7 +11,8 @@ over all objects; this shows where the misses are (the CPU demo's foreground onc
 With --checkpoint it also shows, per colour, what that model does with each object (eval mode, the first
 --frames frames): the z_pres probability of the cell holding the object's box centre, the share of that
 glimpse where alpha is above 0.5, and the colour its decoder paints there against the object's own; and
-the colour it paints from the mean z_what of all objects of that colour (what the code carries of it).
+the colour it paints from the mean z_what of all objects of that colour (what the code carries of it), and
+how well a linear probe tells the colours apart from z_what.
 The last line printed is one JSON object.
 """
 
@@ -76,9 +77,10 @@ def recall(store: Store, split: str, detections: list, threshold: float, min_iou
     return {k: {"recall": h / t, "objects": t} for k, (h, t) in sorted(counts.items())}
 
 
-def decoded_colours(checkpoint: str, store: Store, split: str, frames: int) -> dict:
-    """Per colour name: objects, mean z_pres probability of their cells, mean alpha > 0.5 share of their
-    glimpses, and the decoded and the true mean colour (RGB in [0, 1])."""
+def decoded_colours(checkpoint: str, store: Store, split: str, frames: int) -> tuple[dict, dict]:
+    """The probes of z_what ({"colour" or a colour name: held-out accuracy and its floor}), and per colour
+    name: objects, mean z_pres probability of their cells, mean alpha > 0.5 share of their glimpses, the
+    decoded colour, the colour decoded from their mean z_what, and the true mean colour (RGB in [0, 1])."""
     import torch
 
     from space.checkpoints import load_model
@@ -121,7 +123,19 @@ def decoded_colours(checkpoint: str, store: Store, split: str, frames: int) -> d
         solid = alpha[0, 0] > 0.5
         return np.round(o_att[0][:, solid].mean(1).numpy(), 2).tolist() if solid.any() else [float("nan")] * 3
 
-    return {name: {"objects": len(r), "z_pres_prob": float(np.mean([x[0] for x in r])),
+    from space.probe import linear_probe_accuracy
+
+    # Does z_what tell the colours apart? A linear probe of the colour name, and of each colour against the
+    # rest, held out (space.probe, as `space evaluate` probes categories); the floor is always the commonest.
+    names = sorted(rows)
+    codes = np.concatenate([np.stack([x[4].numpy() for x in rows[c]]) for c in names])
+    labels = np.concatenate([[i] * len(rows[c]) for i, c in enumerate(names)])
+    floor = lambda y: float(np.bincount(y).max() / len(y))  # noqa: E731
+    probe = {"colour": {"accuracy": linear_probe_accuracy(codes, labels), "floor": floor(labels)}}
+    for i, c in enumerate(names):
+        one = (labels == i).astype(np.int64)
+        probe[c] = {"accuracy": linear_probe_accuracy(codes, one), "floor": floor(one)}
+    return probe, {name: {"objects": len(r), "z_pres_prob": float(np.mean([x[0] for x in r])),
                    "alpha_share": float(np.mean([x[1] for x in r])),
                    "decoded_rgb": np.round(np.nanmean([x[2] for x in r], 0), 2).tolist(),
                    "mean_code_rgb": mean_code_paints(r),
@@ -145,6 +159,11 @@ def tables(results: dict) -> str:
         for name, d in decoded.items():
             lines.append(f"| {name} | {d['objects']} | {d['z_pres_prob']:.2f} | {d['alpha_share']:.2f} | "
                          f"{rgb(d['decoded_rgb'])} | {rgb(d.get('mean_code_rgb'))} | {rgb(d['true_rgb'])} |")
+    probe = results.get("probe")
+    if probe:
+        lines += ["", "| z_what tells apart | held-out accuracy | always the commonest |", "|---|---|---|"]
+        lines += [f"| {'every colour' if k == 'colour' else k + ' from the rest'} | {v['accuracy']:.3f} | "
+                  f"{v['floor']:.3f} |" for k, v in probe.items()]
     return "\n".join(lines)
 
 
@@ -178,9 +197,10 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: {ns.data} has no instance masks in {ns.split!r}; this reads 3D-Room stores") from None
         rows = {label: recall(store, ns.split, json.loads(Path(path).read_text()), ns.threshold, ns.iou, ns.small)
                 for label, path in zip(ns.labels or ns.detections, ns.detections)}
-        decoded = decoded_colours(ns.checkpoint, store, ns.split, ns.frames) if ns.checkpoint else None
+        probe, decoded = decoded_colours(ns.checkpoint, store, ns.split, ns.frames) if ns.checkpoint else (None, None)
         results = {"data": ns.data, "split": ns.split, "threshold": ns.threshold, "iou": ns.iou, "rows": rows,
-                   "decoded": decoded, "machine": machine(), "command": " ".join(sys.argv)}
+                   "decoded": decoded, "probe": probe, "frames": ns.frames, "machine": machine(),
+                   "command": " ".join(sys.argv)}
         if ns.out:
             Path(ns.out).write_text(json.dumps(results, indent=1))
     print(tables(results))

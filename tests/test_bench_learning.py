@@ -104,3 +104,41 @@ def test_step_parts_times_every_part_of_a_step_and_the_rest(tmp_path, capsys):
     assert out[0].startswith("| part |") and "**the training step**" in out[-2]
     assert step_parts.main(["--from", str(out_file), "--markdown"]) == 0
     assert capsys.readouterr().out.strip().splitlines() == out[:-1]
+
+
+def test_recall_by_colour_with_a_checkpoint_shows_what_it_paints_and_probes_z_what(tmp_path, capsys):
+    """--checkpoint: per colour of the store's objects, what the model paints and decodes from the colour's
+    mean z_what, and held-out probes of the colours from z_what; --from prints the same tables again."""
+    import subprocess
+
+    import recall_by_colour
+    import torch
+
+    from space.__main__ import resolve_config
+    from space.train import train
+
+    store = tmp_path / "s.zarr"
+    r = subprocess.run([sys.executable, "-m", "datagen", "room3d", str(store), "--objects", "3", "5",
+                        "--image-size", "64", "--split", "train=4", "--split", "val=10", "--seed", "5", "--quiet"],
+                       capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr
+    threads = torch.get_num_threads()
+    cfg = resolve_config("demo", None, ["train.batch_size=2", "train.steps=1", "train.val_every=0", "train.device=cpu",
+                                        f"train.threads={threads}"])
+    train(cfg, str(store), str(tmp_path / "run"), progress=False)
+    torch.set_num_threads(threads)
+    (tmp_path / "none.json").write_text("[]")
+    out = tmp_path / "r.json"
+    assert recall_by_colour.main(["--data", str(store), "--detections", str(tmp_path / "none.json"), "--checkpoint",
+                                  str(tmp_path / "run/checkpoints/last.pt"), "--frames", "10", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[:-1]
+    results = json.loads(out.read_text())
+    colours = {k for k in results["rows"][str(tmp_path / "none.json")] if k not in ("large", "small")}
+    assert set(results["decoded"]) == colours
+    for d in results["decoded"].values():
+        assert len(d["mean_code_rgb"]) == len(d["decoded_rgb"]) == len(d["true_rgb"]) == 3
+    assert set(results["probe"]) == {"colour", *colours}
+    assert all(0 <= p["accuracy"] <= 1 and 0 < p["floor"] <= 1 for p in results["probe"].values())
+    assert "| every colour |" in "\n".join(printed)
+    assert recall_by_colour.main(["--from", str(out), "--markdown"]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == printed
