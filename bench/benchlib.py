@@ -18,3 +18,16 @@ def machine() -> dict:
         pass
     return {"cpus": os.cpu_count(), "cpu_model": cpu, "python": platform.python_version(),
             "loadavg_1m": os.getloadavg()[0]}
+
+
+def emit(results: dict, table: str, out: str | None = None, markdown: bool = False) -> None:
+    """A benchmark's ending: the results written to `out` (JSON) when given, the table printed, then the
+    results as one JSON line unless `markdown` (the table alone, as bench/tables.py reads it)."""
+    import json
+    from pathlib import Path
+
+    if out:
+        Path(out).write_text(json.dumps(results, indent=1))
+    print(table)
+    if not markdown:
+        print(json.dumps(results))

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import machine  # noqa: E402
+from benchlib import emit, machine  # noqa: E402
 
 from datagen.config import OBJECT_COLORS  # noqa: E402
 from datagen.store import Store  # noqa: E402
@@ -201,11 +201,7 @@ def main(argv=None) -> int:
         results = {"data": ns.data, "split": ns.split, "threshold": ns.threshold, "iou": ns.iou, "rows": rows,
                    "decoded": decoded, "probe": probe, "frames": ns.frames, "machine": machine(),
                    "command": " ".join(sys.argv)}
-        if ns.out:
-            Path(ns.out).write_text(json.dumps(results, indent=1))
-    print(tables(results))
-    if not ns.markdown:
-        print(json.dumps(results))
+    emit(results, tables(results), None if ns.source else ns.out, ns.markdown)
     return 0
 
 

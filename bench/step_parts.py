@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import machine  # noqa: E402
+from benchlib import emit, machine  # noqa: E402
 
 import space.model as space_model  # noqa: E402
 from space.config import PRESETS, Config, merge  # noqa: E402
@@ -138,9 +138,7 @@ def main(argv=None) -> int:
     ns = p.parse_args(argv)
     if ns.source:
         result = json.loads(Path(ns.source).read_text())
-        print(table(result))
-        if not ns.markdown:
-            print(json.dumps(result))
+        emit(result, table(result), markdown=ns.markdown)
         return 0
     if ns.threads:
         torch.set_num_threads(ns.threads)
@@ -167,11 +165,7 @@ def main(argv=None) -> int:
               "rest_s": round(step_s - sum(parts.values()), 4), "machine": machine(),
               "date": time.strftime("%Y-%m-%d %H:%M"),
               "command": " ".join(["bench/step_parts.py", *(sys.argv[1:] if argv is None else argv)])}
-    if ns.out:
-        Path(ns.out).write_text(json.dumps(result, indent=1))
-    print(table(result))
-    if not ns.markdown:
-        print(json.dumps(result))
+    emit(result, table(result), ns.out, ns.markdown)
     return 0
 
 
