@@ -159,10 +159,11 @@ def cmd_train(ns) -> int:
         cfg.train.device = ns.device
     cfg.validate()
     summary = output_file(ns.summary, "--summary") if ns.summary else None  # before training, not after
+    live = output_file(ns.live, "--live") if ns.live else None
     lean_host_allocator(cfg.train.malloc_mmap_threshold_mib)  # before torch allocates anything
     from .train import train
 
-    last = train(cfg, ns.data, ns.out, progress=not ns.quiet, restart=ns.restart)
+    last = train(cfg, ns.data, ns.out, progress=not ns.quiet, restart=ns.restart, live=live)
     print(json.dumps(last), file=sys.stderr)
     if summary:
         summary.parent.mkdir(parents=True, exist_ok=True)
@@ -360,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the same record still resumes. Without it such a run directory is refused")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--summary", help="write the last logged metrics here as JSON when training ends")
+    t.add_argument("--live", help="rewrite this JSON file at every log step and validation with the step, loss, "
+                                  "MSE and validation scores so far (for `dvc exp show` while the run goes)")
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("config", help="print the settings a preset, --config and --set resolve to (YAML)",

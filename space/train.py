@@ -312,11 +312,13 @@ def _restore_rng(state: dict, rank: int, device: torch.device) -> None:
 
 
 def train(cfg: Config, data: str, out: str, progress: bool = True, stop_after: int | None = None,
-          restart: bool = False) -> dict:
+          restart: bool = False, live: str | None = None) -> dict:
     """Train (or resume) a run; returns the last logged metrics. `stop_after` ends early (tests).
 
     `restart`: if the run directory was trained on another store or with other settings, start afresh in
-    it (otherwise that is refused); a run with the same record still resumes."""
+    it (otherwise that is refused); a run with the same record still resumes. `live`: a JSON file rewritten
+    at every log step and validation with the step and the latest scores, for `dvc exp show` while the run
+    goes (the pipeline keeps it outside the run directory, which DVC tracks as a whole)."""
     cfg.validate()
     t_cfg = cfg.train
     rank, world, local = distributed_context()
@@ -357,19 +359,20 @@ def train(cfg: Config, data: str, out: str, progress: bool = True, stop_after: i
         raise problem
     try:
         return _train(cfg, record, state, dataset, val_set, mirror, run, device, rank=rank, world=world, local=local,
-                      progress=progress, stop_after=stop_after)
+                      progress=progress, stop_after=stop_after, live=Path(live) if live else None)
     finally:
         if lock is not None:
             lock.close()
 
 
 def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirror: RunMirror, run: Path,
-           device: torch.device, *, rank: int, world: int, local: int, progress: bool, stop_after: int | None) -> dict:
+           device: torch.device, *, rank: int, world: int, local: int, progress: bool, stop_after: int | None,
+           live: Path | None = None) -> dict:
     """The training loop of `train`, in a run directory that `open_run` found to be this run's (or empty),
     from the checkpoint `state` when there is one."""
     t_cfg, m_cfg = cfg.train, cfg.model
     is_main = rank == 0
-    out = str(mirror)
+    name = str(mirror)  # the run, as messages name it
     ckpt_path = run / "checkpoints" / "last.pt"
     if world > 1:
         import torch.distributed as dist
@@ -399,7 +402,7 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
     steps = t_cfg.steps
     if start >= steps:
         if is_main:
-            print(f"{out}: already trained to step {start} of {steps}; nothing to do")
+            print(f"{name}: already trained to step {start} of {steps}; nothing to do")
         return {"step": start}
 
     net = model
@@ -415,6 +418,10 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
     val_log = CsvLog(run / "val.csv", VAL_FIELDS, start) if is_main else None
     tb = _tensorboard(run / "tb") if is_main else None
     amp = t_cfg.amp and device.type == "cuda"
+    live_now = {"steps": steps, "best_val_ap50": best["val_ap50"] if best["step"] is not None else None,
+                "best_step": best["step"]}  # what `live` holds, updated as the run goes
+    if live is not None and is_main:
+        live.parent.mkdir(parents=True, exist_ok=True)
 
     def training_state(step: int, rng: list) -> dict:
         return {
@@ -478,11 +485,14 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
                         grad_norm=float(grad_norm), fg_lr=t_cfg.fg_lr, bg_lr=bg_lr,
                         glimpses=out["fg"]["glimpses_decoded"])
             log.write(last)
+            if live is not None:
+                live_now.update(step=step, loss=last["loss"], mse=last["mse"])
+                write_json(live, live_now)
             bar.set_postfix(loss=f"{last['loss']:.0f}", mse=f"{last['mse']:.4f}")
             if not progress:  # no bar (--quiet, as the pipeline runs it): a line a log step, so logs show progress
                 done = step - start
                 eta = (steps - step) * (last["wall_s"] - wall_start) / max(done, 1)
-                print(f"{out}: step {step}/{steps} loss {last['loss']:.1f} mse {last['mse']:.5f} "
+                print(f"{name}: step {step}/{steps} loss {last['loss']:.1f} mse {last['mse']:.5f} "
                       f"({eta / 60:.1f} min to go)", file=sys.stderr, flush=True)
             if tb is not None:
                 for k in (*TERMS, "mse", "grad_norm"):
@@ -491,7 +501,7 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
             v = validate(model, val_set, t_cfg.batch_size, t_cfg.val_batches, t_cfg.seed + 1, device, step)
             val_log.write({"step": step, "wall_s": round(time.perf_counter() - t0, 3), **v})
             if not progress:
-                print(f"{out}: step {step}: validation AP50 {v['val_ap50']:.3f}, count error "
+                print(f"{name}: step {step}: validation AP50 {v['val_ap50']:.3f}, count error "
                       f"{v['val_count_error']:.2f}, MSE {v['val_mse']:.5f}", file=sys.stderr, flush=True)
             if tb is not None:
                 for k, value in v.items():
@@ -499,13 +509,18 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
             check = background_split(v, step, cfg)
             if check is not None:
                 if not check["split"] and (bg_check is None or bg_check["split"]):
-                    tqdm.write(f"{out}: step {step}: the background has not split: one component holds "
+                    tqdm.write(f"{name}: step {step}: the background has not split: one component holds "
                                f"{check['largest_share']:.0%} of the frame. {check['advice']}.", file=sys.stderr)
                 bg_check = check
             if v["val_ap50"] == v["val_ap50"] and v["val_ap50"] > best["val_ap50"]:  # NaN: no objects to find
                 best = {"val_ap50": v["val_ap50"], "step": step}
                 # The paper's test scores are of the checkpoint with the best validation AP (its code kept it).
                 save_checkpoint(run / "checkpoints" / "best.pt", training_state(step, [torch.get_rng_state()]))
+            if live is not None:
+                finite = {k: v[k] if v[k] == v[k] else None for k in ("val_ap50", "val_count_error")}  # JSON has no NaN
+                live_now.update(step=step, **finite,
+                                best_val_ap50=best["val_ap50"], best_step=best["step"])
+                write_json(live, live_now)
         if tb is not None and (step % t_cfg.image_every == 0 or step == steps):
             from .viz import decomposition_grid
 

@@ -230,6 +230,8 @@ def test_snakemake_train_runs_then_eval_all_scores_each_experiment(tmp_path):
     for seed in (0, 5):
         assert _trained_on(proj, "tiny", seed)["config"]["train"]["seed"] == seed
         assert (proj / f"logs/train/tiny.seed{seed}.log").exists()
+        live = json.loads((proj / f"results/live/tiny.seed{seed}.json").read_text())  # DVC's live metrics
+        assert live["step"] == 2 and live["loss"] == summary["per_seed"][str(seed)]["loss"]
     # Then scored and pictured, with the table over runs.
     run(["snakemake", "--cores", "2", "eval_all"], proj)
     metrics = json.loads((proj / "results/runs/tiny/eval/test/metrics.json").read_text())
@@ -348,6 +350,19 @@ def test_profiles_resolve_the_full_dag(profile):
         assert "merge_parts" in p.stdout and "part15" in p.stdout
 
 
+def test_every_experiment_is_a_dvc_model_artifact_of_its_best_checkpoint():
+    """dvc.yaml's artifacts: one per experiment of params.yaml and of the reference overlay, its seed 0's
+    best checkpoint, inside what the experiment's train stage outputs (so DVC caches and pushes it)."""
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    experiments = [*yaml.safe_load((REPO / "params.yaml").read_text())["experiments"],
+                   *yaml.safe_load((REPO / "config/reference.yaml").read_text())["experiments"]]
+    want = {e.replace("_", "-"): f"results/runs/{e}/seeds/0/checkpoints/best.pt" for e in experiments}
+    assert {k: v["path"] for k, v in dvc["artifacts"].items()} == want
+    assert all(v["type"] == "model" for v in dvc["artifacts"].values())
+    outs = [next(iter(o)) if isinstance(o, dict) else o for o in dvc["stages"]["train"]["do"]["outs"]]
+    assert outs == ["results/runs/${key}/seeds"]
+
+
 def test_dvc_pull_then_repro_on_a_second_clone_reruns_nothing(tmp_path):
     """The default remote (a folder beside the clones, .dvc/config): push from one clone, pull into a
     second, and `dvc repro` there has nothing to do."""
@@ -455,6 +470,13 @@ def test_the_cpu_demo_dag_end_to_end_in_a_fresh_copy(tmp_path, runner):
         assert "up to date" in run("dvc status", proj).stdout
         shown = run("dvc metrics show --json", proj).stdout
         assert "ap50" in shown and "space_room3d_small" in shown
+        assert "results/live/space_room3d_small.seed0.json" in shown  # the live metrics, at their last step
+        # The model from DVC's registry: a version registered by an annotated tag, fetched by name.
+        run("git add -A && git -c user.name=t -c user.email=t@t commit -qm demo && git -c user.name=t "
+            "-c user.email=t@t tag -a space-room3d-small@v0.1.0 -m demo", proj)
+        run("dvc artifacts get . space-room3d-small -o fetched.pt", proj)
+        assert (proj / "fetched.pt").read_bytes() == (
+            proj / "results/runs/space_room3d_small/seeds/0/checkpoints/best.pt").read_bytes()
     minutes = (time.perf_counter() - t) / 60
     print(f"demo DAG under {runner}: {minutes:.1f} min")
     for f in ("results/summary.md", "results/summary.json", "results/runs/space_room3d_small/eval/test/metrics.json",

@@ -176,14 +176,25 @@ def test_without_a_progress_bar_each_log_step_and_validation_is_a_line(store, tm
     """--quiet (the pipeline's way) leaves no bar, so a log would stay empty until the end: instead each
     log step prints its step, loss and time to go, and each validation its scores, as they happen."""
     run = tmp_path / "run"
-    train(tiny("train.steps=4", "train.log_every=2", "train.val_every=2"), str(store), str(run), progress=False)
+    live = tmp_path / "live" / "0.json"
+    train(tiny("train.steps=4", "train.log_every=2", "train.val_every=2"), str(store), str(run), progress=False,
+          live=str(live))
     lines = capsys.readouterr().err.splitlines()
     steps = [line for line in lines if " loss " in line]
     assert [line.split(": step ")[1].split()[0] for line in steps] == ["2/4", "4/4"]
     assert all("min to go" in line for line in steps)
+    # One line each, opening with the run it is about (it once opened with the model's whole output).
+    assert all(line.startswith(f"{run}: step ") for line in lines if "step" in line), lines
+    assert len(lines) < 12, lines
     assert [line.split(": step ")[1].split(":")[0] for line in lines if "validation AP50" in line] == ["2", "4"]
     loss_4 = float(read_csv(run / "metrics.csv")[-1]["loss"])
     assert f"loss {loss_4:.1f} " in steps[-1]  # the logged value, as metrics.csv has it
+    # --live (DVC's live metrics): the step and the latest scores, as metrics.csv and val.csv have them.
+    now, val = json.loads(live.read_text()), read_csv(run / "val.csv")
+    best = max(val, key=lambda r: float(r["val_ap50"]))
+    assert now["step"] == now["steps"] == 4 and now["loss"] == loss_4
+    assert now["val_ap50"] == float(val[-1]["val_ap50"]) and now["val_count_error"] == float(val[-1]["val_count_error"])
+    assert now["best_val_ap50"] == float(best["val_ap50"]) and now["best_step"] == int(best["step"])
 
 
 # -------------------------------------------------------------------------------------------- resume

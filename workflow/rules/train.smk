@@ -18,6 +18,8 @@ rule train:
         seed=r"\d+",
     params:
         run="results/runs/{experiment}/seeds/{seed}",
+        # the step and scores so far, rewritten as the run goes: DVC's live metrics (dvc.yaml)
+        live="results/live/{experiment}.seed{seed}.json",
         preset=lambda wc: config["experiments"][wc.experiment]["preset"],
         sets=lambda wc: set_flags(config["experiments"][wc.experiment].get("set", {})),
     threads: lambda wc: workflow.cores  # a function: --report, --lint and -n need no --cores
@@ -33,6 +35,7 @@ rule train:
     shell:
         "python -m space train --data {input} --out {params.run} --preset {params.preset} {params.sets} "
         "--set train.seed={wildcards.seed} --set train.threads={threads} --restart --summary {output} "
+        "--live {params.live} "
         "--quiet 2> {log}"
 
 
