@@ -101,6 +101,16 @@ def time_side_by_side(variants: dict, x, steps: int, warmup: int) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def markdown(grid_rows: list, k_rows: list, k_grid: int) -> str:
+    """The two tables: latency against the grid (SPACE beside sequential inference), and against K."""
+    lines = ["| grid | cells | SPACE s/step | sequential s/step | sequential part | ratio |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['grid']}x{r['grid']} | {r['cells']} | {r['space_s']:.2f} | {r['sequential_s']:.2f} | "
+              f"{r['sequential_extra_s']:.2f} | {r['sequential_s'] / r['space_s']:.2f}x |" for r in grid_rows]
+    lines += ["", f"| K | SPACE s/step (grid {k_grid}x{k_grid}) |", "|---|---|"]
+    lines += [f"| {r['components']} | {r['space_s']:.2f} |" for r in k_rows]
+    return "\n".join(lines)
+
+
 def plot(path: str, grid_rows: list, k_rows: list, title: str) -> None:
     """Figure 5's right panel: step latency against the number of cells, SPACE beside sequential inference,
     and against the number of background components."""
@@ -141,14 +151,19 @@ def main() -> None:
     p.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     p.add_argument("--plot", metavar="PNG", help="draw latency against cells (SPACE and sequential) and against K")
     p.add_argument("--from-json", nargs="+", metavar="FILE",
-                   help="measure nothing: plot (--plot) the JSON lines of earlier runs, merged by grid and K")
+                   help="measure nothing: plot (--plot) or tabulate (--markdown) the JSON lines of earlier runs, "
+                        "merged by grid and K (a later file's row wins)")
     ns = p.parse_args()
     if ns.from_json:
         rows = [json.loads(open(f).read().strip().splitlines()[-1]) for f in ns.from_json]
-        grids = {r["grid"]: r for run in rows for r in run["grids"]}
+        grids = {r["grid"]: r for run in rows for r in run["grids"]}  # a later file's row wins
         ks = {r["components"]: r for run in rows for r in run["components"]}
-        plot(ns.plot or "capacity.png", [grids[g] for g in sorted(grids)], [ks[k] for k in sorted(ks)],
-             f"{rows[0]['preset']}, batch {rows[0]['batch']}, {rows[0]['threads']} CPU threads")
+        grid_rows, k_rows = [grids[g] for g in sorted(grids)], [ks[k] for k in sorted(ks)]
+        if ns.markdown:
+            print(markdown(grid_rows, k_rows, Config.from_dict(PRESETS[rows[0]["preset"]]).model.grid_size))
+        if ns.plot or not ns.markdown:
+            plot(ns.plot or "capacity.png", grid_rows, k_rows,
+                 f"{rows[0]['preset']}, batch {rows[0]['batch']}, {rows[0]['threads']} CPU threads")
         return
     lean_host_allocator(Config.from_dict(PRESETS[ns.preset]).train.malloc_mmap_threshold_mib)  # as training
     if ns.threads:
@@ -172,14 +187,7 @@ def main() -> None:
         k_rows.append({"components": k, "space_s": round(med["space"], 3)})
         print(f"K={k}: SPACE {med['space']:.2f} s", flush=True)
     if ns.markdown:
-        print("\n| grid | cells | SPACE s/step | sequential s/step | sequential part | ratio |\n"
-              "|---|---|---|---|---|---|")
-        for r in grid_rows:
-            print(f"| {r['grid']}x{r['grid']} | {r['cells']} | {r['space_s']:.2f} | {r['sequential_s']:.2f} | "
-                  f"{r['sequential_extra_s']:.2f} | {r['sequential_s'] / r['space_s']:.2f}x |")
-        print(f"\n| K | SPACE s/step (grid {g_default}x{g_default}) |\n|---|---|")
-        for r in k_rows:
-            print(f"| {r['components']} | {r['space_s']:.2f} |")
+        print("\n" + markdown(grid_rows, k_rows, g_default))
     if ns.plot:
         plot(ns.plot, grid_rows, k_rows, f"{ns.preset}, batch {ns.batch}, {torch.get_num_threads()} CPU threads")
     print(json.dumps({"preset": ns.preset, "batch": ns.batch, "image": n, "threads": torch.get_num_threads(),
