@@ -418,10 +418,14 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
     val_log = CsvLog(run / "val.csv", VAL_FIELDS, start) if is_main else None
     tb = _tensorboard(run / "tb") if is_main else None
     amp = t_cfg.amp and device.type == "cuda"
-    live_now = {"steps": steps, "best_val_ap50": best["val_ap50"] if best["step"] is not None else None,
-                "best_step": best["step"]}  # what `live` holds, updated as the run goes
+    latest = {"steps": steps}  # the step and scores `live` holds, updated as the run goes
     if live is not None and is_main:
         live.parent.mkdir(parents=True, exist_ok=True)
+
+    def write_live(**now) -> None:
+        latest.update(now)
+        write_json(live, {**latest, "best_val_ap50": best["val_ap50"] if best["step"] is not None else None,
+                          "best_step": best["step"]})
 
     def training_state(step: int, rng: list) -> dict:
         return {
@@ -486,8 +490,7 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
                         glimpses=out["fg"]["glimpses_decoded"])
             log.write(last)
             if live is not None:
-                live_now.update(step=step, loss=last["loss"], mse=last["mse"])
-                write_json(live, live_now)
+                write_live(step=step, loss=last["loss"], mse=last["mse"])
             bar.set_postfix(loss=f"{last['loss']:.0f}", mse=f"{last['mse']:.4f}")
             if not progress:  # no bar (--quiet, as the pipeline runs it): a line a log step, so logs show progress
                 done = step - start
@@ -516,11 +519,8 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
                 best = {"val_ap50": v["val_ap50"], "step": step}
                 # The paper's test scores are of the checkpoint with the best validation AP (its code kept it).
                 save_checkpoint(run / "checkpoints" / "best.pt", training_state(step, [torch.get_rng_state()]))
-            if live is not None:
-                finite = {k: v[k] if v[k] == v[k] else None for k in ("val_ap50", "val_count_error")}  # JSON has no NaN
-                live_now.update(step=step, **finite,
-                                best_val_ap50=best["val_ap50"], best_step=best["step"])
-                write_json(live, live_now)
+            if live is not None:  # JSON has no NaN (a validation with no objects to find)
+                write_live(step=step, **{k: v[k] if v[k] == v[k] else None for k in ("val_ap50", "val_count_error")})
         if tb is not None and (step % t_cfg.image_every == 0 or step == steps):
             from .viz import decomposition_grid
 

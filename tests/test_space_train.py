@@ -424,6 +424,13 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(store, tmp_
         assert rc == 2, err
         assert "cannot write the run directory" in err and str(out) in err, err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    # --live (DVC's live metrics) is checked as early: a directory, or a path under a file, is refused.
+    for live in (tmp_path, blocker / "live.json"):
+        rc, err = run_main(capsys, "train", "--data", str(store), "--out", str(tmp_path / "run"), *tiny_args(),
+                           "--live", str(live))
+        assert rc == 2 and "--live" in err and str(live) in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
     assert not built, "a model was built for an output that cannot be written"
     assert blocker.read_text() == "keep me"
 
