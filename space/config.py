@@ -112,6 +112,12 @@ class ModelConfig:
     glimpse_encoder: str = "paper"
     # The component decoder: three 3x3 BN/ELU layers and a 3x3 output (the table) or four and a 1x1 output.
     comp_decoder: str = "paper"
+    # Not in the paper or its code: how the glimpse decoder reaches a colour. "paper": through its GroupNorm
+    # stack alone, where each group's mean is normalised away, so at initialisation every z_what paints the
+    # same colour and the decoder learns only the few colours it first explains (BENCHMARKS.md, "Learning").
+    # "linear": the same decoder plus a linear map from z_what to o_att's logits, one shift per glimpse and
+    # channel, zero at initialisation, so any colour lies along a direction of z_what.
+    glimpse_colour: str = "paper"
     # The background LSTMs' h_0, c_0 and the dummy z^m_0 of algorithms 2 and 3: "zeros" (the paper gives no
     # values) or "learned" (the code).
     bg_initial_state: str = "zeros"
@@ -157,7 +163,7 @@ class ModelConfig:
             raise ConfigError(f"model.tau: must be above 0 (start and end), got {self.tau.start} -> {self.tau.end}")
         for name, choices in (("boundary_loss", ("linear", "gaussian")), ("kl_weighting", ("z_pres", "every_cell")),
                               ("mixture", ("pixel", "channel")), ("fg_encoder", ("paper", "code")),
-                              ("glimpse_encoder", ("paper", "code")),
+                              ("glimpse_encoder", ("paper", "code")), ("glimpse_colour", ("paper", "linear")),
                               ("comp_decoder", ("paper", "code")), ("bg_initial_state", ("zeros", "learned")),
                               ("comp_encoder_input", ("pi", "log_pi"))):
             if getattr(self, name) not in choices:

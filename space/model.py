@@ -141,9 +141,12 @@ class GlimpseEncoder(nn.Module):
 
 
 class GlimpseDecoder(nn.Module):
-    """z_what (M, D) -> glimpse mask alpha_att (M, 1, 32, 32) and appearance o_att (M, 3, 32, 32)."""
+    """z_what (M, D) -> glimpse mask alpha_att (M, 1, 32, 32) and appearance o_att (M, 3, 32, 32).
 
-    def __init__(self, z_what_dim: int):
+    colour "linear" (model.glimpse_colour) adds a linear map from z_what to a shift of o_att's logits, one
+    per glimpse and channel, zero at initialisation."""
+
+    def __init__(self, z_what_dim: int, colour: str = "paper"):
         super().__init__()
         self.net = nn.Sequential(
             conv_gn(z_what_dim, 256, 1, 1, 0, 16),  # 1x1
@@ -154,9 +157,18 @@ class GlimpseDecoder(nn.Module):
             conv_sub(32, 16, 2, 4), conv_gn(16, 16, 3, 1, 1, 4),  # 32x32
             nn.Conv2d(16, 4, 3, 1, 1),
         )
+        self.colour = None
+        if colour == "linear":  # zeros, drawing no random numbers: the rest starts as with "paper"
+            self.colour = nn.Linear(z_what_dim, 3, device="meta").to_empty(device="cpu")
+            nn.init.zeros_(self.colour.weight)
+            nn.init.zeros_(self.colour.bias)
 
     def forward(self, z_what):
-        out = torch.sigmoid(self.net(z_what[:, :, None, None]))
+        logits = self.net(z_what[:, :, None, None])  # (M, 4, S, S): alpha_att's and o_att's
+        if self.colour is not None:
+            # (M, 3) -> (M, 4, 1, 1), alpha_att's logit unshifted
+            logits = logits + F.pad(self.colour(z_what), (1, 0))[:, :, None, None]
+        out = torch.sigmoid(logits)
         return out[:, :1], out[:, 1:]
 
 
@@ -263,7 +275,7 @@ class Foreground(nn.Module):
         self.z_scale_net = nn.Conv2d(128, 4, 1)
         self.z_shift_net = nn.Conv2d(128, 4, 1)
         self.glimpse_encoder = GlimpseEncoder(cfg.z_what_dim, cfg.glimpse_encoder)
-        self.glimpse_decoder = GlimpseDecoder(cfg.z_what_dim)
+        self.glimpse_decoder = GlimpseDecoder(cfg.z_what_dim, cfg.glimpse_colour)
         self.register_buffer("band", boundary_band(cfg.glimpse_size, cfg.boundary_width), persistent=False)
         self.checkpoint_images = 0  # images per activation-checkpointed chunk (0: keep every activation)
         # Start glimpses at the size the z_scale prior expects rather than half the image: the posterior

@@ -76,6 +76,40 @@ def test_glimpse_encoder_and_decoder_shapes_and_ranges():
     assert ((alpha >= 0) & (alpha <= 1)).all() and ((o >= 0) & (o <= 1)).all()  # sigmoid
 
 
+def test_glimpse_colour_linear_starts_as_the_paper_and_reaches_colours_the_paper_cannot():
+    """model.glimpse_colour: "linear" draws no random numbers and adds zero at initialisation, so it starts
+    as "paper" does. The paper's decoder, freshly built, paints nearly one mean colour whatever z_what (its
+    GroupNorm layers normalise the per-glimpse mean away); fitting z_what alone cannot make it green. Fitting
+    z_what and the linear map can."""
+    torch.manual_seed(0)
+    paper = GlimpseDecoder(32)
+    torch.manual_seed(0)
+    linear = GlimpseDecoder(32, "linear")
+    z = torch.randn(64, 32)
+    for a, b in zip(paper(z), linear(z)):
+        assert torch.equal(a, b)
+    mean_colour = paper(z)[1].mean((2, 3))  # (64, 3)
+    assert mean_colour.std(0).max() < 0.05
+
+    green = torch.tensor([0.13, 0.50, 0.17])[None, :, None, None]
+
+    def fit(dec, params):
+        zz = torch.randn(4, 32, requires_grad=True)
+        opt = torch.optim.Adam([zz, *params], lr=0.05)
+        for _ in range(150):
+            loss = ((dec(zz)[1] - green) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return dec(zz)[1].mean((0, 2, 3)).detach()
+
+    far = fit(paper, [])
+    near = fit(linear, list(linear.colour.parameters()))
+    target = green.flatten()
+    assert (far - target).abs().max() > 0.2
+    assert (near - target).abs().max() < 0.05
+
+
 def test_extract_glimpses_shape():
     x = torch.rand(2, 3, 64, 64)
     centre, size = torch.rand(2, 7, 2), torch.rand(2, 7, 2)
@@ -1107,6 +1141,13 @@ def test_the_fg_encoder_setting_reaches_the_model_and_is_checked():
     assert SPACE(tiny_cfg()).fg.encoder.lateral is None
     with pytest.raises(ConfigError, match="fg_encoder"):
         tiny_cfg(fg_encoder="lateral").validate()
+
+
+def test_the_glimpse_colour_setting_reaches_the_model_and_is_checked():
+    assert isinstance(SPACE(tiny_cfg(glimpse_colour="linear")).fg.glimpse_decoder.colour, torch.nn.Linear)
+    assert SPACE(tiny_cfg()).fg.glimpse_decoder.colour is None
+    with pytest.raises(ConfigError, match="glimpse_colour"):
+        tiny_cfg(glimpse_colour="rgb").validate()
 
 
 def test_the_codes_component_decoder_has_four_hidden_layers_and_a_1x1_output():
