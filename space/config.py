@@ -377,17 +377,21 @@ PRESETS: dict[str, dict] = {
         "train": {"malloc_mmap_threshold_mib": 1},
     },
     # The CPU demo: 64x64 3D-Room, a 4x4 grid, K=2, batch 8, 0.4-1.0 s a step on 2 cores (the machines
-    # vary). Tuned to box objects within about 10 minutes (800 steps; BENCHMARKS.md): the normalised
-    # foreground mean, a faster foreground learning rate (4e-4) and a slower background one (2.5e-4: a
-    # background that learns fast explains the objects first, and the foreground comes on later), and a
-    # constant z_scale prior for glimpses of a sixth of the frame. The paper's settings learn too, over the
-    # paper's hundreds of thousands of steps.
+    # vary). Tuned to box objects of every colour within about 10 minutes (800 steps; BENCHMARKS.md): the
+    # normalised foreground mean, a faster foreground learning rate (4e-4) and a slower background one
+    # (2.5e-4: a background that learns fast explains the objects first, and the foreground comes on
+    # later), a constant z_scale prior for glimpses of a sixth of the frame, both training schedules over
+    # the first 300 steps, and the linear glimpse colour. The paper's settings learn too, over the paper's
+    # hundreds of thousands of steps.
     "demo": {
         "model": {
             "image_size": 64,
             "grid_size": 4,
             "n_components": 2,
             "fg_mean": "normalised",
+            "glimpse_colour": "linear",
+            "kl_what_weight": {"start": 0.0, "end": 1.0, "start_step": 0, "end_step": 300},
+            "mixture_temperature": {"start": 5.0, "end": 1.0, "start_step": 0, "end_step": 300},
             "z_pres_prior": {"start": 0.1, "end": 0.05, "start_step": 500, "end_step": 1500},
             "z_scale_prior_mean": {"start": -1.5, "end": -1.5, "start_step": 0, "end_step": 0},
         },
