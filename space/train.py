@@ -143,14 +143,24 @@ def optimisers(model: SPACE, t_cfg) -> tuple[torch.optim.Optimizer, torch.optim.
     return torch.optim.RMSprop(fg_params, lr=t_cfg.fg_lr), torch.optim.Adam(bg_params, lr=t_cfg.bg_lr)
 
 
+def learning_rates(t_cfg, step: int) -> tuple[float, float]:
+    """The foreground's and the background's learning rates at a step (counted from 0): fg_lr after its
+    linear warmup (train.fg_lr_warmup), bg_lr until train.bg_lr_zero_step."""
+    fg_lr = t_cfg.fg_lr * min(1.0, (step + 1) / t_cfg.fg_lr_warmup) if t_cfg.fg_lr_warmup else t_cfg.fg_lr
+    bg_lr = 0.0 if t_cfg.bg_lr_zero_step and step >= t_cfg.bg_lr_zero_step else t_cfg.bg_lr
+    return fg_lr, bg_lr
+
+
 def train_step(net, x, step: int, opt_fg, opt_bg, t_cfg, amp: bool = False):
     """One training step on the batch x (B, 3, N, N): forward (bf16 autocast with `amp`), the loss checked
     finite, backward, gradients clipped to train.clip_norm, both optimisers stepped, the background's
-    learning rate 0 from train.bg_lr_zero_step (appendix D.2, 3D-Room). Training and every benchmark time
-    this function. Returns the model's output, the gradient norm and the background learning rate used."""
-    bg_lr = 0.0 if t_cfg.bg_lr_zero_step and step >= t_cfg.bg_lr_zero_step else t_cfg.bg_lr
-    for g in opt_bg.param_groups:
-        g["lr"] = bg_lr
+    learning rate 0 from train.bg_lr_zero_step (appendix D.2, 3D-Room), the foreground's warmed up over
+    train.fg_lr_warmup. Training and every benchmark time this function. Returns the model's output, the
+    gradient norm and the background learning rate used."""
+    fg_lr, bg_lr = learning_rates(t_cfg, step)
+    for opt, lr in ((opt_fg, fg_lr), (opt_bg, bg_lr)):
+        for g in opt.param_groups:
+            g["lr"] = lr
     try:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             out = net(x, step)
@@ -171,7 +181,7 @@ def train_step(net, x, step: int, opt_fg, opt_bg, t_cfg, amp: bool = False):
     if not torch.isfinite(grad_norm):
         raise TrainingDiverged(f"step {step}: the gradient norm became {float(grad_norm)}; stopped, "
                                "the last good checkpoint is kept")
-    optimiser_step(opt_fg, step, "foreground", "train.fg_lr", t_cfg.fg_lr)
+    optimiser_step(opt_fg, step, "foreground", "train.fg_lr", fg_lr)
     optimiser_step(opt_bg, step, "background", "train.bg_lr", bg_lr)
     return out, grad_norm, bg_lr
 
@@ -486,7 +496,7 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
         if is_main and (step % t_cfg.log_every == 0 or step == steps):
             last = dict(zip(terms, logged[:-1]))
             last.update(step=step, wall_s=round(time.perf_counter() - t0, 3), mse=logged[-1],
-                        grad_norm=float(grad_norm), fg_lr=t_cfg.fg_lr, bg_lr=bg_lr,
+                        grad_norm=float(grad_norm), fg_lr=learning_rates(t_cfg, step - 1)[0], bg_lr=bg_lr,
                         glimpses=out["fg"]["glimpses_decoded"])
             log.write(last)
             if live is not None:

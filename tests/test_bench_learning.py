@@ -142,3 +142,32 @@ def test_recall_by_colour_with_a_checkpoint_shows_what_it_paints_and_probes_z_wh
     assert "| every colour |" in "\n".join(printed)
     assert recall_by_colour.main(["--from", str(out), "--markdown"]) == 0
     assert capsys.readouterr().out.strip().splitlines() == printed
+
+
+def test_z_pres_forces_match_the_bernoulli_kl_derivative():
+    """The kl_pres column against its closed form: d KL(Bern(p) || Bern(q)) / d logit = p (1 - p) (logit -
+    logit(q)), the mean over cells; and the term that gradient descent follows sets the sign (positive: off)."""
+    import torch
+
+    import z_pres_forces
+    from space.config import Config
+    from space.model import SPACE
+
+    cfg = Config.from_dict({"model": {"image_size": 32, "grid_size": 4, "n_components": 2,
+                                      "z_pres_prior": {"start": 0.1, "end": 0.1, "start_step": 0, "end_step": 0}}})
+    torch.manual_seed(0)
+    net = SPACE(cfg.model).train()
+    with torch.no_grad():
+        net.fg.z_pres_net.bias.fill_(1.5)  # cells likelier on than the prior: its KL pushes them off
+    x = torch.rand(3, 3, 32, 32)
+    row = z_pres_forces.forces(net, x, 0, cfg)
+    logit = net.fg.z_pres_net(net.fg.encoder(x))
+    p = torch.sigmoid(logit)
+    expected = float((p * (1 - p) * (logit - np.log(0.1 / 0.9))).mean()) * 1000
+    assert row["kl_pres"] == pytest.approx(expected, rel=1e-3) and row["kl_pres"] > 0
+    assert row["p_mean"] == pytest.approx(float(p.mean()), abs=1e-4)
+    assert set(z_pres_forces.TERMS) <= set(row)
+    # Charged for every cell (the paper's code), z_where's and z_depth's KLs do not depend on z_pres.
+    cfg.model.kl_weighting = "every_cell"
+    row = z_pres_forces.forces(SPACE(cfg.model).train(), x, 0, cfg)
+    assert row["kl_where"] == 0.0 and row["kl_depth"] == 0.0 and row["-log_lik"] != 0.0

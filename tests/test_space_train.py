@@ -1014,3 +1014,16 @@ def test_validation_shares_are_the_mixing_weights_and_a_failed_split_reaches_the
     assert "the background has not split" in err and err.count("has not split") == 1  # said once, not per check
     verdict = json.loads(summary.read_text())["background_split"]
     assert verdict["split"] is False and verdict["step"] == int(val[-1]["step"])
+
+
+def test_the_foreground_learning_rate_warms_up_linearly_then_holds():
+    from space.config import ConfigError, TrainConfig
+    from space.train import learning_rates
+
+    t = TrainConfig(fg_lr=4e-4, bg_lr=1e-3, fg_lr_warmup=4, bg_lr_zero_step=6)
+    fg = [learning_rates(t, s)[0] for s in range(6)]
+    assert fg == pytest.approx([1e-4, 2e-4, 3e-4, 4e-4, 4e-4, 4e-4])
+    assert [learning_rates(t, s)[1] for s in (5, 6)] == [1e-3, 0.0]
+    assert learning_rates(TrainConfig(fg_lr=4e-4), 0)[0] == 4e-4  # no warmup: the paper's constant rate
+    with pytest.raises(ConfigError, match="fg_lr_warmup"):
+        TrainConfig(fg_lr_warmup=-1).validate()
