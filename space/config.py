@@ -192,8 +192,8 @@ class TrainConfig:
     fg_lr: float = 1e-5  # RMSProp
     # Not in the paper: the foreground learning rate rises linearly from fg_lr / fg_lr_warmup to fg_lr over
     # this many first steps (0: none, the paper's). RMSProp has no bias correction, so its first steps move
-    # every weight by up to 10 x fg_lr; at the demo's fast rate that first jump throws the glimpses' z_where
-    # far from its prior and the KL it then costs switches the foreground off (bench/z_pres_forces.py).
+    # every weight by up to 10 x fg_lr; at the demo's fast rate z_where's KL jumps 14-fold after the first
+    # step, one of the pulls that switch the foreground off early (bench/z_pres_forces.py, BENCHMARKS.md).
     fg_lr_warmup: int = 0
     bg_lr: float = 1e-3  # Adam
     clip_norm: float = 1.0
