@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import typing
 from pathlib import Path
@@ -259,6 +260,50 @@ def merge_params(base: dict, overlay: dict) -> dict:
     return merged
 
 
+def _hydra_value(v) -> str:
+    """A value in the override grammar DVC's --set-param reads (Hydra's): strings quoted, no spaces, so
+    each override is one argument."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        for quote in "'\"":
+            if quote not in v and not v.endswith("\\"):
+                return quote + v + quote
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_hydra_value(x) for x in v) + "]"
+    if isinstance(v, dict) and all(isinstance(k, str) and _HYDRA_KEY.fullmatch(k) for k in v):
+        return "{" + ",".join(f"{k}:{_hydra_value(x)}" for k, x in v.items()) + "}"
+    raise ConfigError(f"DVC's --set-param cannot give the value {v!r}; write the merged params with --out instead")
+
+
+_HYDRA_KEY = re.compile(r"[A-Za-z_][\w./\-+$%*@?|]*")  # a dict key Hydra reads unquoted
+
+
+def dvc_set_params(base: dict, target: dict, path: str = "") -> list[str]:
+    """DVC --set-param overrides that turn `base` into `target`: a changed value set (`key=value`), a new key
+    added (`+key=value`), a key gone removed (`~key`); mappings on both sides compared key by key, unless a
+    key holds a dot (as `set:`'s `train.steps`), which an override path cannot name: then the whole mapping."""
+    plain = all(isinstance(k, str) and k.isidentifier() for k in [*base, *target])
+    if path and not plain:
+        return [] if base == target else [f"{path.rstrip('.')}={_hydra_value(target)}"]
+    out = []
+    for k in base:
+        if k not in target:
+            out.append(f"~{path}{k}")
+    for k, v in target.items():
+        if k not in base:
+            out.append(f"+{path}{k}={_hydra_value(v)}")
+        elif isinstance(v, dict) and isinstance(base[k], dict):
+            out += dvc_set_params(base[k], v, f"{path}{k}.")
+        elif v != base[k] or type(v) is not type(base[k]):
+            out.append(f"{path}{k}={_hydra_value(v)}")
+    return out
+
+
 def cmd_params(ns) -> int:
     import yaml
 
@@ -273,7 +318,11 @@ def cmd_params(ns) -> int:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
         if not isinstance(docs[-1], dict):
             raise ConfigError(f"{path}: expected a mapping of sections (datasets:, experiments:, ...)")
+    if ns.exp_run and ns.out:
+        raise ConfigError("--exp-run runs the overlay as a DVC experiment and writes no file; drop --out")
     merged = merge_params(*docs)
+    if ns.exp_run:
+        return _exp_run(dvc_set_params(docs[0], merged), ns.exp_name or Path(ns.overlay).stem)
     text = yaml.safe_dump(merged, sort_keys=False)
     if ns.out:
         tmp = Path(ns.out + ".tmp")
@@ -284,6 +333,21 @@ def cmd_params(ns) -> int:
     else:
         print(text, end="")
     return 0
+
+
+def _exp_run(overrides: list[str], name: str) -> int:
+    """`dvc exp run --temp`: the experiment runs in a temporary copy with the overrides applied there, so the
+    workspace's params.yaml stays as it is; the results are an experiment (`dvc exp show`, `dvc exp apply`)."""
+    import shlex
+    import shutil
+    import subprocess
+
+    dvc = shutil.which("dvc")
+    if dvc is None:
+        raise ConfigError("--exp-run needs DVC on the PATH (pip install dvc); or write the merged params with --out")
+    args = ["dvc", "exp", "run", "--temp", "--name", name, *(a for o in overrides for a in ("-S", o))]
+    print("running: " + shlex.join(args), file=sys.stderr, flush=True)
+    return subprocess.call([dvc, *args[1:]])
 
 
 def cmd_fingerprint(ns) -> int:
@@ -386,6 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("overlay", help="the YAML to merge over the base, e.g. config/demo.yaml")
     q.add_argument("--base", default="params.yaml", help="default: %(default)s")
     q.add_argument("--out", help="write here (default: print); may be the base itself")
+    q.add_argument("--exp-run", action="store_true",
+                   help="run it as a DVC experiment instead (dvc exp run --temp with one --set-param per setting "
+                        "that differs), leaving the tracked params.yaml untouched; dvc exp show lists its scores")
+    q.add_argument("--exp-name", help="the experiment's name with --exp-run (default: the overlay's, e.g. demo)")
     q.set_defaults(func=cmd_params)
 
     f = sub.add_parser("fingerprint", help="a hash of Python files' code, blind to comments and docstrings (DVC)",

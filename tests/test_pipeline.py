@@ -450,6 +450,54 @@ def test_the_demo_as_dvc_params_keeps_only_its_enabled_experiment(tmp_path):
     assert bad.returncode == 2 and "no such file: no/such.yaml" in bad.stderr
 
 
+def test_the_demo_as_a_dvc_experiment_leaves_params_yaml_untouched(tmp_path):
+    """`python -m datagen params config/demo.yaml --exp-run`: DVC runs the demo as an experiment in a
+    temporary copy, its --set-param overrides turning params.yaml into the merged demo params there (as
+    DVC itself reads them back), while the workspace's params.yaml keeps its bytes. The pipeline is swapped
+    for one stage that reads the same params, so this checks the overrides, not the training."""
+    proj = project_copy(tmp_path, yaml.safe_load((REPO / "params.yaml").read_text()))
+    (proj / "dvc.yaml").write_text(
+        "stages:\n  seen:\n    cmd: python -c \"import shutil; shutil.copy('params.yaml', 'seen.yaml')\"\n"
+        "    params: [datagen, datasets, experiments]\n    outs: [seen.yaml]\n")
+    run("git add -A && git -c user.name=t -c user.email=t@t commit -qm stage", proj)
+    before = (proj / "params.yaml").read_bytes()
+    p = run([sys.executable, "-m", "datagen", "params", "config/demo.yaml", "--exp-run"], proj)
+    assert "dvc exp run --temp --name demo -S" in p.stderr
+    assert (proj / "params.yaml").read_bytes() == before
+    assert run("git status --porcelain", proj).stdout == ""
+    shown = json.loads(run("dvc exp show --json", proj).stdout)
+    (exp,) = [e for row in shown for e in (row.get("experiments") or []) if e["name"] == "demo"]
+    assert exp["revs"][0]["data"]["params"]["params.yaml"]["data"] == _demo_params()
+    # and its results come into the workspace on request (docs/scale-out.md)
+    assert not (proj / "seen.yaml").exists()
+    run("dvc exp apply demo", proj)
+    assert yaml.safe_load((proj / "seen.yaml").read_text()) == _demo_params()
+
+
+def test_dvc_overrides_turn_any_params_into_any_other():
+    """The overrides for values DVC's grammar needs care with: quotes, dotted keys (as `set:`'s), a key
+    removed and one added, a type changed, nested lists; applied by DVC's own Hydra override code."""
+    from dvc.utils.hydra import apply_overrides
+
+    from datagen.__main__ import dvc_set_params
+    from datagen.config import ConfigError
+
+    base = {"a": {"b": 1, "c": [1, 2], "gone": {"x": 1}},
+            "e": {"s": {"train.steps": 800, "model.x": "it's"}, "f": 2, "g": True}}
+    target = {"a": {"b": 1.5, "c": [[3, 4], "w"], "new": {"y": None, "z": "a b:c", "q": 'say "hi"', "w": 'C:\\x'}},
+              "e": {"s": {"train.steps": 3000, "model.x": "it's"}, "f": 2, "g": 1}}
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "params.yaml"
+        path.write_text(yaml.safe_dump(base))
+        apply_overrides(str(path), dvc_set_params(base, target))
+        got = yaml.safe_load(path.read_text())
+    assert got == target and type(got["e"]["g"]) is int and type(got["a"]["b"]) is float
+    with pytest.raises(ConfigError, match="write the merged params with --out"):
+        dvc_set_params({"a": 1}, {"a": "both ' and \""})
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("runner", ["snakemake", "dvc"])
 def test_the_cpu_demo_dag_end_to_end_in_a_fresh_copy(tmp_path, runner):
