@@ -237,6 +237,22 @@ def test_no_repeated_frames_and_no_frame_in_two_splits(demo_like):
     assert steps.min() > AtariConfig().opening_steps  # no frame from the opening
 
 
+def test_an_atari_store_opens_in_xarray_like_a_3d_room_one(demo_like):
+    """The Atari generator writes through the same store: every array (the RAM and actions included) has
+    named dimensions, frame first (but the writer's per-shard bookkeeping), so xarray reads each split
+    whole, with the store's own values."""
+    xr = pytest.importorskip("xarray")
+    for split in ("train", "test"):
+        ds = xr.open_zarr(str(demo_like.path), group=split)
+        assert ds["images"].dims == ("frame", "y", "x", "rgb") and ds["boxes"].dims == ("frame", "object", "box")
+        data = [name for name in ds.data_vars if not name.startswith("_")]
+        assert {"action", "reward", "episode", "visibility"} <= set(data)
+        assert all(ds[name].dims[0] == "frame" for name in data) and ds["_shards_done"].dims == ("shard",)
+        assert ds.sizes["frame"] == demo_like.n_frames(split)
+        for name in data:
+            np.testing.assert_array_equal(ds[name].values, demo_like.read(split, name, slice(None)))
+
+
 def test_a_frozen_screen_is_kept_after_repeat_tries(monkeypatch):
     """A game whose screen never changes cannot fill a shard with new frames: after repeat_tries repeats
     dropped in a row the next one is kept, so the recorder ends (no endless loop)."""
