@@ -5,7 +5,8 @@
 
 Each ground-truth object's colour is read from the frame itself (the mean RGB under its instance mask) and
 named after the nearest colour of the generator's palette in chromaticity (RGB / (R + G + B)), which
-shading changes little; its size is its box's area as a share of the frame. An object is found when a
+shading changes little; its size is its box's area as a share of the frame; with --grid G, whether its box
+centre has a cell of the model's GxG grid to itself or shares one with another object's. An object is found when a
 detection with z_pres probability above --threshold overlaps its box at IoU --iou or more. AP averages
 over all objects; this shows where the misses are (the CPU demo's foreground once kept to warm colours).
 With --checkpoint it also shows, per colour, what that model does with each object (eval mode, the first
@@ -50,7 +51,10 @@ def iou(a, b) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + b[2] * b[3] - inter + 1e-9)
 
 
-def recall(store: Store, split: str, detections: list, threshold: float, min_iou: float, small: float) -> dict:
+def recall(store: Store, split: str, detections: list, threshold: float, min_iou: float, small: float,
+           grid: int | None = None) -> dict:
+    """Recall per colour name and size; with `grid`, also for objects with a GxG cell of their own against
+    those whose box centre shares a cell with another's (a SPACE cell explains one object)."""
     n = store.array(split, "boxes").shape[0]
     boxes = store.read(split, "boxes", slice(0, n))
     images = store.read(split, "images", slice(0, n))
@@ -62,6 +66,9 @@ def recall(store: Store, split: str, detections: list, threshold: float, min_iou
     counts: dict = {}
     side = images.shape[1]
     for i in range(n):
+        cells = [None if np.isnan(b[0]) or not grid else
+                 (min(int((b[1] + b[3]) / 2 / side * grid), grid - 1), min(int((b[0] + b[2]) / 2 / side * grid), grid - 1))
+                 for b in boxes[i]]  # each slot's cell (row, column)
         for k, box in enumerate(boxes[i]):
             if np.isnan(box[0]):
                 continue
@@ -70,7 +77,10 @@ def recall(store: Store, split: str, detections: list, threshold: float, min_iou
                 continue
             hit = any(iou(box, d) >= min_iou for d in found.get(i, []))
             share = (box[2] - box[0]) * (box[3] - box[1]) / side**2
-            for key in (colour_name(images[i][mask].mean(0)), "small" if share < small else "large"):
+            keys = [colour_name(images[i][mask].mean(0)), "small" if share < small else "large"]
+            if grid:
+                keys.append(f"{'shared' if cells.count(cells[k]) > 1 else 'own'} {grid}x{grid} cell")
+            for key in keys:
                 c = counts.setdefault(key, [0, 0])
                 c[0] += hit
                 c[1] += 1
@@ -177,6 +187,8 @@ def main(argv=None) -> int:
     p.add_argument("--iou", type=float, default=0.5, help="least IoU of a hit (default 0.5)")
     p.add_argument("--small", type=float, default=0.025, help="box area share of the frame below which an "
                                                               "object is small (default 0.025)")
+    p.add_argument("--grid", type=int, help="also recall of objects with a GxG cell of their own against those "
+                                            "sharing one (the model's grid_size)")
     p.add_argument("--checkpoint", help="a trained model's checkpoint: also show what it paints per colour")
     p.add_argument("--frames", type=int, default=64, help="frames for --checkpoint (default 64)")
     p.add_argument("--out", help="also write the results here (JSON), e.g. bench/results/recall_by_colour.json")
@@ -195,7 +207,8 @@ def main(argv=None) -> int:
             store.array(ns.split, "masks")
         except Exception:  # noqa: BLE001 - the store reader names a missing array in its own way
             raise SystemExit(f"error: {ns.data} has no instance masks in {ns.split!r}; this reads 3D-Room stores") from None
-        rows = {label: recall(store, ns.split, json.loads(Path(path).read_text()), ns.threshold, ns.iou, ns.small)
+        rows = {label: recall(store, ns.split, json.loads(Path(path).read_text()), ns.threshold, ns.iou, ns.small,
+                              ns.grid)
                 for label, path in zip(ns.labels or ns.detections, ns.detections)}
         probe, decoded = decoded_colours(ns.checkpoint, store, ns.split, ns.frames) if ns.checkpoint else (None, None)
         results = {"data": ns.data, "split": ns.split, "threshold": ns.threshold, "iou": ns.iou, "rows": rows,

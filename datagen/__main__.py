@@ -162,7 +162,9 @@ def cmd_inspect(ns) -> int:
                 "arrays": {k: [list(g[k].shape), str(g[k].dtype)] for k in sorted(g.array_keys()) if not k.startswith("_")},
             }
         first = "train" if "train" in s.splits else s.splits[0]
-        summary["z_scale_prior"] = z_scale_advice(s.read(first, "boxes", slice(None)), s.attrs["image_size"])
+        boxes = s.read(first, "boxes", slice(None))
+        summary["z_scale_prior"] = z_scale_advice(boxes, s.attrs["image_size"])
+        summary["grid"] = grid_advice(boxes, s.attrs["image_size"])
         # every image is read (and so decoded) here: byte-identical frames, within and across splits
         repeats = repeated_frames(s)
     except StoreError as e:  # a file lost or damaged since it was validated
@@ -189,8 +191,50 @@ def cmd_inspect(ns) -> int:
         print(f"  object boxes ({z['split_boxes']} in {first}): longer side {z['side_median']:.3f} of the frame (median; "
               f"10-90%: {z['side_p10']:.3f}-{z['side_p90']:.3f}); for SPACE on this store, glimpses of that size: "
               f"--set model.z_scale_prior_mean={z['z_scale_prior_mean']:.2f} (sigmoid(z_scale) is the glimpse side)")
+    grid = summary["grid"]
+    if grid:
+        shares = ", ".join(f"{g['grid_size']}x{g['grid_size']} {100 * g['sharing']:.1f}% (count error "
+                           f"{g['count_error_floor']:.3f} from that alone)" for g in grid["grids"])
+        print(f"  objects left without a cell of their own, their box centre in a cell with another's ({first}; "
+              f"a SPACE cell holds one object): {shares}; for at most {100 * GRID_SHARING_ADVISED:.0f}%: "
+              f"--set model.grid_size={grid['advised']}")
     print("  params: " + json.dumps(summary["params"]))
     return 0
+
+
+GRID_SHARING_ADVISED = 0.02  # the share of objects left without a cell of their own worth a finer grid
+
+
+def grid_advice(boxes, image_size) -> dict | None:
+    """How crowded SPACE's grid would be on a store's frames: each cell explains at most one object (one
+    glimpse), so an object whose box centre falls in a cell already holding another's has no cell of its own.
+    Per grid size (the powers of two SPACE takes, image side / 32 to / 4): the share of objects so left over
+    and the count error a detector of one object per cell would still make (the mean over frames of
+    left-over / objects, the count error's own form); and the smallest grid with at most
+    GRID_SHARING_ADVISED left over. boxes (N, K, 4) in pixels, NaN padded."""
+    import numpy as np
+
+    height, width = (image_size, image_size) if np.isscalar(image_size) else image_size[:2]
+    side = min(height, width)
+    present = ~np.isnan(boxes[..., 0])  # (N, K)
+    if not present.any():
+        return None
+    cx = np.where(present, (boxes[..., 0] + boxes[..., 2]) / 2 / width, 0)  # (N, K), in [0, 1]; 0 at padding
+    cy = np.where(present, (boxes[..., 1] + boxes[..., 3]) / 2 / height, 0)
+    n = present.sum(1)  # (N,)
+    grids, advised = [], None
+    for g in (2 ** k for k in range(1, 10)):
+        if not side // 32 <= g <= side // 4:
+            continue
+        cell = np.clip((cy * g).astype(int), 0, g - 1) * g + np.clip((cx * g).astype(int), 0, g - 1)  # (N, K)
+        occupied = np.array([len(set(c[m].tolist())) for c, m in zip(cell, present)])  # (N,)
+        left = n - occupied
+        sharing = float(left.sum() / n.sum())
+        grids.append({"grid_size": g, "sharing": round(sharing, 4),
+                      "count_error_floor": round(float((left / np.maximum(n, 1))[n > 0].mean()), 4)})
+        if advised is None and sharing <= GRID_SHARING_ADVISED:
+            advised = g
+    return {"grids": grids, "advised": advised or grids[-1]["grid_size"]} if grids else None
 
 
 def z_scale_advice(boxes, image_size) -> dict | None:

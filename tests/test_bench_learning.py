@@ -66,9 +66,18 @@ def test_recall_by_colour_finds_every_object_from_the_true_boxes_and_none_from_n
         (tmp_path / f"{name}.json").write_text(json.dumps(dets))
     out = tmp_path / "recall.json"
     assert recall_by_colour.main(["--data", str(store), "--detections", str(tmp_path / "hits.json"),
-                                  str(tmp_path / "weak.json"), "--labels", "hits", "weak", "--out", str(out)]) == 0
+                                  str(tmp_path / "weak.json"), "--labels", "hits", "weak", "--out", str(out),
+                                  "--grid", "2"]) == 0
     rows = json.loads(out.read_text())["rows"]
-    objects = sum(v["objects"] for k, v in rows["hits"].items() if k not in ("large", "small"))
+    # objects whose box centre shares a 2x2 cell (32-pixel quarters) with another's, from the COCO boxes
+    cells: dict = {}
+    for a in truth["annotations"]:
+        x, y, w, h = a["bbox"]
+        cells.setdefault((a["image_id"], int((y + h / 2) // 32), int((x + w / 2) // 32)), []).append(a)
+    shared = sum(len(v) for v in cells.values() if len(v) > 1)
+    assert shared > 0 and rows["hits"]["shared 2x2 cell"]["objects"] == shared
+    assert rows["hits"]["own 2x2 cell"]["objects"] == len(truth["annotations"]) - shared
+    objects = sum(v["objects"] for k, v in rows["hits"].items() if k not in ("large", "small") and "cell" not in k)
     assert objects == len(truth["annotations"]) > 0
     assert all(v["recall"] == 1.0 for v in rows["hits"].values())
     assert all(v["recall"] == 0.0 for v in rows["weak"].values())

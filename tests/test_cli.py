@@ -300,6 +300,30 @@ def test_inspect_json(small):
     assert 1 / (1 + np.exp(-z["z_scale_prior_mean"])) == pytest.approx(side, abs=1e-3)
     assert z["side_p10"] <= z["side_median"] <= z["side_p90"]
     assert f"--set model.z_scale_prior_mean={z['z_scale_prior_mean']:.2f}" in cli("inspect", small).stdout
+    # the grid advice: every grid SPACE takes at 64 pixels, coarse to fine, left-over shares falling
+    g = d["grid"]
+    assert [x["grid_size"] for x in g["grids"]] == [2, 4, 8, 16]
+    assert [x["sharing"] for x in g["grids"]] == sorted((x["sharing"] for x in g["grids"]), reverse=True)
+    assert f"--set model.grid_size={g['advised']}" in cli("inspect", small).stdout
+
+
+def test_grid_advice_counts_the_objects_left_without_a_cell():
+    """Frames drawn by hand on a 64-pixel canvas: at 4x4 (16-pixel cells) the first frame's two objects
+    centred at (4, 4) and (12, 12) share cell (0, 0), its third at (40, 40) is alone; at 8x8 all three
+    have cells of their own. The second frame's two objects share at every grid up to 16x16 (both
+    centred in pixel 20-23). So 4x4 leaves 1 of 3 and 1 of 2 over: a share of 2 of 5, a count error of
+    (1/3 + 1/2) / 2; 8x8 leaves 1 of 5."""
+    from datagen.__main__ import grid_advice
+
+    nan = [np.nan] * 4
+    boxes = np.array([[[2, 2, 6, 6], [10, 10, 14, 14], [38, 38, 42, 42]],
+                      [[20, 20, 22, 22], [21, 21, 23, 23], nan]], dtype=np.float32)  # (N, K, 4) x0 y0 x1 y1
+    g = {x["grid_size"]: x for x in grid_advice(boxes, 64)["grids"]}
+    assert g[4]["sharing"] == pytest.approx(2 / 5, abs=1e-4)
+    assert g[4]["count_error_floor"] == pytest.approx((1 / 3 + 1 / 2) / 2, abs=1e-4)
+    assert g[8]["sharing"] == pytest.approx(1 / 5, abs=1e-4) and g[16]["sharing"] == pytest.approx(1 / 5, abs=1e-4)
+    assert grid_advice(boxes, 64)["advised"] == 16  # nothing reaches 2%: the finest grid
+    assert grid_advice(np.full((2, 3, 4), np.nan), 64) is None
 
 
 def test_inspect_into_a_closed_pipe_stops_quietly(small):
