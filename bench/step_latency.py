@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from space.config import PRESETS, merge, Config, TrainConfig  # noqa: E402
+from space.__main__ import resolve_config  # noqa: E402
+from space.config import PRESETS, Config, TrainConfig  # noqa: E402
 from space.memory import lean_host_allocator  # noqa: E402
 from space.model import SPACE  # noqa: E402
 from space.devices import checkpoint_images  # noqa: E402
@@ -43,6 +44,9 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-channels-last", action="store_true", help="NCHW instead of channels_last")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on a GPU, as train.amp (ignored on CPU)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.NAME=VALUE",
+                   help="a setting over the preset, as `python -m space train --set` (repeatable), e.g. "
+                        "model.grid_size=8")
     p.add_argument("--sparse-threshold", type=float, default=0.0, help="skip glimpses below this z_pres probability")
     p.add_argument("--checkpoint-images", type=int, default=TrainConfig.checkpoint_images,
                    help="activation checkpointing: images per recomputed foreground chunk (train.checkpoint_images; "
@@ -62,7 +66,7 @@ def main() -> None:
         torch.set_num_threads(ns.threads)
     device = torch.device("cuda" if ns.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if ns.device == "auto" else ns.device))
-    cfg = Config.from_dict(merge(PRESETS[ns.preset], {"model": {"sparse_threshold": ns.sparse_threshold}})).validate()
+    cfg = resolve_config(ns.preset, None, [*ns.set, f"model.sparse_threshold={ns.sparse_threshold}"])
     torch.manual_seed(0)
     model = SPACE(cfg.model).to(device)
     fmt = torch.contiguous_format if ns.no_channels_last else torch.channels_last
@@ -116,6 +120,7 @@ def main() -> None:
     med = statistics.median(times)
     result = {
         "preset": ns.preset,
+        "set": ns.set,
         "batch": ns.batch,
         "grid": cfg.model.grid_size,
         "K": cfg.model.n_components,

@@ -118,15 +118,17 @@ class FgImageEncoder(nn.Module):
 
 
 class GlimpseEncoder(nn.Module):
-    """Glimpse (M, 3, 32, 32) -> z_what mean and std, (M, D) each.
+    """Glimpse (M, 3, S, S) -> z_what mean and std, (M, D) each.
 
     layout "paper": appendix D.3's table, feature maps 32-16-16-13-6-3; "code": the code behind the
-    paper's numbers, 32-16-8-4-1 (model.glimpse_encoder). Either ends in one linear layer."""
+    paper's numbers, 32-16-8-4-1 (model.glimpse_encoder). Either ends in one linear layer. A 16-pixel
+    glimpse (model.glimpse_size, not in the paper) enters at the second map, its first layer keeping 16."""
 
-    def __init__(self, z_what_dim: int, layout: str = "paper"):
+    def __init__(self, z_what_dim: int, layout: str = "paper", size: int = 32):
         super().__init__()
         self.dim = z_what_dim
-        stem = [conv_gn(3, 16, 3, 1, 1, 4), conv_gn(16, 32, 4, 2, 1, 8)]  # 32, 16
+        stride = 2 if size == 32 else 1  # 32 -> 16, or 16 kept
+        stem = [conv_gn(3, 16, 3, 1, 1, 4), conv_gn(16, 32, 4 if stride == 2 else 3, stride, 1, 8)]  # S, 16
         if layout == "code":  # 8, 4, 1
             rest, side = [conv_gn(32, 64, 4, 2, 1, 8), conv_gn(64, 128, 4, 2, 1, 8), conv_gn(128, 256, 4, 1, 0, 16)], 1
         else:  # 16, 13, 6, 3
@@ -141,20 +143,23 @@ class GlimpseEncoder(nn.Module):
 
 
 class GlimpseDecoder(nn.Module):
-    """z_what (M, D) -> glimpse mask alpha_att (M, 1, 32, 32) and appearance o_att (M, 3, 32, 32).
+    """z_what (M, D) -> glimpse mask alpha_att (M, 1, S, S) and appearance o_att (M, 3, S, S).
 
     colour "linear" (model.glimpse_colour) adds a linear map from z_what to a shift of o_att's logits, one
-    per glimpse and channel, zero at initialisation."""
+    per glimpse and channel, zero at initialisation. A 16-pixel glimpse (model.glimpse_size, not in the
+    paper) stops at the 16x16 stage, whose last layer then narrows to 16 channels."""
 
-    def __init__(self, z_what_dim: int, colour: str = "paper"):
+    def __init__(self, z_what_dim: int, colour: str = "paper", size: int = 32):
         super().__init__()
+        last = ([conv_sub(32, 16, 2, 4), conv_gn(16, 16, 3, 1, 1, 4)] if size == 32  # 32x32
+                else [conv_gn(32, 16, 3, 1, 1, 4)])  # 16x16
         self.net = nn.Sequential(
             conv_gn(z_what_dim, 256, 1, 1, 0, 16),  # 1x1
             conv_sub(256, 128, 2, 16), conv_gn(128, 128, 3, 1, 1, 16),  # 2x2
             conv_sub(128, 128, 2, 16), conv_gn(128, 128, 3, 1, 1, 16),  # 4x4
             conv_sub(128, 64, 2, 8), conv_gn(64, 64, 3, 1, 1, 8),  # 8x8
             conv_sub(64, 32, 2, 8), conv_gn(32, 32, 3, 1, 1, 8),  # 16x16
-            conv_sub(32, 16, 2, 4), conv_gn(16, 16, 3, 1, 1, 4),  # 32x32
+            *last,
             nn.Conv2d(16, 4, 3, 1, 1),
         )
         self.colour = None
@@ -274,8 +279,8 @@ class Foreground(nn.Module):
         self.z_depth_net = nn.Conv2d(128, 2 * cfg.z_depth_dim, 1)
         self.z_scale_net = nn.Conv2d(128, 4, 1)
         self.z_shift_net = nn.Conv2d(128, 4, 1)
-        self.glimpse_encoder = GlimpseEncoder(cfg.z_what_dim, cfg.glimpse_encoder)
-        self.glimpse_decoder = GlimpseDecoder(cfg.z_what_dim, cfg.glimpse_colour)
+        self.glimpse_encoder = GlimpseEncoder(cfg.z_what_dim, cfg.glimpse_encoder, cfg.glimpse_size)
+        self.glimpse_decoder = GlimpseDecoder(cfg.z_what_dim, cfg.glimpse_colour, cfg.glimpse_size)
         self.register_buffer("band", boundary_band(cfg.glimpse_size, cfg.boundary_width), persistent=False)
         self.checkpoint_images = 0  # images per activation-checkpointed chunk (0: keep every activation)
         # Start glimpses at the size the z_scale prior expects rather than half the image: the posterior

@@ -900,7 +900,7 @@ def test_unknown_preset_and_setting_are_named():
     (dict(image_size=48), "image_size"),
     (dict(grid_size=3), "grid_size"),
     (dict(image_size=32, grid_size=16), "grid_size"),
-    (dict(glimpse_size=16), "glimpse_size"),
+    (dict(glimpse_size=24), "glimpse_size"),
     (dict(tau=0), "tau"),
     (dict(n_components=0), "n_components"),
     (dict(boundary_width=16), "boundary_width"),
@@ -1101,18 +1101,41 @@ def test_schedule_settings_out_of_range_are_named(setting, value):
 # --------------------------------------------------- architecture: appendix D.3's tables and the paper's code
 
 
-@pytest.mark.parametrize("layout, sides", [("paper", [32, 16, 16, 13, 6, 3]), ("code", [32, 16, 8, 4, 1])])
-def test_glimpse_encoder_feature_maps_follow_the_table_or_the_code(layout, sides):
+@pytest.mark.parametrize("layout, size, sides", [("paper", 32, [32, 16, 16, 13, 6, 3]), ("code", 32, [32, 16, 8, 4, 1]),
+                                                ("paper", 16, [16, 16, 16, 13, 6, 3]), ("code", 16, [16, 16, 8, 4, 1])])
+def test_glimpse_encoder_feature_maps_follow_the_table_or_the_code(layout, size, sides):
     """Appendix D.3's glimpse encoder (3x3 s1, 4x4 s2, 3x3 s1, 4x4 s1, 4x4 s2, 4x4 s1) or the code's
-    32-16-8-4-1, each then one linear layer to z_what's mean and std."""
-    enc = GlimpseEncoder(32, layout)
+    32-16-8-4-1, each then one linear layer to z_what's mean and std; a 16-pixel glimpse joins them at
+    their 16x16 map."""
+    enc = GlimpseEncoder(32, layout, size)
     seen = []
     for block in enc.net[:-1]:
         block.register_forward_hook(lambda m, i, o: seen.append(o.shape[-1]))
-    mu, sigma = enc(torch.rand(5, 3, 32, 32))
+    mu, sigma = enc(torch.rand(5, 3, size, size))
     assert seen == sides
     assert mu.shape == sigma.shape == (5, 32) and (sigma > 0).all()
     assert enc.head.in_features == 256 * sides[-1] ** 2
+
+
+def test_a_16_pixel_glimpse_model_trains_and_the_32_pixel_one_is_unchanged():
+    """model.glimpse_size=16: the decoder paints 16x16 maps, the whole model runs a step with finite
+    gradients; and the 32-pixel networks are built as before (same layers, same random initial weights)."""
+    torch.manual_seed(0)
+    a = GlimpseDecoder(32, "paper", 32)
+    torch.manual_seed(0)
+    b = GlimpseDecoder(32)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    alpha, o = GlimpseDecoder(32, "paper", 16)(torch.randn(3, 32))
+    assert alpha.shape == (3, 1, 16, 16) and o.shape == (3, 3, 16, 16)
+    cfg = tiny_cfg(glimpse_size=16, boundary_width=3)
+    cfg.validate()
+    torch.manual_seed(0)
+    m = SPACE(cfg)
+    out = m(torch.rand(2, 3, cfg.image_size, cfg.image_size), 0)
+    out["terms"]["loss"].backward()
+    assert torch.isfinite(out["terms"]["loss"]) and all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    with pytest.raises(ConfigError, match="glimpse_size"):
+        tiny_cfg(glimpse_size=24).validate()
 
 
 @pytest.mark.parametrize("n,g", [(64, 4), (128, 8), (128, 16)])
