@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import emit, machine  # noqa: E402
 
+from datagen.coco import box_cells  # noqa: E402
 from datagen.config import OBJECT_COLORS  # noqa: E402
 from datagen.store import Store  # noqa: E402
 
@@ -66,9 +67,7 @@ def recall(store: Store, split: str, detections: list, threshold: float, min_iou
     counts: dict = {}
     side = images.shape[1]
     for i in range(n):
-        cells = [None if np.isnan(b[0]) or not grid else
-                 (min(int((b[1] + b[3]) / 2 / side * grid), grid - 1), min(int((b[0] + b[2]) / 2 / side * grid), grid - 1))
-                 for b in boxes[i]]  # each slot's cell (row, column)
+        cells = box_cells(boxes[i], side, grid).tolist() if grid else []  # (K,) each slot's cell
         for k, box in enumerate(boxes[i]):
             if np.isnan(box[0]):
                 continue
@@ -118,7 +117,7 @@ def decoded_colours(checkpoint: str, store: Store, split: str, frames: int) -> t
             mask = masks[i] == k + 1
             if np.isnan(box[0]) or not mask.any():
                 continue
-            cell = int((box[1] + box[3]) / 2 / side * g) * g + int((box[0] + box[2]) / 2 / side * g)
+            cell = int(box_cells(box, side, g))
             glimpse = maps[i, cell]
             solid = glimpse[0] > 0.5
             painted = glimpse[1:4][:, solid].mean(1).numpy() if solid.any() else np.full(3, np.nan)

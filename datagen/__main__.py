@@ -214,19 +214,19 @@ def grid_advice(boxes, image_size) -> dict | None:
     GRID_SHARING_ADVISED left over. boxes (N, K, 4) in pixels, NaN padded."""
     import numpy as np
 
+    from .coco import box_cells
+
     height, width = (image_size, image_size) if np.isscalar(image_size) else image_size[:2]
     side = min(height, width)
     present = ~np.isnan(boxes[..., 0])  # (N, K)
     if not present.any():
         return None
-    cx = np.where(present, (boxes[..., 0] + boxes[..., 2]) / 2 / width, 0)  # (N, K), in [0, 1]; 0 at padding
-    cy = np.where(present, (boxes[..., 1] + boxes[..., 3]) / 2 / height, 0)
     n = present.sum(1)  # (N,)
     grids, advised = [], None
     for g in (2 ** k for k in range(1, 10)):
         if not side // 32 <= g <= side // 4:
             continue
-        cell = np.clip((cy * g).astype(int), 0, g - 1) * g + np.clip((cx * g).astype(int), 0, g - 1)  # (N, K)
+        cell = box_cells(boxes, (height, width), g)  # (N, K)
         occupied = np.array([len(set(c[m].tolist())) for c, m in zip(cell, present)])  # (N,)
         left = n - occupied
         sharing = float(left.sum() / n.sum())

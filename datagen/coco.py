@@ -53,3 +53,17 @@ def to_coco(store: Store, split: str) -> dict:
         "annotations": annotations,
         "categories": categories,
     }
+
+
+def box_cells(boxes, image_size, grid: int):
+    """The cell of a GxG grid (SPACE's z_pres grid) that holds each box's centre, as row * grid + column;
+    -1 for NaN padding. boxes (..., 4) xyxy in pixels; image_size a side or (height, width)."""
+    boxes = np.asarray(boxes, dtype=float)
+    height, width = (image_size, image_size) if np.isscalar(image_size) else image_size[:2]
+    present = ~np.isnan(boxes[..., 0])  # (...)
+    cx = np.where(present, (boxes[..., 0] + boxes[..., 2]) / 2 / width, 0)  # (...), in [0, 1]
+    cy = np.where(present, (boxes[..., 1] + boxes[..., 3]) / 2 / height, 0)
+    # a centre on the far edge belongs to the last cell
+    row = np.clip((cy * grid).astype(int), 0, grid - 1)
+    col = np.clip((cx * grid).astype(int), 0, grid - 1)
+    return np.where(present, row * grid + col, -1)

@@ -342,6 +342,14 @@ def _add_run_flags(parser, data: bool = False) -> None:
         parser.add_argument("--split", default="test", help="default: %(default)s")
 
 
+def _add_pass_flags(parser) -> None:
+    """The flags of a command that runs a trained model over a split's frames: how many, how, where."""
+    parser.add_argument("--frames", type=int, help="only the first FRAMES frames of the split")
+    parser.add_argument("--batch-size", type=int, default=32, help="frames per forward pass (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m space", description="Train, score and look at SPACE (ICLR 2020) "
                                 "on scene stores. `python -m space COMMAND --help` gives each command's flags.")
@@ -393,10 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(e, data=True)
     e.add_argument("--out", help="output folder (default: RUN/eval/SPLIT)")
     e.add_argument("--threshold", type=float, default=0.5, help="z_pres probability of a detection (default: 0.5)")
-    e.add_argument("--frames", type=int, help="only the first FRAMES frames of the split")
-    e.add_argument("--batch-size", type=int, default=32, help="frames per forward pass (default: %(default)s)")
-    e.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
-    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_pass_flags(e)
     e.set_defaults(func=cmd_evaluate)
 
     n = sub.add_parser("encode", help="a trained run's latents (z_pres, z_where, z_depth, z_what, z^m, z^c) per "
@@ -407,10 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "z_depth and z_what; per frame and background component z_mask and z_comp.")
     _add_run_flags(n, data=True)
     n.add_argument("--out", required=True, help="the latents store to create, e.g. latents.zarr (not overwritten)")
-    n.add_argument("--frames", type=int, help="only the first FRAMES frames of the split")
-    n.add_argument("--batch-size", type=int, default=32, help="frames per forward pass (default: %(default)s)")
-    n.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
-    n.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_pass_flags(n)
     n.set_defaults(func=cmd_encode)
 
     m = sub.add_parser("summary", help="one table over runs from their evaluate metrics.json files")

@@ -326,6 +326,18 @@ def test_grid_advice_counts_the_objects_left_without_a_cell():
     assert grid_advice(np.full((2, 3, 4), np.nan), 64) is None
 
 
+def test_box_cells_are_the_row_major_cells_of_the_box_centres():
+    """Hand-placed boxes on a 64-high, 128-wide frame with a 4x4 grid (cells 16 high, 32 wide): a centre at
+    (x 40, y 8) is row 0, column 1; one at (x 127.5, y 63.5) is the last cell; the frame's far corner itself
+    still belongs to it; NaN padding has no cell."""
+    from datagen.coco import box_cells
+
+    boxes = np.array([[36, 4, 44, 12], [127, 63, 128, 64], [128, 64, 128, 64], [np.nan] * 4])  # (K, 4) xyxy
+    assert box_cells(boxes, (64, 128), 4).tolist() == [0 * 4 + 1, 15, 15, -1]
+    assert box_cells(boxes[None], (64, 128), 4).shape == (1, 4)  # (N, K) in, (N, K) out
+    assert int(box_cells(boxes[0], 128, 2)) == 0  # a square 128-pixel frame: (40, 8) is in the first cell
+
+
 def test_inspect_into_a_closed_pipe_stops_quietly(small):
     """`inspect S | head -2`: the reader is gone before the summary is written (closed here before the
     child writes anything, so the broken pipe is certain): no BrokenPipeError traceback, status 141 as
