@@ -31,3 +31,21 @@ def emit(results: dict, table: str, out: str | None = None, markdown: bool = Fal
     print(table)
     if not markdown:
         print(json.dumps(results))
+
+
+def add_from_flags(parser) -> None:
+    """--from and --markdown: print a results file's table instead of measuring (as bench/tables.py runs)."""
+    parser.add_argument("--from", dest="source", metavar="JSON", help="measure nothing: print the table of a results file")
+    parser.add_argument("--markdown", action="store_true", help="with --from: the table alone (bench/tables.py)")
+
+
+def print_from(ns, table) -> bool:
+    """With --from, print the table `table(results)` of that file and say so (True): nothing to measure."""
+    import json
+    from pathlib import Path
+
+    if not ns.source:
+        return False
+    results = json.loads(Path(ns.source).read_text())
+    emit(results, table(results), markdown=ns.markdown)
+    return True

@@ -18,11 +18,14 @@ Three parts (pick with --part; default all):
   project    projected wall time of the paper's 77,000 frames (63k/7k/7k) from the rate of the largest
              run (start-up included), and from the slope between the sizes.
 
-Prints a readable table and, last, one JSON line with every result.
+Prints a readable table and, last, one JSON line with every result; --out also writes it to a file, and
+--from prints the per-process table of earlier runs (such files, or one whose "runs" lists them) instead
+of measuring (--markdown: the table alone, as bench/tables.py reads it).
 
     MUJOCO_GL=egl python bench/room3d_speed.py                 # everything, a few minutes
     python bench/room3d_speed.py --part scenes --runs 3 --scenes 300
     python bench/room3d_speed.py --part e2e --presets large --sizes 1000 3000
+    python bench/room3d_speed.py --from bench/results/room3d_scenes_2026-11-25.json --markdown
 """
 
 from __future__ import annotations
@@ -385,6 +388,18 @@ def print_scene_table(rows):
         print(f"    {'ground truth (numpy) total':34} {b['ground_truth_ms_per_frame']:7.3f} ms")
 
 
+def scenes_markdown(runs: list[dict]) -> str:
+    """The per-process rates of every run with a 'scenes' part, a row per preset. Markdown."""
+    lines = ["| preset | objects | LP_NUM_THREADS | runs (scenes/s) | median | ms/scene | "
+             f"≥ {REQ_SCENES_PER_S:.0f}/s |", "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        for r in run.get("scenes", []):
+            lines.append(f"| {r['preset']} | {'-'.join(map(str, r['objects']))} | {run['scenes_lp_num_threads']} | "
+                         f"{', '.join(f'{x:.1f}' for x in r['scenes_per_s_runs'])} | {r['scenes_per_s_median']:.1f} | "
+                         f"{r['ms_per_scene_median']:.2f} | {'pass' if r['pass_80_per_s'] else 'fail'} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", nargs="+", choices=("scenes", "e2e", "project"), default=["scenes", "e2e", "project"])
@@ -411,7 +426,21 @@ def main(argv=None) -> int:
     p.add_argument("--shard-size", type=int, default=256)
     p.add_argument("--workdir", default=None, help="where e2e stores go (default: a temporary folder)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", metavar="JSON", help="also write the results here")
+    p.add_argument("--from", dest="source", nargs="+", metavar="JSON",
+                   help="measure nothing: print the per-process table of earlier runs")
+    p.add_argument("--markdown", action="store_true", help="with --from: the table alone (bench/tables.py)")
     ns = p.parse_args(argv)
+    if ns.source:
+        runs = []
+        for path in ns.source:
+            with open(path) as fh:
+                d = json.load(fh)
+            runs += d["runs"] if "runs" in d else [d]
+        print(scenes_markdown(runs))
+        if not ns.markdown:
+            print(json.dumps({"runs": len(runs)}))
+        return 0
     if ns.lp_threads is not None:
         os.environ["LP_NUM_THREADS"] = str(ns.lp_threads)  # read by Mesa when the GL context is made
 
@@ -459,6 +488,9 @@ def main(argv=None) -> int:
                   f"{r['steady_frames_per_s_slope']:9.1f} {r['projected_77k_min_slope']:8.1f}  "
                   f"{r['peak_tree_rss_mb_by_n']} (growth {r['rss_growth_mb']:+.0f})")
 
+    if ns.out:
+        with open(ns.out, "w") as fh:
+            json.dump(result, fh, indent=1)
     print(json.dumps(result))
     return 0
 

@@ -11,7 +11,10 @@ threshold (0 is the exact model) this measures, side by side in one process on t
 - box AP (class-agnostic COCO AP over IoU 0.5:0.95 and at IoU 0.5, `space.metrics.coco_ap`), with one
   detection per cell scored by its z_pres probability (cells below the threshold have no glimpse and
   are dropped).
-The last line printed is one JSON object.
+The last line printed is one JSON object; --out also writes it to a results file, and --from prints the
+table of one instead of measuring (--markdown: the table alone, as bench/tables.py reads it):
+
+    python bench/sparse_mode.py --from bench/results/sparse_mode_demo_2026-11-25.json --markdown
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.benchlib import machine  # noqa: E402
+from bench.benchlib import add_from_flags, machine, print_from  # noqa: E402
 from space.config import Config  # noqa: E402
 from space.data import StoreDataset  # noqa: E402
 from space.evaluate import detect  # noqa: E402
@@ -56,17 +59,39 @@ def box_ap(model, data, step: int, batch: int, gt_boxes: list) -> dict:
             "val_loss": round(sum(loss) / len(data), 1), "val_mse": round(sum(mse) / len(data), 6)}
 
 
-def main() -> None:
+def percent(share: float) -> str:
+    return f"{100 * share:.1f}".rstrip("0").rstrip(".") + "%"
+
+
+def table(results: dict) -> str:
+    """One row per threshold: step time, speed-up over the first (exact) row, glimpses decoded, AP, loss.
+    Markdown."""
+    lines = ["| threshold | s/step | speed-up | glimpses decoded | AP50 | AP50:95 | val loss (-ELBO) | val MSE |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        th = f"{r['threshold']:g}" + (" (exact)" if r["threshold"] == 0 else "")
+        lines.append(f"| {th} | {r['median_s']:.3f} | {r['speedup_vs_first']:.2f}x | {percent(r['glimpse_share'])} "
+                     f"| {r['ap50']:.3f} | {r['ap']:.3f} | {r['val_loss']:.1f} | {r['val_mse']:.5f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="a trained run directory (checkpoints/last.pt)")
-    p.add_argument("--data", required=True, help="the store it was trained on")
+    p.add_argument("--run", help="a trained run directory (checkpoints/last.pt)")
+    p.add_argument("--data", help="the store it was trained on")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.01, 0.1])
     p.add_argument("--batch", type=int, default=0, help="training batch (default: the run's)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per threshold")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--val-frames", type=int, default=256)
     p.add_argument("--threads", type=int, default=0)
-    ns = p.parse_args()
+    p.add_argument("--out", metavar="JSON", help="also write the results here")
+    add_from_flags(p)
+    ns = p.parse_args(argv)
+    if print_from(ns, table):
+        return 0
+    if not (ns.run and ns.data):
+        p.error("--run and --data are needed to measure (or give --from RESULTS.json)")
     if ns.threads:
         torch.set_num_threads(ns.threads)
 
@@ -120,10 +145,16 @@ def main() -> None:
         rows.append(row)
         print(f"threshold {th:g}: {med:.3f} s/step ({exact / med:.2f}x), glimpses {row['glimpse_share']:.1%}, "
               f"AP {row['ap']:.3f}, AP50 {row['ap50']:.3f}, val loss {row['val_loss']:.1f}, MSE {row['val_mse']:.5f}")
-    print(json.dumps({"run": ns.run, "step": step0, "batch": batch, "grid": base.model.grid_size,
-                      "image": base.model.image_size, "threads": torch.get_num_threads(), "machine": machine(),
-                      "rows": rows}))
+    results = {"run": ns.run, "step": step0, "batch": batch, "grid": base.model.grid_size,
+               "image": base.model.image_size, "threads": torch.get_num_threads(), "machine": machine(),
+               "date": time.strftime("%Y-%m-%d %H:%M"),
+               "command": " ".join(["python bench/sparse_mode.py", *(sys.argv[1:] if argv is None else argv)]),
+               "rows": rows}
+    if ns.out:
+        Path(ns.out).write_text(json.dumps(results, indent=1))
+    print(json.dumps(results))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

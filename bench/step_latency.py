@@ -2,12 +2,17 @@
 
     python bench/step_latency.py --preset room3d_large --batch 16
     python bench/step_latency.py --preset room3d_small --batch 4 --sparse-threshold 0.01
+    python bench/step_latency.py --preset room3d_small --batch 16 --out bench/results/step_latency.json
+    python bench/step_latency.py --from bench/results/step_latency.json --markdown
 
 Median of --steps timed steps after --warmup untimed ones, on random images (the step's cost does not
 depend on the pixels, only on the glimpse sizes, which start at the z_scale prior's). FLOPs are counted
 with torch.utils.flop_counter (convolutions and matrix products, forward and backward). Peak memory is the
 process's peak resident set (ru_maxrss), which includes the model and the interpreter. The last line
-printed is one JSON object.
+printed is one JSON object. --out also adds it to a results file's list of runs; --from prints the table
+of such a file instead of measuring (--markdown: the table alone, as bench/tables.py reads it). A results
+file may also give the public SPACE port's figures per preset ("port": {"step_s": ..., "peak_gb": ...}),
+which add the speed-up and memory-share columns.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from benchlib import add_from_flags, print_from  # noqa: E402
 from space.__main__ import resolve_config  # noqa: E402
 from space.config import PRESETS, Config, TrainConfig  # noqa: E402
 from space.memory import lean_host_allocator  # noqa: E402
@@ -34,7 +41,41 @@ from space.devices import checkpoint_images  # noqa: E402
 from space.train import optimisers, train_step  # noqa: E402
 
 
-def main() -> None:
+def fmt_range(r: dict) -> str:
+    return f"{r['median_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f})"
+
+
+def table(results: dict) -> str:
+    """The runs of a results file, one row each: latency, FLOPs, memory; against the port when it gives
+    its figures. Markdown."""
+    port = results.get("port", {})
+    port_s, port_gb = port.get("step_s", {}), port.get("peak_gb", {})
+    head = ["preset", "grid, K", "batch", "checkpointing", "allocator", "steps (warm-up)",
+            "s/step (median, min-max)", "GFLOP/step", "GFLOP/s", "peak RSS"]
+    if port_s:
+        head += ["port s/step", "speed-up"]
+    if port_gb:
+        head += ["port memory", "memory share"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results["runs"]:
+        ckpt = r["checkpoint_images"]
+        cells = [r["preset"], f"{r['grid']}x{r['grid']}, K={r['K']}", str(r["batch"]),
+                 f"{ckpt} images" if ckpt else "off",
+                 f"lean ({r['malloc_mmap_threshold_mib']} MiB)" if r["malloc_mmap_threshold_mib"] else "glibc's",
+                 f"{r['steps']} ({r['warmup']})", fmt_range(r), f"{r['gflop_step']:.0f}",
+                 f"{r['gflop_step'] / r['median_s']:.0f}", f"{r['peak_rss_mib']:,.0f} MiB"]
+        if port_s:
+            s = port_s.get(r["preset"])
+            cells += [f"{s:.1f}", f"{s / r['median_s']:.1f}x"] if s else ["", ""]
+        if port_gb:
+            gb = port_gb.get(r["preset"])
+            # MiB against the port's GB of 10^9 bytes
+            cells += [f"{gb:.1f} GB", f"{r['peak_rss_mib'] * 2**20 / (gb * 1e9):.2f}"] if gb else ["", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="room3d_large", choices=sorted(PRESETS))
     p.add_argument("--batch", type=int, default=16)
@@ -57,7 +98,11 @@ def main() -> None:
     p.add_argument("--present-share", type=float, default=None,
                    help="force z_pres on in this random share of cells (and off elsewhere), as in a trained "
                         "model, so that --sparse-threshold has cells to skip")
-    ns = p.parse_args()
+    p.add_argument("--out", metavar="JSON", help="also add this run to a results file's runs (made if missing)")
+    add_from_flags(p)
+    ns = p.parse_args(argv)
+    if print_from(ns, table):
+        return 0
     if ns.malloc_mmap_threshold_mib is None:
         ns.malloc_mmap_threshold_mib = Config.from_dict(PRESETS[ns.preset]).train.malloc_mmap_threshold_mib
     lean = lean_host_allocator(ns.malloc_mmap_threshold_mib)  # before the first tensor, as training does
@@ -142,13 +187,23 @@ def main() -> None:
         "gflops_per_s": round(gflop / med, 1),
         "peak_rss_mib": round(peak_mib),
         "peak_gpu_mib": None if gpu_peak is None else round(gpu_peak),
+        "steps": ns.steps,
+        "warmup": ns.warmup,
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "command": " ".join(["python bench/step_latency.py", *(sys.argv[1:] if argv is None else argv)]),
     }
     print(f"{ns.preset} batch {ns.batch}: median {med:.2f} s/step ({min(times):.2f}-{max(times):.2f}), "
           f"{gflop:.0f} GFLOP/step = {gflop / med:.1f} GFLOP/s, peak RSS {peak_mib:.0f} MiB")
+    if ns.out:
+        out = Path(ns.out)
+        results = json.loads(out.read_text()) if out.exists() else {"runs": []}
+        results["runs"].append(result)
+        out.write_text(json.dumps(results, indent=1))
     print(json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

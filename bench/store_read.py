@@ -23,6 +23,11 @@ Prints a readable table and, last, one JSON line with every result.
     python bench/store_read.py                         # builds /tmp/bench/store_read_large_8192.zarr once
     python bench/store_read.py --store results/data/room3d_large.zarr --split val
     python bench/store_read.py --build synthetic --frames 8192 --cold
+    python bench/store_read.py --from RUN.json [RUN.json ...] --markdown   # earlier runs side by side
+
+--out also writes the JSON object to a file; --from prints the images/s of earlier runs (such files, or
+one file whose "runs" lists them) side by side instead of measuring (--markdown: the table alone, as
+bench/tables.py reads it).
 """
 
 from __future__ import annotations
@@ -44,6 +49,60 @@ import numpy as np  # noqa: E402
 
 REQ_IMAGES_PER_S = 1000.0
 FRAME_ARRAYS = ("images", "masks", "boxes", "labels", "n_objects", "visibility")
+
+
+# Row names of the side-by-side table (bench/tables.py), for the methods this script measures.
+LABELS = {
+    "gather (Store.read)": "`Store.read` (concurrent `gather`)",
+    "oindex": "zarr `oindex` on the same array",
+    "loop arr[i]": "loop `arr[i]` per index",
+    "full_frame (gather, 6 arrays)": "full frame: `gather` of images, masks, boxes, labels, n_objects, visibility "
+                                     "(frames/s)",
+    "full_frame (gather img+mask, rest cached)": "same, the 4 small arrays read once whole and indexed in memory",
+    "DataLoader w=0 per item": "DataLoader, `num_workers=0`, per item",
+    "DataLoader w=0 __getitems__ gather": "DataLoader, `num_workers=0`, `__getitems__` → `Store.read`",
+    "DataLoader w=0 torch threads 1 per item": "same with `torch.set_num_threads(1)`: per item",
+    "DataLoader w=0 torch threads 1 __getitems__ gather": "same with `torch.set_num_threads(1)`: `__getitems__` → "
+                                                          "`Store.read`",
+    "DataLoader w=2 per item": "DataLoader, `num_workers=2`, per item",
+    "DataLoader w=2 __getitems__ gather": "DataLoader, `num_workers=2`, `__getitems__` → `Store.read`",
+}
+
+
+def load_runs(paths) -> list[dict]:
+    """The runs in these results files: each a run's JSON object, or an object whose "runs" lists them."""
+    runs = []
+    for path in paths:
+        with open(path) as fh:
+            d = json.load(fh)
+        runs += d["runs"] if "runs" in d else [d]
+    return runs
+
+
+def side_by_side(runs: list[dict]) -> str:
+    """Median images/s of every method, a column per run (headed by its time of day), how many runs reached
+    the requirement, and what the machine was doing meanwhile. Markdown."""
+    times = [r["date"][11:16] for r in runs]
+    lines = ["| method | " + " | ".join(times) + f" | runs at ≥ {REQ_IMAGES_PER_S:,.0f}/s |",
+             "|---|" + "---|" * (len(runs) + 1)]
+    methods = []
+    for r in runs:
+        methods += [row["method"] for row in r["results"] if row["method"] not in methods]
+    for m in methods:
+        rates = [next((row["images_per_s_median"] for row in r["results"] if row["method"] == m), None) for r in runs]
+        seen = [x for x in rates if x is not None]
+        passed = sum(x >= REQ_IMAGES_PER_S for x in seen)
+        ctx = {row.get("mp_context") for r in runs for row in r["results"] if row["method"] == m} - {None}
+        label = LABELS.get(m, m) + (f" ({', '.join(sorted(ctx))})" if ctx else "")
+        lines.append(f"| {label} | " + " | ".join("–" if x is None else f"{x:,}" for x in rates)
+                     + f" | {passed} of {len(seen)} |")
+    lines.append("| other load while measuring (CPUs) | "
+                 + " | ".join(f"{r['other_load_cores']:.2f}" for r in runs) + " | |")
+    if any("thread_roundtrip_us" in r for r in runs):
+        lines.append("| thread wake-up round trip (µs, before / after) | " + " | ".join(
+            " / ".join(map(str, r["thread_roundtrip_us"])) if "thread_roundtrip_us" in r else "–" for r in runs)
+            + " | |")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -321,7 +380,17 @@ def main(argv=None) -> int:
                    help="before each round, wait up to this many seconds for other load on the shared "
                         "machine to drop under 0.25 CPUs (0: do not wait; default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", metavar="JSON", help="also write the results here")
+    p.add_argument("--from", dest="source", nargs="+", metavar="JSON",
+                   help="measure nothing: print earlier runs' images/s side by side")
+    p.add_argument("--markdown", action="store_true", help="with --from: the table alone (bench/tables.py)")
     ns = p.parse_args(argv)
+    if ns.source:
+        runs = load_runs(ns.source)
+        print(side_by_side(runs))
+        if not ns.markdown:
+            print(json.dumps({"runs": len(runs)}))
+        return 0
 
     from datagen.store import Store, gather, validate_store
 
@@ -448,6 +517,9 @@ def main(argv=None) -> int:
     print(f"thread wake-up round trip before / after: {result['thread_roundtrip_us']} us")
     print(f"other load on the machine during the measurements: about {result['other_load_cores']} of "
           f"{info['cpus']} CPUs (machine busy time minus this process and its reaped children, DataLoader workers included once joined at the end of each round)")
+    if ns.out:
+        with open(ns.out, "w") as fh:
+            json.dump(result, fh, indent=1)
     print(json.dumps(result))
     return 0
 

@@ -28,7 +28,7 @@ BLOCK = re.compile(r"(<!-- table: (?P<cmd>.+?) -->\n)(?P<body>.*?)(<!-- end tabl
 def render(command: str) -> str:
     """The table a block's command prints now."""
     argv = shlex.split(command)
-    if len(argv) < 2 or argv[0] != "python" or not re.fullmatch(r"bench/[a-z_]+\.py", argv[1]):
+    if len(argv) < 2 or argv[0] != "python" or not re.fullmatch(r"bench/[a-z0-9_]+\.py", argv[1]):
         raise SystemExit(f"error: a table's command must be `python bench/SCRIPT.py ...`, got {command!r}")
     r = subprocess.run([sys.executable, *argv[1:]], cwd=REPO, capture_output=True, text=True)
     if r.returncode != 0:

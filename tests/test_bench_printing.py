@@ -1,0 +1,133 @@
+"""The benchmark scripts' printing modes (--from RESULTS.json --markdown), which bench/tables.py runs to write
+BENCHMARKS.md's tables: every printed figure is the results file's, and the derived columns are computed
+from them."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+sys.path.insert(0, str(REPO / "bench"))
+
+
+def _rows(text: str) -> list[list[str]]:
+    """The body rows of a printed Markdown table, as lists of cells."""
+    lines = [line for line in text.strip().splitlines() if line.startswith("|")]
+    assert lines[1].startswith("|---")
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+
+
+@pytest.mark.parametrize("name", ["step_latency_2026-12-01.json", "step_latency_2026-11-25.json"])
+def test_step_latency_prints_a_results_files_runs(name, capsys):
+    import step_latency
+
+    results = json.loads((RESULTS / name).read_text())
+    assert step_latency.main(["--from", str(RESULTS / name), "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "{" not in out  # the table alone
+    rows = _rows(out)
+    assert len(rows) == len(results["runs"])
+    port = results["port"]
+    for run, row in zip(results["runs"], rows):
+        assert row[0] == run["preset"] and row[2] == str(run["batch"])
+        assert row[6] == f"{run['median_s']:.2f} ({run['min_s']:.2f}-{run['max_s']:.2f})"
+        assert row[7] == f"{run['gflop_step']:.0f}"
+        assert float(row[8]) == pytest.approx(run["gflop_step"] / run["median_s"], abs=0.5)
+        assert row[9] == f"{run['peak_rss_mib']:,} MiB"
+        gb = port["peak_gb"][run["preset"]]
+        assert row[-2] == f"{gb:.1f} GB"
+        assert float(row[-1]) == pytest.approx(run["peak_rss_mib"] * 2**20 / (gb * 1e9), abs=0.005)
+        if "step_s" in port:
+            assert float(row[-3].rstrip("x")) == pytest.approx(port["step_s"][run["preset"]] / run["median_s"], abs=0.05)
+
+
+def test_step_latency_adds_its_run_to_a_results_file(tmp_path, capsys):
+    """--out on a tiny step of the demo model: the run joins the file's runs, and --from prints it."""
+    import step_latency
+    import torch
+
+    threads = torch.get_num_threads()
+    out = tmp_path / "steps.json"
+    try:
+        for _ in range(2):
+            assert step_latency.main(["--preset", "demo", "--batch", "1", "--steps", "1", "--warmup", "0",
+                                      "--threads", "1", "--device", "cpu", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    runs = json.loads(out.read_text())["runs"]
+    assert len(runs) == 2 and runs[-1] == printed
+    assert printed["steps"] == 1 and printed["warmup"] == 0 and "--out" in printed["command"]
+    assert step_latency.main(["--from", str(out), "--markdown"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    ckpt = printed["checkpoint_images"]
+    assert len(rows) == 2 and rows[0][0] == "demo" and rows[0][5] == "1 (0)"
+    assert rows[0][3] == (f"{ckpt} images" if ckpt else "off") and rows[0][4] == "glibc's"  # the demo's allocator
+
+
+def test_sparse_mode_prints_a_results_files_thresholds(capsys):
+    import sparse_mode
+
+    path = RESULTS / "sparse_mode_demo_2026-11-25.json"
+    results = json.loads(path.read_text())
+    assert sparse_mode.main(["--from", str(path), "--markdown"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert len(rows) == len(results["rows"])
+    for r, row in zip(results["rows"], rows):
+        assert float(row[0].split()[0]) == r["threshold"]
+        assert float(row[1]) == r["median_s"] and float(row[2].rstrip("x")) == r["speedup_vs_first"]
+        assert float(row[3].rstrip("%")) == pytest.approx(100 * r["glimpse_share"])
+        assert [float(x) for x in row[4:]] == [r["ap50"], r["ap"], r["val_loss"], r["val_mse"]]
+    with pytest.raises(SystemExit):  # measuring needs a run and its store
+        sparse_mode.main([])
+
+
+def test_store_read_prints_runs_side_by_side(tmp_path, capsys):
+    """Each run a column: its median images/s per method, and how many runs reached 1,000/s; a method one
+    run lacks is a dash. Runs may come as separate files (the script's --out) or in one file's "runs"."""
+    import store_read
+
+    path = RESULTS / "store_read_2026-11-25.json"
+    runs = json.loads(path.read_text())["runs"]
+    assert store_read.main(["--from", str(path), "--markdown"]) == 0
+    rows = {row[0]: row[1:] for row in _rows(capsys.readouterr().out)}
+    for result in runs[0]["results"]:
+        label = next(k for k in rows if k.startswith(store_read.LABELS[result["method"]]))
+        rates = [next(x["images_per_s_median"] for x in r["results"] if x["method"] == result["method"])
+                 for r in runs]
+        assert rows[label][:3] == [f"{x:,}" for x in rates]
+        assert rows[label][3] == f"{sum(x >= 1000 for x in rates)} of 3"
+    assert rows["other load while measuring (CPUs)"][:3] == [f"{r['other_load_cores']:.2f}" for r in runs]
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"date": "2026-01-01T09:00:00", "other_load_cores": 0.1,
+                             "results": [{"method": "oindex", "images_per_s_median": 1500}]}))
+    b.write_text(json.dumps({"date": "2026-01-01T10:30:00", "other_load_cores": 0.2,
+                             "results": [{"method": "new method", "images_per_s_median": 900}]}))
+    assert store_read.main(["--from", str(a), str(b), "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| method | 09:00 | 10:30 |")
+    rows = {row[0]: row[1:] for row in _rows(out)}
+    assert rows[store_read.LABELS["oindex"]] == ["1,500", "–", "1 of 1"]
+    assert rows["new method"] == ["–", "900", "0 of 1"]
+
+
+def test_room3d_speed_prints_the_per_process_rates(capsys):
+    import room3d_speed
+
+    path = RESULTS / "room3d_scenes_2026-11-25.json"
+    runs = json.loads(path.read_text())["runs"]
+    assert room3d_speed.main(["--from", str(path), "--markdown"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    expected = [(run, r) for run in runs for r in run["scenes"]]
+    assert len(rows) == len(expected)
+    for (run, r), row in zip(expected, rows):
+        assert row[:3] == [r["preset"], "-".join(map(str, r["objects"])), run["scenes_lp_num_threads"]]
+        assert [float(x) for x in row[3].split(", ")] == r["scenes_per_s_runs"]
+        assert float(row[4]) == r["scenes_per_s_median"] and float(row[5]) == r["ms_per_scene_median"]
+        assert row[6] == ("pass" if r["pass_80_per_s"] else "fail")
