@@ -386,17 +386,22 @@ PRESETS: dict[str, dict] = {
         },
         "train": {"malloc_mmap_threshold_mib": 1},
     },
-    # The CPU demo: 64x64 3D-Room, a 4x4 grid, K=2, batch 8, 0.4-1.0 s a step on 2 cores (the machines
-    # vary). Tuned to box objects of every colour within about 10 minutes (800 steps; BENCHMARKS.md): the
-    # normalised foreground mean, a faster foreground learning rate (4e-4) and a slower background one
-    # (2.5e-4: a background that learns fast explains the objects first, and the foreground comes on
-    # later), a constant z_scale prior for glimpses of a sixth of the frame, both training schedules over
-    # the first 300 steps, and the linear glimpse colour. The paper's settings learn too, over the paper's
-    # hundreds of thousands of steps.
+    # The CPU demo: 64x64 3D-Room, K=2, about 10 minutes of training on 2 cores (the machines vary).
+    # Tuned by learning curves (BENCHMARKS.md, "Learning"): an 8x8 grid, since a 4x4 one leaves a tenth of
+    # these frames' objects without a cell of their own; 16-pixel glimpses (the objects are 10-25 pixels
+    # wide) with the boundary band halved and the code's glimpse encoder, which make the 8x8 step cheap;
+    # batch 4, whose step costs about 40% of batch 8's here, so twice the steps learn more per minute; the
+    # normalised foreground mean and the linear glimpse colour (objects of every colour); a faster
+    # foreground learning rate (4e-4) than background (2.5e-4: a background that learns fast explains the
+    # objects first); a constant z_scale prior for glimpses of a sixth of the frame; both training
+    # schedules over the first 300 steps. The paper's settings learn too, over hundreds of thousands of steps.
     "demo": {
         "model": {
             "image_size": 64,
-            "grid_size": 4,
+            "grid_size": 8,
+            "glimpse_size": 16,
+            "boundary_width": 3,
+            "glimpse_encoder": "code",
             "n_components": 2,
             "fg_mean": "normalised",
             "glimpse_colour": "linear",
@@ -405,7 +410,7 @@ PRESETS: dict[str, dict] = {
             "z_pres_prior": {"start": 0.1, "end": 0.05, "start_step": 500, "end_step": 1500},
             "z_scale_prior_mean": {"start": -1.5, "end": -1.5, "start_step": 0, "end_step": 0},
         },
-        "train": {"batch_size": 8, "steps": 800, "fg_lr": 4e-4, "bg_lr": 2.5e-4, "checkpoint_every": 200,
+        "train": {"batch_size": 4, "steps": 1000, "fg_lr": 4e-4, "bg_lr": 2.5e-4, "checkpoint_every": 200,
                   "log_every": 25, "image_every": 200, "val_every": 200, "checkpoint_images": 0},
     },
 }
