@@ -410,7 +410,7 @@ PRESETS: dict[str, dict] = {
             "z_pres_prior": {"start": 0.1, "end": 0.05, "start_step": 500, "end_step": 1500},
             "z_scale_prior_mean": {"start": -1.5, "end": -1.5, "start_step": 0, "end_step": 0},
         },
-        "train": {"batch_size": 4, "steps": 1000, "fg_lr": 4e-4, "bg_lr": 2.5e-4, "checkpoint_every": 200,
+        "train": {"batch_size": 4, "steps": 950, "fg_lr": 4e-4, "bg_lr": 2.5e-4, "checkpoint_every": 200,
                   "log_every": 25, "image_every": 200, "val_every": 200, "checkpoint_images": 0},
     },
 }

@@ -119,11 +119,11 @@ def test_space_config_prints_settings_that_train_reads_back(tmp_path, capsys):
 
     from space.__main__ import main, resolve_config
 
-    sets = ["model.grid_size=8", "model.tau={start: 2.5, end: 0.5, start_step: 0, end_step: 2000}"]
+    sets = ["model.grid_size=4", "model.tau={start: 2.5, end: 0.5, start_step: 0, end_step: 2000}"]
     assert main(["config", "--preset", "demo", *[f"--set={s}" for s in sets]]) == 0
     text = capsys.readouterr().out
     printed = yaml.safe_load(text)
-    assert printed["model"]["grid_size"] == 8 and printed["train"]["batch_size"] == 8  # the demo's
+    assert printed["model"]["grid_size"] == 4 and printed["train"]["batch_size"] == 4  # --set's, the demo's
     (tmp_path / "c.yaml").write_text(text)
     assert resolve_config("room3d_large", str(tmp_path / "c.yaml"), []) == resolve_config("demo", None, sets)
     assert main(["config", "--preset", "demo", "--set", "model.grid_size=3"]) == 2

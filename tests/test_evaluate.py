@@ -33,8 +33,9 @@ def trained(tmp_path_factory):
                         "64", "--split", "train=16", "--split", "test=12", "--seed", "4", "--quiet"],
                        capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stderr
-    cfg = resolve_config("demo", None, ["model.n_components=2", "train.batch_size=2", "train.steps=2",
-                                        "train.val_every=0", f"train.threads={TORCH_THREADS}", "train.device=cpu"])
+    cfg = resolve_config("demo", None, ["model.grid_size=4", "model.n_components=2", "train.batch_size=2",
+                                        "train.steps=2", "train.val_every=0", f"train.threads={TORCH_THREADS}",
+                                        "train.device=cpu"])
     run = root / "run"
     train(cfg, str(store), str(run), progress=False)
     return store, run

@@ -45,6 +45,7 @@ ENV = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "OMP_NUM_T
 
 # The demo preset (64x64, 4x4 grid) made smaller still.
 TINY = [
+    "model.grid_size=4",  # 16 cells: quick, and the tests below count them
     "model.n_components=2",
     "train.batch_size=2",
     "train.steps=4",
