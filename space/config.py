@@ -222,8 +222,9 @@ class TrainConfig:
     channels_last: bool = True  # NHWC convolutions: measured 1.1-1.4x faster on this CPU (bench/step_latency.py)
     # Activation checkpointing: the foreground runs in chunks of this many images and recomputes their
     # activations in the backward pass instead of storing them, the background keeps only its convolutions'
-    # outputs (exact either way; 0 = off). -1: 4 on CPU, where it costs no time and saves 2/3 of the memory
-    # (BENCHMARKS.md), off on CUDA, where memory is rarely the limit and recomputing costs time.
+    # outputs (exact either way; 0 = off). -1: 4 on CPU, where it saves 2/3 of the memory for about a
+    # sixth more time a step (room3d_small: 10.9 s against 9.4; BENCHMARKS.md), off on CUDA, where memory
+    # is rarely the limit.
     checkpoint_images: int = -1
     # glibc's mmap threshold in MiB (space/memory.py), with huge-page allocations: a lower resident peak on
     # Linux hosts, and faster steps for the paper's models, whose activations are large (the presets set 1),
