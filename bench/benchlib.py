@@ -33,9 +33,12 @@ def emit(results: dict, table: str, out: str | None = None, markdown: bool = Fal
         print(json.dumps(results))
 
 
-def add_from_flags(parser) -> None:
-    """--from and --markdown: print a results file's table instead of measuring (as bench/tables.py runs)."""
-    parser.add_argument("--from", dest="source", metavar="JSON", help="measure nothing: print the table of a results file")
+def add_from_flags(parser, many: bool = False) -> None:
+    """--from and --markdown: print a results file's table instead of measuring (as bench/tables.py runs);
+    with `many`, --from takes several files (read with load_runs)."""
+    parser.add_argument("--from", dest="source", metavar="JSON", nargs="+" if many else None,
+                        help="measure nothing: print the table of results files" if many else
+                        "measure nothing: print the table of a results file")
     parser.add_argument("--markdown", action="store_true", help="with --from: the table alone (bench/tables.py)")
 
 
@@ -49,3 +52,15 @@ def print_from(ns, table) -> bool:
     results = json.loads(Path(ns.source).read_text())
     emit(results, table(results), markdown=ns.markdown)
     return True
+
+
+def load_runs(paths) -> list[dict]:
+    """The runs in these results files: each a run's JSON object, or an object whose "runs" lists them."""
+    import json
+
+    runs = []
+    for path in paths:
+        with open(path) as fh:
+            d = json.load(fh)
+        runs += d["runs"] if "runs" in d else [d]
+    return runs

@@ -46,7 +46,7 @@ import time
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-from benchlib import machine  # noqa: E402  (bench/ is on sys.path when a script runs)
+from benchlib import add_from_flags, emit, load_runs, machine  # noqa: E402  (bench/ is on sys.path when a script runs)
 
 PRESETS = {"small": (4, 8), "large": (18, 24)}
 PAPER_SPLITS = {"train": 63000, "val": 7000, "test": 7000}
@@ -427,19 +427,11 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="where e2e stores go (default: a temporary folder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", metavar="JSON", help="also write the results here")
-    p.add_argument("--from", dest="source", nargs="+", metavar="JSON",
-                   help="measure nothing: print the per-process table of earlier runs")
-    p.add_argument("--markdown", action="store_true", help="with --from: the table alone (bench/tables.py)")
+    add_from_flags(p, many=True)  # the per-process table of earlier runs
     ns = p.parse_args(argv)
     if ns.source:
-        runs = []
-        for path in ns.source:
-            with open(path) as fh:
-                d = json.load(fh)
-            runs += d["runs"] if "runs" in d else [d]
-        print(scenes_markdown(runs))
-        if not ns.markdown:
-            print(json.dumps({"runs": len(runs)}))
+        runs = load_runs(ns.source)
+        emit({"runs": len(runs)}, scenes_markdown(runs), markdown=ns.markdown)
         return 0
     if ns.lp_threads is not None:
         os.environ["LP_NUM_THREADS"] = str(ns.lp_threads)  # read by Mesa when the GL context is made

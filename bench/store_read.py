@@ -43,7 +43,7 @@ import time
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-from benchlib import machine  # noqa: E402  (bench/ is on sys.path when a script runs)
+from benchlib import add_from_flags, emit, load_runs, machine  # noqa: E402  (bench/ is on sys.path when a script runs)
 
 import numpy as np  # noqa: E402
 
@@ -67,16 +67,6 @@ LABELS = {
     "DataLoader w=2 per item": "DataLoader, `num_workers=2`, per item",
     "DataLoader w=2 __getitems__ gather": "DataLoader, `num_workers=2`, `__getitems__` → `Store.read`",
 }
-
-
-def load_runs(paths) -> list[dict]:
-    """The runs in these results files: each a run's JSON object, or an object whose "runs" lists them."""
-    runs = []
-    for path in paths:
-        with open(path) as fh:
-            d = json.load(fh)
-        runs += d["runs"] if "runs" in d else [d]
-    return runs
 
 
 def side_by_side(runs: list[dict]) -> str:
@@ -381,15 +371,11 @@ def main(argv=None) -> int:
                         "machine to drop under 0.25 CPUs (0: do not wait; default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", metavar="JSON", help="also write the results here")
-    p.add_argument("--from", dest="source", nargs="+", metavar="JSON",
-                   help="measure nothing: print earlier runs' images/s side by side")
-    p.add_argument("--markdown", action="store_true", help="with --from: the table alone (bench/tables.py)")
+    add_from_flags(p, many=True)  # earlier runs' images/s side by side
     ns = p.parse_args(argv)
     if ns.source:
         runs = load_runs(ns.source)
-        print(side_by_side(runs))
-        if not ns.markdown:
-            print(json.dumps({"runs": len(runs)}))
+        emit({"runs": len(runs)}, side_by_side(runs), markdown=ns.markdown)
         return 0
 
     from datagen.store import Store, gather, validate_store
