@@ -64,3 +64,38 @@ def load_runs(paths) -> list[dict]:
             d = json.load(fh)
         runs += d["runs"] if "runs" in d else [d]
     return runs
+
+
+def add_detection_flags(parser) -> None:
+    """The flags of a benchmark that reads `space evaluate`'s detections.json files against a 3D-Room store."""
+    parser.add_argument("--data", help="the 3D-Room store the detections are of")
+    parser.add_argument("--split", default="val", help="its split (default: val)")
+    parser.add_argument("--detections", nargs="+", help="detections.json files of `space evaluate`")
+    parser.add_argument("--labels", nargs="+", help="a row name per detections file (default: the paths)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="z_pres probability of a detection (default 0.5)")
+    parser.add_argument("--iou", type=float, default=0.5, help="least IoU of a box that finds an object (default 0.5)")
+    parser.add_argument("--out", help="also write the results here (JSON)")
+    parser.add_argument("--from", dest="source", metavar="JSON", help="print the table of a results file instead")
+    parser.add_argument("--markdown", action="store_true", help="print the table alone (bench/tables.py)")
+
+
+def score_detections(parser, ns, score) -> tuple:
+    """The store of --data and the rows {label: score(store, detections)} of each --detections file; a
+    parser error when they are missing, when the labels do not match them, or when the store has no masks."""
+    import json
+    from pathlib import Path
+
+    from datagen.store import Store
+
+    if not (ns.data and ns.detections):
+        parser.error("give --data and --detections (or --from a results file)")
+    if ns.labels and len(ns.labels) != len(ns.detections):
+        parser.error(f"{len(ns.labels)} labels for {len(ns.detections)} detections files")
+    store = Store(ns.data)
+    try:
+        store.array(ns.split, "masks")
+    except Exception:  # noqa: BLE001 - the store reader names a missing array in its own way
+        raise SystemExit(f"error: {ns.data} has no instance masks in {ns.split!r}; this reads 3D-Room stores") from None
+    rows = {label: score(store, json.loads(Path(path).read_text()))
+            for label, path in zip(ns.labels or ns.detections, ns.detections)}
+    return store, rows

@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import emit, machine  # noqa: E402
+from benchlib import add_detection_flags, emit, machine, score_detections  # noqa: E402
 
 from datagen.coco import box_cells  # noqa: E402
 from datagen.config import OBJECT_COLORS  # noqa: E402
@@ -178,37 +178,19 @@ def tables(results: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="the 3D-Room store the detections are of")
-    p.add_argument("--split", default="val", help="its split (default: val)")
-    p.add_argument("--detections", nargs="+", help="detections.json files of `space evaluate`")
-    p.add_argument("--labels", nargs="+", help="a row name per detections file (default: the paths)")
-    p.add_argument("--threshold", type=float, default=0.5, help="z_pres probability of a detection (default 0.5)")
-    p.add_argument("--iou", type=float, default=0.5, help="least IoU of a hit (default 0.5)")
+    add_detection_flags(p)
     p.add_argument("--small", type=float, default=0.025, help="box area share of the frame below which an "
                                                               "object is small (default 0.025)")
     p.add_argument("--grid", type=int, help="also recall of objects with a GxG cell of their own against those "
                                             "sharing one (the model's grid_size)")
     p.add_argument("--checkpoint", help="a trained model's checkpoint: also show what it paints per colour")
     p.add_argument("--frames", type=int, default=64, help="frames for --checkpoint (default 64)")
-    p.add_argument("--out", help="also write the results here (JSON), e.g. bench/results/recall_by_colour.json")
-    p.add_argument("--from", dest="source", metavar="JSON", help="print the tables of a results file instead")
-    p.add_argument("--markdown", action="store_true", help="print the tables alone (bench/tables.py)")
     ns = p.parse_args(argv)
     if ns.source:
         results = json.loads(Path(ns.source).read_text())
     else:
-        if not (ns.data and ns.detections):
-            p.error("give --data and --detections (or --from a results file)")
-        if ns.labels and len(ns.labels) != len(ns.detections):
-            p.error(f"{len(ns.labels)} labels for {len(ns.detections)} detections files")
-        store = Store(ns.data)
-        try:
-            store.array(ns.split, "masks")
-        except Exception:  # noqa: BLE001 - the store reader names a missing array in its own way
-            raise SystemExit(f"error: {ns.data} has no instance masks in {ns.split!r}; this reads 3D-Room stores") from None
-        rows = {label: recall(store, ns.split, json.loads(Path(path).read_text()), ns.threshold, ns.iou, ns.small,
-                              ns.grid)
-                for label, path in zip(ns.labels or ns.detections, ns.detections)}
+        store, rows = score_detections(p, ns, lambda store, dets: recall(store, ns.split, dets, ns.threshold, ns.iou,
+                                                                          ns.small, ns.grid))
         probe, decoded = decoded_colours(ns.checkpoint, store, ns.split, ns.frames) if ns.checkpoint else (None, None)
         results = {"data": ns.data, "split": ns.split, "threshold": ns.threshold, "iou": ns.iou, "rows": rows,
                    "decoded": decoded, "probe": probe, "frames": ns.frames, "machine": machine(),

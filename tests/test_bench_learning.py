@@ -180,3 +180,25 @@ def test_z_pres_forces_match_the_bernoulli_kl_derivative():
     cfg.model.kl_weighting = "every_cell"
     row = z_pres_forces.forces(SPACE(cfg.model).train(), x, 0, cfg)
     assert row["kl_where"] == 0.0 and row["kl_depth"] == 0.0 and row["-log_lik"] != 0.0
+
+
+def test_count_errors_classes_each_detection_and_splits_table_1s_count_error():
+    """bench/count_errors.py on hand-made frames (64 pixels): an exact box is found, a box inside an
+    object already found is a duplicate, one half over an object a poor box, boxes over nothing are
+    background (one touching the border), an object nobody boxes a miss; the count error is table 1's
+    (space.metrics.count_scores) and its two parts add up to it."""
+    import count_errors
+    from space.metrics import count_scores
+
+    objects = [[[10, 10, 20, 20], [30, 30, 40, 40]], [[10, 10, 30, 30]], [[5, 5, 15, 15], [40, 40, 50, 50]]]
+    detections = [[(0.9, [10, 10, 20, 20]), (0.8, [11, 11, 19, 19]), (0.7, [0, 0, 5, 5]), (0.6, [50, 50, 55, 55])],
+                  [(0.9, [20, 20, 40, 40])],
+                  [(0.9, [40, 40, 50, 50])]]
+    r = count_errors.classify(objects, detections, side=64)
+    assert (r["found"], r["duplicate"], r["poor box"], r["background"], r["at the border"], r["missed"]) == \
+        (2, 1, 1, 2, 1, 3)
+    assert r["objects"] == 5 and r["detections"] == 6
+    want = count_scores([len(o) for o in objects], [len(d) for d in detections])["count_error"]
+    assert r["count_error"] == pytest.approx(want)
+    assert r["from_too_many"] == pytest.approx(1.0 / 3) and r["from_too_few"] == pytest.approx(0.5 / 3)
+    assert r["from_too_many"] + r["from_too_few"] == pytest.approx(want)

@@ -1,0 +1,117 @@
+"""Where a trained model's object-count error comes from: each detection classed, each miss counted.
+
+    python -m space evaluate --run RUN --data STORE --split val --out EVAL     # writes EVAL/detections.json
+    python bench/count_errors.py --data STORE --split val --detections EVAL/detections.json
+
+Table 1's count error is mean |detected - true| / true over frames, so duplicates and misses in one frame
+cancel and neither shows where they come from. Here each detection (z_pres probability above --threshold,
+highest first) is one of:
+- found: the first to box an object at IoU --iou or more;
+- duplicate: at least half of it inside an object that another detection already found (two cells
+  explaining one object);
+- poor box: overlapping an object otherwise;
+- background: overlapping no object; of these, how many touch the frame's border (a background that cannot
+  paint part of the frame, e.g. the sky beyond the walls, leaves it to the foreground).
+Objects no detection found are misses. The count error is split into what frames with too many
+detections and frames with too few contribute (the two add up to it).
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import add_detection_flags, emit, machine, score_detections  # noqa: E402
+
+KINDS = ("found", "duplicate", "poor box", "background", "at the border", "missed")
+
+
+def _overlap(det, obj) -> tuple[float, float]:
+    """IoU of two (x0, y0, x1, y1) boxes, and the share of `det` inside `obj`."""
+    w = max(0.0, min(det[2], obj[2]) - max(det[0], obj[0]))
+    h = max(0.0, min(det[3], obj[3]) - max(det[1], obj[1]))
+    inter = w * h
+    det_area = (det[2] - det[0]) * (det[3] - det[1])
+    obj_area = (obj[2] - obj[0]) * (obj[3] - obj[1])
+    return inter / (det_area + obj_area - inter + 1e-9), inter / (det_area + 1e-9)
+
+
+def classify(objects: list, detections: list, side: int, min_iou: float = 0.5) -> dict:
+    """Per frame: `objects[i]` its true (x0, y0, x1, y1) boxes, `detections[i]` its (score, box) pairs
+    above the threshold; `side` the frame's size in pixels. Counts of each kind of KINDS, and the count
+    error with its over- and under-count parts."""
+    tally = dict.fromkeys(KINDS, 0)
+    over = under = 0.0
+    for objs, dets in zip(objects, detections):
+        found = [False] * len(objs)
+        for _, box in sorted(dets, key=lambda d: -d[0]):
+            overlaps = [_overlap(box, o) for o in objs]
+            free = [j for j in range(len(objs)) if not found[j] and overlaps[j][0] >= min_iou]
+            if free:
+                found[max(free, key=lambda j: overlaps[j][0])] = True
+                tally["found"] += 1
+            elif any(found[j] and overlaps[j][1] >= 0.5 for j in range(len(objs))):
+                tally["duplicate"] += 1
+            elif any(iou > 0 for iou, _ in overlaps):
+                tally["poor box"] += 1
+            else:
+                tally["background"] += 1
+                tally["at the border"] += bool(min(box[0], box[1]) <= 0 or max(box[2], box[3]) >= side)
+        tally["missed"] += found.count(False)
+        error = (len(dets) - len(objs)) / max(len(objs), 1)
+        over += max(error, 0.0)
+        under += max(-error, 0.0)
+    n = max(len(objects), 1)
+    return {**tally, "objects": sum(len(o) for o in objects), "detections": sum(len(d) for d in detections),
+            "count_error": (over + under) / n, "from_too_many": over / n, "from_too_few": under / n}
+
+
+def read(store, split: str, detections: list, threshold: float) -> tuple[list, list, int]:
+    """The objects (boxes of objects with a visible mask) and detections above `threshold` of each frame."""
+    n = store.array(split, "boxes").shape[0]
+    boxes = store.read(split, "boxes", slice(0, n))
+    masks = store.read(split, "masks", slice(0, n))
+    objects = [[b.tolist() for k, b in enumerate(boxes[i]) if not np.isnan(b[0]) and (masks[i] == k + 1).any()]
+               for i in range(n)]
+    dets: list = [[] for _ in range(n)]
+    for d in detections:
+        if d["score"] > threshold:
+            x, y, w, h = d["bbox"]  # COCO
+            dets[d["image_id"]].append((d["score"], [x, y, x + w, y + h]))
+    return objects, dets, masks.shape[1]
+
+
+def table(results: dict) -> str:
+    cols = [*KINDS, "objects", "detections", "count_error", "from_too_many", "from_too_few"]
+    lines = ["| detections | " + " | ".join(c.replace("_", " ") for c in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for label, row in results["rows"].items():
+        cells = [f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in cols]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_detection_flags(p)
+    ns = p.parse_args(argv)
+    if ns.source:
+        results = json.loads(Path(ns.source).read_text())
+    else:
+        _, rows = score_detections(p, ns, lambda store, dets: classify(*read(store, ns.split, dets, ns.threshold),
+                                                                        ns.iou))
+        results = {"data": ns.data, "split": ns.split, "threshold": ns.threshold, "iou": ns.iou, "rows": rows,
+                   "machine": machine(), "command": " ".join(sys.argv)}
+    emit(results, table(results), None if ns.source else ns.out, ns.markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
