@@ -118,7 +118,7 @@ def test_demo_config_and_full_default_dry_runs_resolve():
         assert f"--objects {lo} {hi}" in command and f"--split train={small['splits']['train']}" in command
 
 
-def test_the_reference_overlay_trains_its_three_seeds_on_8x8_with_both_schedules_and_the_linear_colour():
+def test_the_reference_overlay_trains_the_demo_preset_longer_on_three_seeds_with_the_codes_z_pres_prior():
     p = run(["snakemake", "-n", "--forceall", "train_all", "--configfile", "config/demo.yaml", "config/reference.yaml"],
             REPO)
     assert _job_counts(p.stdout)["train"] == 3
@@ -126,9 +126,8 @@ def test_the_reference_overlay_trains_its_three_seeds_on_8x8_with_both_schedules
     assert len(commands) == 3 and all("results/runs/space_room3d_reference/seeds/" in c for c in commands)
     assert {c.split("--set train.seed=")[1].split()[0] for c in commands} == {"0", "1", "2"}
     for c in commands:
-        assert "model.kl_what_weight=" in c and "model.mixture_temperature=" in c and "train.steps=2500" in c
-        assert "model.grid_size=8" in c
-        assert "model.glimpse_colour=\"linear\"" in c
+        assert "--preset demo" in c and "train.steps=2500" in c
+        assert "model.z_pres_prior=" in c and "\"end\": 0.01" in c
 
 
 def test_latents_all_encodes_each_seeds_run_on_its_test_split():
