@@ -244,7 +244,7 @@ ATARI_GAMES = {
                       "hud": ("P1Score", "P2Score", "Lives"), "static": ("Shield",)},
     "AirRaid": {"env_id": "ALE/AirRaid-v5", "height": 250, "hud": ("PlayerScore", "Lives"), "static": ("Building",)},
     # OCAtari 2.2.1's Riverraid RAM reader misses most enemies and places the rest beside their sprites
-    # (README, "Atari"), so its boxes come from OCAtari's colour-based reader of the frame instead
+    # (docs/datasets.md, "Atari"), so its boxes come from OCAtari's colour-based reader of the frame instead
     # ("vision"), which finds what is drawn: houses (scenery, no enemy) are not among its categories.
     "Riverraid": {"env_id": "ALE/Riverraid-v5", "height": 210, "hud": ("PlayerScore", "Lives"), "static": (),
                   "boxes": "vision", "playfield_rows": 163,
