@@ -202,3 +202,40 @@ def test_count_errors_classes_each_detection_and_splits_table_1s_count_error():
     assert r["count_error"] == pytest.approx(want)
     assert r["from_too_many"] == pytest.approx(1.0 / 3) and r["from_too_few"] == pytest.approx(0.5 / 3)
     assert r["from_too_many"] + r["from_too_few"] == pytest.approx(want)
+
+
+def test_experiment_scores_reads_each_seed_and_its_means_agree_with_the_pipelines_combined_file(tmp_path):
+    """bench/experiment_scores.py over a pipeline experiment's folder (two seeds, hand-written files): each
+    seed's test scores and validation curve are read back, the table's mean row is what `python -m space
+    seeds` (space.seeds.combine_json, the pipeline's eval/test/metrics.json) gives, and a step only one seed
+    validated has no mean; a folder without seeds is a clear error."""
+    import experiment_scores
+    from space.seeds import combine_json
+
+    exp = tmp_path / "results" / "runs" / "x"
+    tests = {"0": {"step": 2250, "ap50": 0.61, "ap50_paper": 0.63, "count_error": 0.21, "fg_ari": 0.66},
+             "1": {"step": 2500, "ap50": 0.70, "ap50_paper": 0.72, "count_error": 0.25, "fg_ari": 0.60}}
+    for seed, test in tests.items():
+        run = exp / "seeds" / seed
+        run.mkdir(parents=True)
+        (run / "train.json").write_text(json.dumps({"step": 2500, "wall_s": 900.0 + int(seed)}))
+        rows = "step,wall_s,val_mse,val_ap50,val_count_error\n250,100,0.01,0.1,0.5\n500,200,0.009,0.3,0.4\n"
+        (run / "val.csv").write_text(rows + ("750,300,0.008,0.5,0.3\n" if seed == "1" else ""))
+        (exp / "eval" / "seeds" / seed / "test").mkdir(parents=True)
+        (exp / "eval" / "seeds" / seed / "test" / "metrics.json").write_text(json.dumps(test))
+    out = tmp_path / "scores.json"
+    assert experiment_scores.main(["--experiment", str(exp), "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["seeds"]["1"]["test"] == tests["1"] and len(results["seeds"]["0"]["val"]) == 2
+    text = experiment_scores.tables(results)
+    combined = combine_json(tests)
+    mean_row = next(line for line in text.splitlines() if line.startswith("| mean |"))
+    cols = [c.strip() for c in text.splitlines()[0].split("|")[2:-2]]
+    cells = [c.strip() for c in mean_row.split("|")[2:-2]]
+    for col, cell in zip(cols, cells):
+        if col != "step":
+            assert float(cell) == pytest.approx(combined[col], abs=5e-4), col
+    assert "| 500 | 0.300 (0.40) | 0.300 (0.40) | 0.300 |" in text
+    assert "| 750 |  | 0.500 (0.30) |  |" in text
+    with pytest.raises(SystemExit, match="no seeds"):
+        experiment_scores.main(["--experiment", str(tmp_path)])
