@@ -30,41 +30,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import add_detection_flags, emit, machine, score_detections  # noqa: E402
 
+from space.metrics import iou_matrix  # noqa: E402
+
 KINDS = ("found", "duplicate", "poor box", "background", "at the border", "missed")
 
 
-def _overlap(det, obj) -> tuple[float, float]:
-    """IoU of two (x0, y0, x1, y1) boxes, and the share of `det` inside `obj`."""
-    w = max(0.0, min(det[2], obj[2]) - max(det[0], obj[0]))
-    h = max(0.0, min(det[3], obj[3]) - max(det[1], obj[1]))
-    inter = w * h
-    det_area = (det[2] - det[0]) * (det[3] - det[1])
-    obj_area = (obj[2] - obj[0]) * (obj[3] - obj[1])
-    return inter / (det_area + obj_area - inter + 1e-9), inter / (det_area + 1e-9)
+def _inside_share(det, objs) -> np.ndarray:
+    """The share of box `det` inside each of `objs`, all (x0, y0, x1, y1): (m,)."""
+    o = np.asarray(objs, dtype=np.float64).reshape(-1, 4)
+    w = np.clip(np.minimum(det[2], o[:, 2]) - np.maximum(det[0], o[:, 0]), 0, None)
+    h = np.clip(np.minimum(det[3], o[:, 3]) - np.maximum(det[1], o[:, 1]), 0, None)
+    return w * h / max((det[2] - det[0]) * (det[3] - det[1]), 1e-9)
 
 
 def classify(objects: list, detections: list, side: int, min_iou: float = 0.5) -> dict:
     """Per frame: `objects[i]` its true (x0, y0, x1, y1) boxes, `detections[i]` its (score, box) pairs
     above the threshold; `side` the frame's size in pixels. Counts of each kind of KINDS, and the count
-    error with its over- and under-count parts."""
+    error with its over- and under-count parts. IoU is the evaluation's (space.metrics.iou_matrix)."""
     tally = dict.fromkeys(KINDS, 0)
     over = under = 0.0
     for objs, dets in zip(objects, detections):
-        found = [False] * len(objs)
-        for _, box in sorted(dets, key=lambda d: -d[0]):
-            overlaps = [_overlap(box, o) for o in objs]
-            free = [j for j in range(len(objs)) if not found[j] and overlaps[j][0] >= min_iou]
-            if free:
-                found[max(free, key=lambda j: overlaps[j][0])] = True
+        found = np.zeros(len(objs), dtype=bool)
+        boxes = [box for _, box in sorted(dets, key=lambda d: -d[0])]
+        ious = iou_matrix(boxes, objs)  # (detections by score, objects)
+        for box, iou in zip(boxes, ious):
+            free = np.where(~found & (iou >= min_iou), iou, -1.0)
+            if free.max(initial=-1.0) >= 0:
+                found[int(free.argmax())] = True
                 tally["found"] += 1
-            elif any(found[j] and overlaps[j][1] >= 0.5 for j in range(len(objs))):
+            elif np.any(found & (_inside_share(box, objs) >= 0.5)):
                 tally["duplicate"] += 1
-            elif any(iou > 0 for iou, _ in overlaps):
+            elif np.any(iou > 0):
                 tally["poor box"] += 1
             else:
                 tally["background"] += 1
                 tally["at the border"] += bool(min(box[0], box[1]) <= 0 or max(box[2], box[3]) >= side)
-        tally["missed"] += found.count(False)
+        tally["missed"] += int((~found).sum())
         error = (len(dets) - len(objs)) / max(len(objs), 1)
         over += max(error, 0.0)
         under += max(-error, 0.0)
