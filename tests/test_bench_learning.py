@@ -239,3 +239,16 @@ def test_experiment_scores_reads_each_seed_and_its_means_agree_with_the_pipeline
     assert "| 750 |  | 0.500 (0.30) |  |" in text
     with pytest.raises(SystemExit, match="no seeds"):
         experiment_scores.main(["--experiment", str(tmp_path)])
+
+
+def test_count_errors_names_what_is_missing_or_mismatched(tmp_path, capsys):
+    """bench/count_errors.py without a store, or with fewer labels than detections files, stops with an
+    error that says which, before reading anything."""
+    import count_errors
+
+    with pytest.raises(SystemExit):
+        count_errors.main(["--detections", "a.json"])
+    assert "give --data and --detections" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        count_errors.main(["--data", str(tmp_path), "--detections", "a.json", "b.json", "--labels", "a"])
+    assert "1 labels for 2 detections files" in capsys.readouterr().err
