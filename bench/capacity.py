@@ -49,7 +49,7 @@ class SequentialForeground(Foreground):
         self.cell_head = nn.Sequential(nn.Linear(128 + 5 * len(self.NEIGHBOURS), 128), nn.CELU(),
                                        nn.Linear(128, 1 + 8 + 2 * cfg.z_depth_dim))
 
-    def infer(self, x, z_scale_prior_mean: float, z_pres_prior: float, tau: float):
+    def infer(self, x, z_scale_prior_mean: float, z_scale_prior_std: float, z_pres_prior: float, tau: float):
         cfg = self.cfg
         b, g = x.shape[0], cfg.grid_size
         feats = self.encoder(x).permute(0, 2, 3, 1)  # (B, G, G, 128)
@@ -69,7 +69,7 @@ class SequentialForeground(Foreground):
                 self.glimpse_encoder(extract_glimpses(x, centre[:, None], size[:, None], cfg.glimpse_size))
                 heads.append(h)
         # The cell-by-cell loop above is the sequential cost; everything after it is SPACE's own pass.
-        out = super().infer(x, z_scale_prior_mean, z_pres_prior, tau)
+        out = super().infer(x, z_scale_prior_mean, z_scale_prior_std, z_pres_prior, tau)
         out["kl_pres"] = out["kl_pres"] + 0 * torch.stack(heads).sum()  # keep the loop in the graph
         return out
 

@@ -66,7 +66,8 @@ class ModelConfig:
     tau: Anneal = field(default_factory=lambda: Anneal(2.0, 2.0))
     z_pres_prior: Anneal = field(default_factory=lambda: Anneal(0.1, 0.01, 4000, 10000))
     z_scale_prior_mean: Anneal = field(default_factory=lambda: Anneal(-1.0, -2.0, 10000, 20000))
-    z_scale_prior_std: float = 0.1
+    # The prior's spread: 0.1 in the paper and its code, a constant; a schedule here lets it start wide.
+    z_scale_prior_std: Anneal = field(default_factory=lambda: Anneal(0.1, 0.1))
     z_shift_prior_mean: float = 0.0
     z_shift_prior_std: float = 1.0
     z_depth_prior_mean: float = 0.0
@@ -152,10 +153,13 @@ class ModelConfig:
             raise ConfigError(f"model.grid_size: must be a power of two at most image_size/4, got {g}")
         if self.glimpse_size not in (16, 32):
             raise ConfigError(f"model.glimpse_size: 32 (the paper's) or 16 (for small frames), got {self.glimpse_size}")
-        for name in ("fg_sigma", "bg_sigma", "z_scale_prior_std", "z_shift_prior_std",
+        for name in ("fg_sigma", "bg_sigma", "z_shift_prior_std",
                      "z_depth_prior_std", "shift_range", "depth_sharpness", "boundary_sigma"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"model.{name}: must be above 0, got {getattr(self, name)}")
+        if not (self.z_scale_prior_std.start > 0 and self.z_scale_prior_std.end > 0):
+            raise ConfigError(f"model.z_scale_prior_std: must be above 0 (start and end), got "
+                              f"{self.z_scale_prior_std.start} -> {self.z_scale_prior_std.end}")
         if not (self.mixture_temperature.start >= 1 and self.mixture_temperature.end >= 1):
             raise ConfigError(f"model.mixture_temperature: 1 (the exact gradient) or more, got "
                               f"{self.mixture_temperature.start} -> {self.mixture_temperature.end}")

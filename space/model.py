@@ -288,17 +288,17 @@ class Foreground(nn.Module):
         with torch.no_grad():
             self.z_scale_net.bias[:2].fill_(cfg.z_scale_prior_mean.start)
             # and with the prior's spread: softplus(b) = z_scale_prior_std
-            self.z_scale_net.bias[2:].fill_(math.log(math.expm1(cfg.z_scale_prior_std)))
+            self.z_scale_net.bias[2:].fill_(math.log(math.expm1(cfg.z_scale_prior_std.start)))
 
-    def forward(self, x, z_scale_prior_mean: float, z_pres_prior: float, tau: float):
+    def forward(self, x, z_scale_prior_mean: float, z_scale_prior_std: float, z_pres_prior: float, tau: float):
         """x (B, 3, N, N) -> the foreground's outputs, a dict of per-image tensors (batch first)."""
         chunk = self.checkpoint_images
         if not (chunk and torch.is_grad_enabled() and x.shape[0] > chunk):
-            return self.infer(x, z_scale_prior_mean, z_pres_prior, tau)
+            return self.infer(x, z_scale_prior_mean, z_scale_prior_std, z_pres_prior, tau)
         # Activation checkpointing: every foreground layer works per image, so the batch runs in chunks
         # whose activations are dropped after the forward pass and recomputed, one chunk at a time, in the
         # backward pass (with the same random draws: checkpoint restores the RNG state).
-        parts = [checkpoint(self.infer, xc, z_scale_prior_mean, z_pres_prior, tau, use_reentrant=False)
+        parts = [checkpoint(self.infer, xc, z_scale_prior_mean, z_scale_prior_std, z_pres_prior, tau, use_reentrant=False)
                  for xc in x.split(chunk)]
         return {k: sum(p[k] for p in parts) if k == "glimpses_decoded" else torch.cat([p[k] for p in parts])
                 for k in parts[0]}
@@ -328,7 +328,7 @@ class Foreground(nn.Module):
                                                    cfg.fg_mean == "premultiplied", eps=EPS)
         return alpha, mu_fg, overlap, depth_weight
 
-    def infer(self, x, z_scale_prior_mean: float, z_pres_prior: float, tau: float):
+    def infer(self, x, z_scale_prior_mean: float, z_scale_prior_std: float, z_pres_prior: float, tau: float):
         """Algorithm 1 on a batch (or a chunk of one)."""
         cfg = self.cfg
         b, g, s = x.shape[0], cfg.grid_size, cfg.glimpse_size
@@ -372,7 +372,7 @@ class Foreground(nn.Module):
         # KL terms (appendix B), per cell; z_where, z_depth, z_what weighted by the z_pres sample (the
         # paper's appendix) or charged for every cell (model.kl_weighting, the paper's code).
         kl_pres = bernoulli_kl(pres_prob, z_pres_prior)  # (B, G, G)
-        kl_scale = gaussian_kl(scale_mu, scale_sigma, z_scale_prior_mean, cfg.z_scale_prior_std).sum(-1)
+        kl_scale = gaussian_kl(scale_mu, scale_sigma, z_scale_prior_mean, z_scale_prior_std).sum(-1)
         kl_shift = gaussian_kl(shift_mu, shift_sigma, cfg.z_shift_prior_mean, cfg.z_shift_prior_std).sum(-1)
         kl_depth = gaussian_kl(depth_mu, depth_sigma, cfg.z_depth_prior_mean, cfg.z_depth_prior_std).sum(-1)
         kl_what = kl_what.view(b, g, g)
@@ -639,7 +639,8 @@ class SPACE(nn.Module):
         bg = self.bg(x)
         pi = bg["log_pi"].exp()
         bg_image = (pi * bg["mu_bg"]).sum(1)  # (B, 3, N, N)
-        fg = self.fg(x, cfg.z_scale_prior_mean.at(step), cfg.z_pres_prior.at(step), cfg.tau.at(step))
+        fg = self.fg(x, cfg.z_scale_prior_mean.at(step), cfg.z_scale_prior_std.at(step), cfg.z_pres_prior.at(step),
+                     cfg.tau.at(step))
         alpha = fg["alpha"].clamp(EPS, 1 - EPS)  # (B, 1, N, N)
         if step < cfg.fix_alpha_steps:  # appendix D.2: a fixed alpha lets both modules start learning
             alpha = torch.full_like(alpha, cfg.fix_alpha_value)

@@ -32,6 +32,7 @@ from space.model import (
     composite,
     extract_glimpses,
     gaussian_kl,
+    normal_params,
     where_to_box,
 )
 
@@ -252,6 +253,32 @@ def test_kl_pres_is_the_bernoulli_kl_against_the_prior_of_the_step(space_out):
     assert float(out["terms"]["kl_pres"]) == pytest.approx(float(expected), rel=1e-4)
     for k in ("kl_pres", "kl_where", "kl_depth", "kl_what", "kl_bg_mask", "kl_bg_comp", "boundary_loss"):
         assert float(out["terms"][k]) >= 0, k
+
+
+def test_kl_where_uses_the_z_scale_prior_of_the_step():
+    """model.z_scale_prior_std as a schedule: z_where's KL at a step is against N(mean(step), std(step)),
+    checked against torch.distributions on the z_scale posterior the model computed."""
+    torch.manual_seed(5)
+    cfg = tiny_cfg(z_scale_prior_std=Anneal(0.3, 0.1, 0, 100), z_scale_prior_mean=Anneal(-1.5, -1.5))
+    model = SPACE(cfg).eval()
+    assert float(torch.nn.functional.softplus(model.fg.z_scale_net.bias[2])) == pytest.approx(0.3, rel=1e-5)
+    heads = []
+    model.fg.z_scale_net.register_forward_hook(lambda mod, inp, out: heads.append(out.detach()))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        early, late = model(x, step=0), model(x, step=50)
+    mu, sd = normal_params(heads[0].permute(0, 2, 3, 1), 2)  # (B, G, G, 2), the same at both steps
+    zp = early["fg"]["z_pres"]  # (B, G, G): eval mode, the probability, equal at both steps
+
+    def kl_scale(std):
+        return (zp * kl_divergence(Normal(mu, sd), Normal(-1.5, std)).sum(-1)).sum((1, 2))  # (B,)
+
+    # z_shift's KL is the same at both steps, so the difference is z_scale's alone.
+    diff = late["fg"]["kl_where"] - early["fg"]["kl_where"]
+    assert torch.allclose(diff, kl_scale(0.2) - kl_scale(0.3), rtol=1e-4, atol=1e-3)
+    assert Config.from_dict({"model": {"z_scale_prior_std": 0.2}}).model.z_scale_prior_std.at(10**6) == 0.2
+    with pytest.raises(ConfigError, match="z_scale_prior_std"):
+        Config.from_dict({"model": {"z_scale_prior_std": {"start": 0.2, "end": 0.0}}}).validate()
 
 
 def test_space_eval_is_deterministic():
@@ -813,7 +840,7 @@ def test_room3d_large_preset_has_appendix_d2_values():
         (0.1, 0.01, 4000, 10000)
     sp = m.z_scale_prior_mean
     assert (sp.start, sp.end, sp.start_step, sp.end_step) == (-1.0, -2.0, 10000, 20000)
-    assert m.z_scale_prior_std == 0.1
+    assert m.z_scale_prior_std.at(0) == m.z_scale_prior_std.at(10**6) == 0.1
     assert (m.z_shift_prior_mean, m.z_shift_prior_std) == (0.0, 1.0)
     assert (m.z_depth_prior_mean, m.z_depth_prior_std) == (0.0, 1.0)
     assert m.fg_sigma == 0.15 and m.bg_sigma == 0.15
@@ -846,7 +873,7 @@ def test_atari_preset_has_appendix_d2_values():
     assert m.z_scale_prior_mean.at(0) == -2.0
     assert m.z_scale_prior_mean.at(10000) == pytest.approx(-2.25)
     assert m.z_scale_prior_mean.at(20000) == pytest.approx(-2.5)
-    assert m.z_scale_prior_std == 0.1
+    assert m.z_scale_prior_std.at(0) == m.z_scale_prior_std.at(10**6) == 0.1
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
