@@ -157,17 +157,16 @@ class ModelConfig:
                      "z_depth_prior_std", "shift_range", "depth_sharpness", "boundary_sigma"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"model.{name}: must be above 0, got {getattr(self, name)}")
-        if not (self.z_scale_prior_std.start > 0 and self.z_scale_prior_std.end > 0):
-            raise ConfigError(f"model.z_scale_prior_std: must be above 0 (start and end), got "
-                              f"{self.z_scale_prior_std.start} -> {self.z_scale_prior_std.end}")
+        for name in ("tau", "z_scale_prior_std"):  # schedules that must stay positive
+            a = getattr(self, name)
+            if not (a.start > 0 and a.end > 0):
+                raise ConfigError(f"model.{name}: must be above 0 (start and end), got {a.start} -> {a.end}")
         if not (self.mixture_temperature.start >= 1 and self.mixture_temperature.end >= 1):
             raise ConfigError(f"model.mixture_temperature: 1 (the exact gradient) or more, got "
                               f"{self.mixture_temperature.start} -> {self.mixture_temperature.end}")
         if not (self.kl_what_weight.start >= 0 and self.kl_what_weight.end >= 0):
             raise ConfigError(f"model.kl_what_weight: 0 or more (1: the paper's), got "
                               f"{self.kl_what_weight.start} -> {self.kl_what_weight.end}")
-        if not (self.tau.start > 0 and self.tau.end > 0):
-            raise ConfigError(f"model.tau: must be above 0 (start and end), got {self.tau.start} -> {self.tau.end}")
         for name, choices in (("boundary_loss", ("linear", "gaussian")), ("kl_weighting", ("z_pres", "every_cell")),
                               ("mixture", ("pixel", "channel")), ("fg_encoder", ("paper", "code")),
                               ("glimpse_encoder", ("paper", "code")), ("glimpse_colour", ("paper", "linear")),
