@@ -115,6 +115,8 @@ def _part(ns):
 
 
 def cmd_merge(ns) -> int:
+    """Join the N part stores of one dataset, each written with --part I/N, into one complete store equal to
+    what a single job writes. The parts are left in place."""
     from .store import merge_parts
 
     merge_parts(ns.out, ns.parts, overwrite=ns.overwrite)
@@ -123,6 +125,11 @@ def cmd_merge(ns) -> int:
 
 
 def cmd_inspect(ns) -> int:
+    """Validate a scene store and summarize it: objects per frame and category, and repeated frames
+    (byte-identical to an earlier frame) per split, overall and across splits. Checks the metadata, that every
+    chunk file a complete store has exists, that each shard's index and last frame decode (a truncated file
+    fails), that n_objects, boxes and labels agree; reading every image for the repeats decodes every image.
+    Exit 1 when the store is not valid."""
     from .store import Store, StoreError, repeated_frames, validate_store
 
     def refuse(problems) -> int:
@@ -349,6 +356,9 @@ def dvc_set_params(base: dict, target: dict, path: str = "") -> list[str]:
 
 
 def cmd_params(ns) -> int:
+    """Merge an overlay such as config/demo.yaml over params.yaml as Snakemake's --configfile does, and
+    drop the experiments it disables: DVC reads only params.yaml and runs every experiment listed there.
+    E.g. python -m datagen params config/demo.yaml --out params.yaml && dvc repro"""
     import yaml
 
     docs = []
@@ -395,6 +405,9 @@ def _exp_run(overrides: list[str], name: str) -> int:
 
 
 def cmd_fingerprint(ns) -> int:
+    """SHA-256 over the syntax trees of FILES without their docstrings: it changes when the code
+    does, not when a comment, a docstring or the layout does. dvc.yaml's code stage writes one per stage
+    result, and the costly stages depend on it instead of on whole packages."""
     from .fingerprint import source_fingerprint
 
     try:
@@ -410,6 +423,13 @@ def cmd_fingerprint(ns) -> int:
     else:
         print(text, end="")
     return 0
+
+
+def _command(sub, func, help: str) -> argparse.ArgumentParser:
+    """The subcommand that runs `func` (cmd_NAME is NAME); its --help description is func's docstring."""
+    c = sub.add_parser(func.__name__.removeprefix("cmd_"), help=help, description=func.__doc__)
+    c.set_defaults(func=func)
+    return c
 
 
 def _store_command(sub, name: str, help: str, description: str, example: str, split_help: str):
@@ -446,36 +466,25 @@ def build_parser() -> argparse.ArgumentParser:
                       notes={"policy": " (or the path of a TorchScript policy file)"})
     a.set_defaults(func=cmd_atari)
 
-    m = sub.add_parser("merge", help="join part stores (written with --part I/N) into one complete store",
-                       description="Join the N part stores of one dataset, each written with --part I/N, into one "
-                                   "complete store equal to what a single job writes. The parts are left in place.")
+    m = _command(sub, cmd_merge, "join part stores (written with --part I/N) into one complete store")
     m.add_argument("out", help="the merged store, e.g. results/data/room3d_large.zarr")
     m.add_argument("parts", nargs="+", help="the part stores, in any order")
     m.add_argument("--overwrite", action="store_true", help="replace a store at OUT")
-    m.set_defaults(func=cmd_merge)
 
-    i = sub.add_parser("inspect", help="validate a store and print a summary",
-                       description="Validate a scene store and summarize it: objects per frame and category, "
-                                   "and repeated frames (byte-identical to an earlier frame) per split, overall "
-                                   "and across splits. Checks the metadata, that every chunk file a complete "
-                                   "store has exists, that each shard's index and last frame decode (a truncated "
-                                   "file fails), that n_objects, boxes and labels agree; reading every image for "
-                                   "the repeats decodes every image. Exit 1 when the store is not valid.")
+    i = _command(sub, cmd_inspect, "validate a store and print a summary")
     i.add_argument("store", help="the store (a path or an s3:// URL)")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.add_argument("--full", action="store_true",
                    help="also decode every chunk of every array (masks and per-frame arrays too), so changed "
                         "bytes fail their checksum. Costs about as much again as the whole default inspect: on "
                         "a 2560-frame 64x64 store about 2 s more (inspect about 2 s without, 4 s with)")
-    i.set_defaults(func=cmd_inspect)
 
-    c = sub.add_parser("coco", help="write one split's ground truth as COCO-style JSON")
+    c = _command(sub, cmd_coco, "write one split's ground truth as COCO-style JSON")
     c.add_argument("store", help="the store (a path or an s3:// URL)")
     c.add_argument("--split", required=True, help="the split to export, e.g. test")
     c.add_argument("--out", help="output file (default: stdout)")
-    c.set_defaults(func=cmd_coco)
 
-    s = sub.add_parser("show", help="write a PNG contact sheet of frames with their boxes")
+    s = _command(sub, cmd_show, "write a PNG contact sheet of frames with their boxes")
     s.add_argument("store", help="the store (a path or an s3:// URL)")
     s.add_argument("--split", default="train", help="default: %(default)s")
     s.add_argument("--out", help="PNG path (default: beside the store, STORE.SPLIT.png)")
@@ -484,13 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="which random frames (default: 0)")
     s.add_argument("--scale", type=int, default=2, help="pixel magnification (default: 2)")
     s.add_argument("--columns", type=int, default=8, help="frames a row (default: %(default)s)")
-    s.set_defaults(func=cmd_show)
 
-    q = sub.add_parser("params", help="params.yaml with an overlay (e.g. config/demo.yaml) merged in, for DVC",
-                       description="Merge an overlay such as config/demo.yaml over params.yaml as Snakemake's "
-                                   "--configfile does, and drop the experiments it disables: DVC reads only "
-                                   "params.yaml and runs every experiment listed there. "
-                                   "E.g. python -m datagen params config/demo.yaml --out params.yaml && dvc repro")
+    q = _command(sub, cmd_params, "params.yaml with an overlay (e.g. config/demo.yaml) merged in, for DVC")
     q.add_argument("overlay", help="the YAML to merge over the base, e.g. config/demo.yaml")
     q.add_argument("--base", default="params.yaml", help="default: %(default)s")
     q.add_argument("--out", help="write here (default: print); may be the base itself")
@@ -498,16 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run it as a DVC experiment instead (dvc exp run --temp with one --set-param per setting "
                         "that differs), leaving the tracked params.yaml untouched; dvc exp show lists its scores")
     q.add_argument("--exp-name", help="the experiment's name with --exp-run (default: the overlay's, e.g. demo)")
-    q.set_defaults(func=cmd_params)
 
-    f = sub.add_parser("fingerprint", help="a hash of Python files' code, blind to comments and docstrings (DVC)",
-                       description="SHA-256 over the syntax trees of FILES without their docstrings: it changes "
-                                   "when the code does, not when a comment, a docstring or the layout does. "
-                                   "dvc.yaml's code stage writes one per stage result, and the costly stages "
-                                   "depend on it instead of on whole packages.")
+    f = _command(sub, cmd_fingerprint, "a hash of Python files' code, blind to comments and docstrings (DVC)")
     f.add_argument("files", nargs="+", help="Python source files, e.g. space/model.py space/train.py")
     f.add_argument("--out", help="write the hash here (default: print it)")
-    f.set_defaults(func=cmd_fingerprint)
 
     return p
 

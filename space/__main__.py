@@ -150,6 +150,7 @@ def _run_checkpoint(location: str, which: str):
 
 
 def cmd_train(ns) -> int:
+    """Train SPACE. Settings: a preset (the paper's), then --config YAML, then --set."""
     from .memory import lean_host_allocator
 
     cfg = resolve_config(ns.preset, ns.config, ns.set)
@@ -172,6 +173,8 @@ def cmd_train(ns) -> int:
 
 
 def cmd_config(ns) -> int:
+    """Print the settings `train` would use with the same --preset, --config and --set, as YAML: every field
+    of space/config.py, validated."""
     cfg = resolve_config(ns.preset, ns.config, ns.set)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     return 0
@@ -231,6 +234,9 @@ def cmd_show(ns) -> int:
 
 
 def cmd_evaluate(ns) -> int:
+    """Score a trained run: COCO AP and the paper's AP at IoU 0.5 and 0.5:0.95, object-count error and
+    accuracy, reconstruction MSE, with a trivial baseline beside each. Writes metrics.json, detections.json
+    and ground_truth.json (COCO) to --out."""
     import json
 
     from .evaluate import evaluate
@@ -257,6 +263,9 @@ def cmd_evaluate(ns) -> int:
 
 
 def cmd_encode(ns) -> int:
+    """Encode every frame of a store split with a trained run (eval mode: the means) and write the latents as
+    a new Zarr store whose arrays name their dimensions, for xarray: per frame and cell z_pres_prob, box
+    (pixels), z_depth and z_what; per frame and background component z_mask and z_comp."""
     import json
 
     from .devices import pick_device
@@ -317,6 +326,9 @@ def cmd_curves(ns) -> int:
 
 
 def cmd_seeds(ns) -> int:
+    """Combine an experiment's per-seed files (each under a seeds/SEED/ folder): JSON (train.json,
+    metrics.json) into the mean over seeds of every number, with its spread and each seed's document; CSV
+    (metrics.csv, val.csv) into the mean over seeds at each step all of them logged."""
     from .seeds import combine_files
 
     output_file(ns.out, "--out")
@@ -350,13 +362,19 @@ def _add_pass_flags(parser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _command(sub, func, help: str) -> argparse.ArgumentParser:
+    """The subcommand that runs `func` (cmd_NAME is NAME); its --help description is func's docstring."""
+    c = sub.add_parser(func.__name__.removeprefix("cmd_"), help=help, description=func.__doc__)
+    c.set_defaults(func=func)
+    return c
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m space", description="Train, score and look at SPACE (ICLR 2020) "
                                 "on scene stores. `python -m space COMMAND --help` gives each command's flags.")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train SPACE on a scene store (resumes a run that has a checkpoint)",
-                       description="Train SPACE. Settings: a preset (the paper's), then --config YAML, then --set.")
+    t = _command(sub, cmd_train, "train SPACE on a scene store (resumes a run that has a checkpoint)")
     t.add_argument("--data", required=True, help="scene store, e.g. results/data/room3d_small.zarr")
     t.add_argument("--out", required=True, help="run directory (resumed if it holds a checkpoint of the same "
                                                 "store and settings; see --restart)")
@@ -371,73 +389,50 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--summary", help="write the last logged metrics here as JSON when training ends")
     t.add_argument("--live", help="rewrite this JSON file at every log step and validation with the step, loss, "
                                   "MSE and validation scores so far (for `dvc exp show` while the run goes)")
-    t.set_defaults(func=cmd_train)
 
-    g = sub.add_parser("config", help="print the settings a preset, --config and --set resolve to (YAML)",
-                       description="Print the settings `train` would use with the same --preset, --config and "
-                                   "--set, as YAML: every field of space/config.py, validated.")
+    g = _command(sub, cmd_config, "print the settings a preset, --config and --set resolve to (YAML)")
     _add_settings_flags(g)
-    g.set_defaults(func=cmd_config)
 
-    s = sub.add_parser("sample", help="generate scenes from the prior of a trained run (algorithm 3)")
+    s = _command(sub, cmd_sample, "generate scenes from the prior of a trained run (algorithm 3)")
     _add_run_flags(s)
     s.add_argument("--out", required=True, help="PNG path")
     s.add_argument("--count", type=int, default=16, help="scenes to generate (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="random seed of the prior samples (default: %(default)s)")
-    s.set_defaults(func=cmd_sample)
 
-    v = sub.add_parser("show", help="decomposition of store frames by a trained run, as a PNG grid")
+    v = _command(sub, cmd_show, "decomposition of store frames by a trained run, as a PNG grid")
     _add_run_flags(v, data=True)
     v.add_argument("--out", required=True, help="PNG path")
     v.add_argument("--count", type=int, default=8, help="the first COUNT frames (default: 8)")
     v.add_argument("--frames", type=int, nargs="+", help="these frames instead")
-    v.set_defaults(func=cmd_show)
 
-    e = sub.add_parser("evaluate", help="score a trained run on a store split (table 1: AP, count error, MSE)",
-                       description="Score a trained run: COCO AP and the paper's AP at IoU 0.5 and 0.5:0.95, "
-                                   "object-count error and accuracy, reconstruction MSE, with a trivial "
-                                   "baseline beside each. Writes metrics.json, detections.json and "
-                                   "ground_truth.json (COCO) to --out.")
+    e = _command(sub, cmd_evaluate, "score a trained run on a store split (table 1: AP, count error, MSE)")
     _add_run_flags(e, data=True)
     e.add_argument("--out", help="output folder (default: RUN/eval/SPLIT)")
     e.add_argument("--threshold", type=float, default=0.5, help="z_pres probability of a detection (default: 0.5)")
     _add_pass_flags(e)
-    e.set_defaults(func=cmd_evaluate)
 
-    n = sub.add_parser("encode", help="a trained run's latents (z_pres, z_where, z_depth, z_what, z^m, z^c) per "
-                                      "frame of a store split, as a Zarr store",
-                       description="Encode every frame of a store split with a trained run (eval mode: the "
-                                   "means) and write the latents as a new Zarr store whose arrays name their "
-                                   "dimensions, for xarray: per frame and cell z_pres_prob, box (pixels), "
-                                   "z_depth and z_what; per frame and background component z_mask and z_comp.")
+    n = _command(sub, cmd_encode, "a trained run's latents (z_pres, z_where, z_depth, z_what, z^m, z^c) per "
+                                  "frame of a store split, as a Zarr store")
     _add_run_flags(n, data=True)
     n.add_argument("--out", required=True, help="the latents store to create, e.g. latents.zarr (not overwritten)")
     _add_pass_flags(n)
-    n.set_defaults(func=cmd_encode)
 
-    m = sub.add_parser("summary", help="one table over runs from their evaluate metrics.json files")
+    m = _command(sub, cmd_summary, "one table over runs from their evaluate metrics.json files")
     m.add_argument("metrics", nargs="*", help="metrics.json files (none: an empty table), e.g. results/runs/*/eval/test/metrics.json")
     m.add_argument("--out-markdown", help="write the Markdown table here (default: print it)")
     m.add_argument("--out-json", help="write the rows here as JSON")
     m.add_argument("--out-tsv", help="write the rows here as tab-separated values (the Snakemake report's table)")
-    m.set_defaults(func=cmd_summary)
 
-    c = sub.add_parser("curves", help="training loss and validation MSE (against steps and wall time) as a PNG")
+    c = _command(sub, cmd_curves, "training loss and validation MSE (against steps and wall time) as a PNG")
     c.add_argument("runs", nargs="+", help="run directories, e.g. results/runs/*")
     c.add_argument("--out", required=True, help="PNG path")
     c.add_argument("--labels", nargs="+", help="one legend label per run (default: the directory names)")
-    c.set_defaults(func=cmd_curves)
 
-    d = sub.add_parser("seeds", help="combine one file per seed into an experiment's: means over seeds",
-                       description="Combine an experiment's per-seed files (each under a seeds/SEED/ folder): "
-                                   "JSON (train.json, metrics.json) into the mean over seeds of every number, "
-                                   "with its spread and each seed's document; CSV (metrics.csv, val.csv) into "
-                                   "the mean over seeds at each step all of them logged.")
+    d = _command(sub, cmd_seeds, "combine one file per seed into an experiment's: means over seeds")
     d.add_argument("files", nargs="+", help="one file per seed, e.g. results/runs/x/seeds/*/train.json")
     d.add_argument("--out", required=True, help="the combined file, .json or .csv like the inputs")
     d.add_argument("--allow-missing", action="store_true",
                    help="leave out files that do not exist (a run that never validated has no val.csv)")
-    d.set_defaults(func=cmd_seeds)
 
     return p
 
