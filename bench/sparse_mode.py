@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.benchlib import add_from_flags, machine, print_from  # noqa: E402
 from space.config import Config  # noqa: E402
 from space.data import StoreDataset  # noqa: E402
-from space.evaluate import detect  # noqa: E402
+from space.metrics import detect  # noqa: E402
 from space.metrics import coco_ap  # noqa: E402
 from space.model import SPACE  # noqa: E402
 from space.checkpoints import load_checkpoint  # noqa: E402

@@ -30,26 +30,11 @@ import torch
 
 from .config import ConfigError
 from .data import StoreDataset
-from .metrics import adjusted_rand_index, centre_scores, coco_ap, count_scores, matched_mask_iou, paper_ap, subset_scores
+from .metrics import (adjusted_rand_index, centre_scores, coco_ap, count_scores, detect, matched_mask_iou, paper_ap,
+                      subset_scores)
 from .model import to_canvas
 
 OBJECT_CATEGORY = 1  # the one category of detections and ground truth: SPACE finds objects, it does not name them
-
-
-def detect(out: dict, image_size: int, threshold: float):
-    """Model outputs -> per image (boxes (n, 4) x0, y0, x1, y1 in pixels, scores (n,)), scores descending."""
-    fg = out["fg"]
-    prob = fg["z_pres_prob"].flatten(1)  # (B, C)
-    centre = fg["centre"].flatten(1, 2) * image_size  # (B, C, 2) pixels
-    size = fg["size"].flatten(1, 2) * image_size
-    boxes = torch.cat([centre - size / 2, centre + size / 2], -1).clamp(0, image_size)  # (B, C, 4)
-    result = []
-    for i in range(prob.shape[0]):
-        keep = prob[i] > threshold
-        p, b = prob[i][keep], boxes[i][keep]
-        order = torch.argsort(p, descending=True, stable=True)
-        result.append((b[order].double().cpu().numpy(), p[order].double().cpu().numpy()))
-    return result
 
 
 def instance_labels(out: dict, image_size: int) -> np.ndarray:

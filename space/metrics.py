@@ -1,7 +1,8 @@
 """Box and count scores of table 1, written out so they can be checked line by line.
 
 Boxes are (x0, y0, x1, y1) in pixels, one array (n, 4) per image; detections carry a score. Every score is
-class-agnostic: SPACE finds objects, it does not name them.
+class-agnostic: SPACE finds objects, it does not name them. `detect` reads them off a model's output: each
+cell whose z_pres probability is above a threshold is a box, its glimpse's extent, scored by that probability.
 
 Two AP definitions:
 - `coco_ap`: the COCO definition (pycocotools' COCOeval for one category and all areas, without a cap on
@@ -16,6 +17,7 @@ Two AP definitions:
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 IOU_THRESHOLDS = np.round(np.arange(0.5, 0.951, 0.05), 2)  # 0.5:0.05:0.95
 
@@ -101,6 +103,22 @@ def _ap(gt_boxes, det_boxes, det_scores, threshold: float, rule: str) -> float:
     # 11-point interpolation: the best precision at recall >= r, for r = 0, 0.1, ..., 1.
     points = np.linspace(0, 1, 11)
     return float(np.mean([precision[recall >= r].max() if np.any(recall >= r) else 0.0 for r in points]))
+
+
+def detect(out: dict, image_size: int, threshold: float):
+    """Model outputs -> per image (boxes (n, 4) x0, y0, x1, y1 in pixels, scores (n,)), scores descending."""
+    fg = out["fg"]
+    prob = fg["z_pres_prob"].flatten(1)  # (B, C)
+    centre = fg["centre"].flatten(1, 2) * image_size  # (B, C, 2) pixels
+    size = fg["size"].flatten(1, 2) * image_size
+    boxes = torch.cat([centre - size / 2, centre + size / 2], -1).clamp(0, image_size)  # (B, C, 4)
+    result = []
+    for i in range(prob.shape[0]):
+        keep = prob[i] > threshold
+        p, b = prob[i][keep], boxes[i][keep]
+        order = torch.argsort(p, descending=True, stable=True)
+        result.append((b[order].double().cpu().numpy(), p[order].double().cpu().numpy()))
+    return result
 
 
 def coco_ap(gt_boxes, det_boxes, det_scores, threshold: float | None = None) -> float:

@@ -194,7 +194,7 @@ def validate(model, val_set: StoreDataset, batch_size: int, batches: int, seed: 
     """Reconstruction MSE, COCO AP at IoU 0.5 and the object-count error (table 1) on the same `batches`
     fixed validation batches every time, so the curve compares across steps and a resumed run scores what
     an uninterrupted one would. The best checkpoint is chosen by this AP, as the paper's code did."""
-    from .evaluate import detect
+    from .metrics import detect
     from .metrics import coco_ap, count_scores
 
     sampler = StepBatchSampler(len(val_set), min(batch_size, len(val_set)), seed)
