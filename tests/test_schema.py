@@ -37,12 +37,22 @@ def test_the_schemas_choices_are_the_codes():
 
 
 def _bounded(section):
-    """(field, value just outside the schema's lower bound) for every bounded number of a section."""
+    """(field, value just outside one of the schema's bounds) for every bound on a number of a section."""
     for name, spec in DATASET[section]["properties"].items():
+        step = 1 if spec.get("type") == "integer" else 0.5
         if "exclusiveMinimum" in spec:
             yield name, spec["exclusiveMinimum"]
         elif "minimum" in spec:
-            yield name, spec["minimum"] - (1 if spec.get("type") == "integer" else 0.5)
+            yield name, spec["minimum"] - step
+        if "exclusiveMaximum" in spec:
+            yield name, spec["exclusiveMaximum"]
+        elif "maximum" in spec:
+            yield name, spec["maximum"] + step
+
+
+def test_the_bounds_checked_include_upper_ones():
+    assert ("background_tolerance", 255) in list(_bounded("atari"))
+    assert ("fovy", 180) in list(_bounded("room3d")) and ("fovy", 0) in list(_bounded("room3d"))
 
 
 @pytest.mark.parametrize("section, name, value",
