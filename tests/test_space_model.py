@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
-from space.config import PRESETS, Anneal, Config, ConfigError, ModelConfig, preset
+from space.config import LEARNED, PRESETS, Anneal, Config, ConfigError, ModelConfig, preset
 from space.windows import composite_windowed
 from space.model import (
     SPACE,
@@ -861,6 +861,18 @@ def test_room3d_small_preset_is_large_with_an_8x8_grid():
     assert small["model"].pop("grid_size") == 8
     large["model"].pop("grid_size")
     assert small == large
+
+
+def test_the_3d_room_presets_are_the_papers_text_and_what_learned_best_only():
+    """The model's defaults are the paper's text; the 3D-Room presets change exactly the LEARNED readings
+    (and Small its grid), and the Atari preset none of them."""
+    text = Config().to_dict()["model"]
+    for name, own in (("room3d_large", set()), ("room3d_small", {"grid_size"})):
+        m = preset(name).to_dict()["model"]
+        assert {k for k in m if m[k] != text[k]} == set(LEARNED) | own, name
+    assert (text["fg_mean"], text["glimpse_colour"], text["glimpse_encoder"]) == ("premultiplied", "paper", "paper")
+    atari = preset("atari").to_dict()["model"]
+    assert all(atari[k] == text[k] for k in LEARNED)
 
 
 def test_atari_preset_has_appendix_d2_values():
