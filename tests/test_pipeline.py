@@ -130,6 +130,19 @@ def test_the_reference_overlay_trains_the_demo_preset_longer_on_three_seeds_with
         assert "model.z_pres_prior=" in c and "\"end\": 0.01" in c
 
 
+def test_the_small128_overlay_renders_and_trains_3d_room_small_alone_at_batch_4():
+    """config/small128.yaml through eval_all: one dataset (room3d_small, 4,096 training frames of the paper's
+    128x128 scenes) and one training run, the room3d_small preset with the CPU schedules."""
+    p = run(["snakemake", "-n", "--forceall", "eval_all", "--configfile", "config/small128.yaml"], REPO)
+    counts = _job_counts(p.stdout)
+    assert counts["room3d"] == 1 and counts["train"] == 1 and "atari" not in counts, counts
+    render = next(line for line in p.stdout.splitlines() if "python -m datagen room3d" in line)
+    assert "room3d_small.zarr" in render and "--objects 4 8" in render and "--split train=4096" in render
+    assert "--image-size" not in render  # the paper's 128x128
+    train = next(line for line in p.stdout.splitlines() if "python -m space train" in line)
+    assert "--preset room3d_small" in train and "train.batch_size=4" in train and "train.steps=4000" in train
+
+
 def test_latents_all_encodes_each_seeds_run_on_its_test_split():
     p = run(["snakemake", "-n", "--forceall", "latents_all", "--configfile", "config/demo.yaml",
              "config/reference.yaml"], REPO)
