@@ -71,6 +71,17 @@ class CsvLog:
             csv.DictWriter(fh, self.fields).writerow({k: row.get(k, "") for k in self.fields})
 
 
+def last_logged(path: Path, step: int) -> dict:
+    """The last row of a metrics.csv at or before `step`, as numbers; {} when there is none."""
+    if not path.exists():
+        return {}
+    with open(path, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= step]
+    if not rows:
+        return {}
+    return {k: int(v) if k in ("step", "glimpses") else float(v) for k, v in rows[-1].items() if v not in ("", None)}
+
+
 def _tensorboard(path: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -411,9 +422,13 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
         (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     steps = t_cfg.steps
     if start >= steps:
-        if is_main:
-            print(f"{name}: already trained to step {start} of {steps}; nothing to do")
-        return {"step": start}
+        if not is_main:
+            return {"step": start}
+        print(f"{name}: already trained to step {start} of {steps}; nothing to do")
+        done = {**last_logged(run / "metrics.csv", start), "step": start}  # what the run ended with
+        if bg_check is not None:
+            done["background_split"] = bg_check
+        return done
 
     net = model
     if world > 1:

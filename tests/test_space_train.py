@@ -826,7 +826,11 @@ def test_outputs_are_checked_before_the_work_and_their_folders_made(finished, st
     summary = tmp_path / "a" / "b" / "s.json"
     rc, err = train_cli(capsys, store, finished, "--summary", str(summary))
     assert rc == 0, err
-    assert json.loads(summary.read_text())["step"] == 2
+    # the run had ended: the summary is what it ended with, metrics.csv's last row (as when it trained)
+    with open(finished / "metrics.csv", newline="") as fh:
+        ended = list(csv.DictReader(fh))[-1]
+    written = json.loads(summary.read_text())
+    assert written["step"] == 2 and written["loss"] == float(ended["loss"]) and written["wall_s"] > 0
     for argv, out in ((show, tmp_path / "c" / "show.png"), (sample, tmp_path / "d" / "e" / "sample.png")):
         rc, err = run_main(capsys, *argv, "--out", str(out))
         assert rc == 0 and out.is_file(), err
