@@ -171,7 +171,10 @@ def test_finished_run_is_not_retrained(cli_run, store, tmp_path):
     shutil.copytree(cli_run, run)
     before = sha(run / "checkpoints" / "last.pt"), (run / "metrics.csv").read_text()
     cfg = tiny("train.steps=2")
-    assert train(cfg, str(store), str(run), progress=False) == {"step": 2}
+    done = train(cfg, str(store), str(run), progress=False)
+    with open(run / "metrics.csv", newline="") as fh:
+        ended = list(csv.DictReader(fh))[-1]  # what it returns: the row it ended with
+    assert done["step"] == 2 and done["loss"] == float(ended["loss"]) and done["mse"] == float(ended["mse"])
     assert (sha(run / "checkpoints" / "last.pt"), (run / "metrics.csv").read_text()) == before
 
 
