@@ -49,15 +49,20 @@ CSV_FIELDS = ("step", "wall_s", *TERMS, "mse", "grad_norm", "fg_lr", "bg_lr", "g
 # ---------------------------------------------------------------------------------------------- logging
 
 
+def rows_until(path: Path, step: int) -> list[dict]:
+    """The rows of a run's CSV log at or before `step`, as text; [] when there is no log."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        return [r for r in csv.DictReader(fh) if int(r["step"]) <= step]
+
+
 class CsvLog:
     """Append rows; on resume, rows after the checkpoint's step (written by the killed run) are dropped."""
 
     def __init__(self, path: Path, fields, resume_step: int | None):
         self.path, self.fields = path, fields
-        rows = []
-        if resume_step is not None and path.exists():
-            with open(path, newline="") as fh:
-                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
+        rows = rows_until(path, resume_step) if resume_step is not None else []
         # The wall time the kept rows reached: a resumed run's clock continues from it, not from 0.
         walls = [float(r["wall_s"]) for r in rows if r.get("wall_s") not in ("", None)]
         self.wall_s = max(walls, default=0.0)
@@ -73,10 +78,7 @@ class CsvLog:
 
 def last_logged(path: Path, step: int) -> dict:
     """The last row of a metrics.csv at or before `step`, as numbers; {} when there is none."""
-    if not path.exists():
-        return {}
-    with open(path, newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= step]
+    rows = rows_until(path, step)
     if not rows:
         return {}
     return {k: int(v) if k in ("step", "glimpses") else float(v) for k, v in rows[-1].items() if v not in ("", None)}

@@ -222,7 +222,7 @@ def test_curves_figure_of_a_run(trained, tmp_path, capsys):
     _, run = trained
     out = tmp_path / "curves.png"
     assert space_main(["curves", str(run), str(run), "--labels", "a", "b", "--out", str(out)]) == 0
-    assert Image.open(out).size[0] > 1000
+    assert Image.open(out).format == "PNG"  # what it plots: test_curves_panels_plot_the_runs_own_numbers
     assert space_main(["curves", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
     assert "no metrics.csv" in capsys.readouterr().err
     assert space_main(["curves", str(run), "--labels", "a", "b", "--out", str(tmp_path / "y.png")]) == 2

@@ -357,11 +357,24 @@ def test_full_default_dag_dry_runs_and_lints_clean():
 @IN_CHECKOUT
 @pytest.mark.parametrize("profile", ["default", "gpu", "slurm"])
 def test_profiles_resolve_the_full_dag(profile):
-    """Every profile parses and plans the paper's DAG (executor plugins installed: the cluster extra);
-    under slurm's profile each dataset is 16 part jobs and a merge."""
+    """Every profile parses and plans the paper's DAG (executor plugins installed: the cluster extra): one
+    training job per experiment and seed of params.yaml, and a dataset of each generator job or, under
+    slurm's profile, of 16 part jobs and a merge."""
     p = run(["snakemake", "--profile", f"profiles/{profile}", "-n", "--forceall", "train_all"], REPO)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
     if profile == "slurm":
-        assert "merge_parts" in p.stdout and "part15" in p.stdout
+        params["datagen"] = {**params.get("datagen", {}), **yaml.safe_load(
+            (REPO / "profiles/slurm/cluster.yaml").read_text())["datagen"]}
+    counts = _job_counts(p.stdout)
+    experiments = [e for e in params["experiments"].values() if e.get("enabled", True)]
+    assert counts["train"] == sum(len(e.get("seeds", [0])) for e in experiments), counts
+    datasets = {e["dataset"] for e in experiments}
+    parts = params.get("datagen", {}).get("parts", 1)
+    if parts > 1:
+        assert parts == 16 and counts["merge_parts"] == len(datasets), counts
+        assert counts["room3d"] + counts["atari"] == parts * len(datasets), counts
+    else:
+        assert counts["room3d"] + counts["atari"] == len(datasets) and "merge_parts" not in counts, counts
 
 
 def test_every_experiment_is_a_dvc_model_artifact_of_its_best_checkpoint():

@@ -34,7 +34,7 @@ import space.checkpoints as checkpoints
 import space.train as space_train
 from space.__main__ import main as space_main
 from space.__main__ import resolve_config
-from space.config import Anneal, Config, ConfigError, TrainConfig
+from space.config import Config, ConfigError, TrainConfig
 from space.model import SPACE
 from space.train import TERMS, TrainingDiverged, train
 
@@ -138,10 +138,6 @@ def test_cli_run_writes_the_run_directory(cli_run, store):
     for r in rows:
         for k in (*TERMS, "mse", "grad_norm"):
             assert math.isfinite(float(r[k])), k
-        # loss = -elbo + boundary_loss, with z_what's KL reweighted by the demo's warm-up (model.kl_what_weight)
-        w = Anneal(**cfg["model"]["kl_what_weight"]).at(int(r["step"]) - 1)  # the row after the step it logs
-        assert float(r["loss"]) == pytest.approx(-float(r["elbo"]) + float(r["boundary_loss"])
-                                                 + (w - 1) * float(r["kl_what"]), rel=1e-4, abs=1e-2)
         assert int(r["glimpses"]) == 2 * 4 * 4  # batch * cells
 
     val = read_csv(cli_run / "val.csv")
