@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import add_from_flags, print_from  # noqa: E402
-from space.__main__ import resolve_config  # noqa: E402
+from space.config import resolve_config  # noqa: E402
 from space.config import PRESETS, Config, TrainConfig  # noqa: E402
 from space.memory import lean_host_allocator  # noqa: E402
 from space.model import SPACE  # noqa: E402

@@ -62,7 +62,7 @@ def forces(net, x, step: int, cfg) -> dict:
 def run(ns) -> dict:
     import torch
 
-    from space.__main__ import resolve_config
+    from space.config import resolve_config
     from space.data import StepBatchSampler, StoreDataset
     from space.model import SPACE
     from space.train import optimisers, train_step

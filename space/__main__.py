@@ -10,57 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import PRESETS, Config, ConfigError, merge
-
-
-def _parse_value(item: str, text: str):
-    """Values of --set are YAML: 8, 1e-4, true, [0.1, 0.01], {start: 0.1, end: 0.01}."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {item}: the value is not valid YAML ({_one_line(e)}); e.g. "
-                          "model.grid_size=8, train.fg_lr=1e-4, or a list in brackets [0.1, 0.01]") from None
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())
-
-
-def _read_config_file(path: str) -> dict:
-    """A --config file: a YAML mapping of sections (model:, train:), each a mapping of settings."""
-    try:
-        with open(path) as fh:
-            d = yaml.safe_load(fh)
-    except OSError as e:
-        raise ConfigError(f"--config {path}: cannot read it ({e.strerror or e}); give a YAML file "
-                          "with model: and train: sections") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--config {path} is not valid YAML ({_one_line(e)})") from None
-    if d is None:  # an empty file: nothing over the preset
-        return {}
-    if not isinstance(d, dict):
-        raise ConfigError(f"--config {path} holds a {type(d).__name__}, not a mapping of sections; give "
-                          "model: and train: sections of NAME: VALUE settings")
-    for section, values in d.items():
-        if values is not None and not isinstance(values, dict):
-            raise ConfigError(f"--config {path}: section {section}: holds {values!r}, not a mapping of "
-                              f"settings; write it as {section}: {{NAME: VALUE, ...}} or one NAME: VALUE a line")
-    return {k: v or {} for k, v in d.items()}  # an empty section: no settings over the preset's
-
-
-def resolve_config(preset_name: str, config_file: str | None, sets: list[str]) -> Config:
-    if preset_name not in PRESETS:
-        raise ConfigError(f"unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}")
-    d = merge({}, PRESETS[preset_name])
-    if config_file:
-        d = merge(d, _read_config_file(config_file))
-    for item in sets or []:
-        key, sep, value = item.partition("=")
-        section, dot, name = key.partition(".")
-        if not sep or not dot or section not in ("model", "train"):
-            raise ConfigError(f"--set takes model.NAME=VALUE or train.NAME=VALUE, got {item!r}")
-        d = merge(d, {section: {name: _parse_value(item, value)}})
-    return Config.from_dict(d).validate()
+from .config import PRESETS, ConfigError, resolve_config
 
 
 def output_file(path: str, flag: str, formats=None) -> Path:

@@ -123,7 +123,7 @@ def test_recall_by_colour_with_a_checkpoint_shows_what_it_paints_and_probes_z_wh
     import recall_by_colour
     import torch
 
-    from space.__main__ import resolve_config
+    from space.config import resolve_config
     from space.train import train
 
     store = tmp_path / "s.zarr"

@@ -120,7 +120,8 @@ def test_space_config_prints_settings_that_train_reads_back(tmp_path, capsys):
     preset) it resolves to the same Config."""
     import yaml
 
-    from space.__main__ import main, resolve_config
+    from space.__main__ import main
+    from space.config import resolve_config
 
     sets = ["model.grid_size=4", "model.tau={start: 2.5, end: 0.5, start_step: 0, end_step: 2000}"]
     assert main(["config", "--preset", "demo", *[f"--set={s}" for s in sets]]) == 0

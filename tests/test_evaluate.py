@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from space.__main__ import main as space_main
-from space.__main__ import resolve_config
+from space.config import resolve_config
 from space.train import train
 
 from conftest import TORCH_THREADS  # noqa: E402

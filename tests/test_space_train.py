@@ -33,7 +33,7 @@ import torch
 import space.checkpoints as checkpoints
 import space.train as space_train
 from space.__main__ import main as space_main
-from space.__main__ import resolve_config
+from space.config import resolve_config
 from space.config import Config, ConfigError, TrainConfig
 from space.model import SPACE
 from space.train import TERMS, TrainingDiverged, train

@@ -60,7 +60,7 @@ def _check_experiments() -> dict:
     """Each experiment names a dataset that exists, its settings resolve (space's own checks), and it can
     run on that dataset: the model's frame size is the store's, and the train split holds a batch.
     Returns each experiment's seeds: its `seeds` list, or its settings' train.seed alone."""
-    from space.__main__ import resolve_config
+    from space.config import resolve_config
     from space.config import ConfigError
 
     seeds = {}
