@@ -36,8 +36,7 @@ from space.config import Config  # noqa: E402
 from space.data import StoreDataset  # noqa: E402
 from space.metrics import detect  # noqa: E402
 from space.metrics import coco_ap  # noqa: E402
-from space.model import SPACE  # noqa: E402
-from space.checkpoints import load_checkpoint  # noqa: E402
+from space.checkpoints import load_checkpoint, load_model  # noqa: E402
 from space.train import optimisers, train_step  # noqa: E402
 
 
@@ -114,10 +113,8 @@ def main(argv=None) -> int:
 
     runs = {}
     for th in ns.thresholds:
-        cfg = Config.from_dict(state["config"])
-        cfg.model.sparse_threshold = th
-        model = SPACE(cfg.model).to(memory_format=torch.channels_last)
-        model.load_state_dict(state["model"])
+        model, cfg, _ = load_model(Path(ns.run) / "checkpoints" / "last.pt", sparse_threshold=th)
+        model = model.to(memory_format=torch.channels_last)
         opts = optimisers(model, cfg.train)
         model.eval()
         quality = box_ap(model, First(), step0, 32, gt_boxes)

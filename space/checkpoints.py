@@ -4,6 +4,8 @@ named and its fix. `load_model` is how evaluation, `show` and `sample` get a tra
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from pathlib import Path
 
@@ -176,11 +178,13 @@ def load_checkpoint(path: Path, cfg: Config | None = None, map_location="cpu", n
     return state
 
 
-def load_model(path: Path, device="cpu") -> tuple[SPACE, Config, dict]:
+def load_model(path: Path, device="cpu", **model_settings) -> tuple[SPACE, Config, dict]:
     """A trained model from a checkpoint file, in eval mode on `device`; with its config and the checkpoint
-    (its "step", and the run's "record" where it has one)."""
+    (its "step", and the run's "record" where it has one). `model_settings` replace model settings that
+    leave the weights as they are (e.g. sparse_threshold=0.1)."""
     state = load_checkpoint(Path(path))
     cfg = Config.from_dict(state["config"])
+    cfg.model = dataclasses.replace(cfg.model, **model_settings).validate()
     model = SPACE(cfg.model)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg, state
