@@ -18,10 +18,9 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .recompute import BatchNorm2d, broadcast_decode_in_chunks, checkpointed, leaf_layers, run_keeping_conv_outputs
+from .recompute import BatchNorm2d, broadcast_decode_in_chunks, in_chunks, leaf_layers, run_keeping_conv_outputs
 from .sparse import sparse_cells
 from .windows import composite_windowed
 
@@ -292,14 +291,11 @@ class Foreground(nn.Module):
 
     def forward(self, x, z_scale_prior_mean: float, z_scale_prior_std: float, z_pres_prior: float, tau: float):
         """x (B, 3, N, N) -> the foreground's outputs, a dict of per-image tensors (batch first)."""
-        chunk = self.checkpoint_images
-        if not (chunk and torch.is_grad_enabled() and x.shape[0] > chunk):
-            return self.infer(x, z_scale_prior_mean, z_scale_prior_std, z_pres_prior, tau)
-        # Activation checkpointing: every foreground layer works per image, so the batch runs in chunks
-        # whose activations are dropped after the forward pass and recomputed, one chunk at a time, in the
-        # backward pass (with the same random draws: checkpoint restores the RNG state).
-        parts = [checkpoint(self.infer, xc, z_scale_prior_mean, z_scale_prior_std, z_pres_prior, tau, use_reentrant=False)
-                 for xc in x.split(chunk)]
+        # Every foreground layer works per image, so a batch may run in recomputed chunks (space/recompute.py).
+        parts = in_chunks(self.infer, x, self.checkpoint_images, z_scale_prior_mean, z_scale_prior_std,
+                          z_pres_prior, tau)
+        if len(parts) == 1:
+            return parts[0]
         return {k: sum(p[k] for p in parts) if k == "glimpses_decoded" else torch.cat([p[k] for p in parts])
                 for k in parts[0]}
 
@@ -426,11 +422,10 @@ class MaskDecoder(nn.Module):
 
     def forward(self, z):
         h = z[:, :, None, None]  # (M, Dm, 1, 1)
-        if not (self.checkpoint_rows and torch.is_grad_enabled() and z.shape[0] > self.checkpoint_rows):
-            return self.net(h)
-        # GroupNorm works per row, so chunks of rows are exact; each chunk's activations are recomputed in
-        # the backward pass (a forward of this small decoder, ~5% of a step) instead of being stored.
-        return torch.cat([checkpointed(self.net, hc) for hc in h.split(self.checkpoint_rows)])
+        # GroupNorm works per row, so chunks of rows are exact; recomputing them in the backward pass costs a
+        # forward of this small decoder, ~5% of a step.
+        parts = in_chunks(self.net, h, self.checkpoint_rows)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class CompDecoder(nn.Module):

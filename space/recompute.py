@@ -40,6 +40,16 @@ def checkpointed(fn, *args):
     return checkpoint(fn, *args, use_reentrant=False, context_fn=_recompute_contexts)
 
 
+def in_chunks(fn, x, rows: int, *args) -> list:
+    """fn(x, *args) over chunks of `rows` rows of x, for a fn that works row by row, each chunk's activations
+    dropped after the forward pass and recomputed in the backward pass (with the same random draws:
+    checkpoint restores the RNG state). One part, fn(x, *args) itself, when rows is 0, gradients are off or
+    x fits in one chunk. Returns the chunks' outputs in order."""
+    if not (rows and torch.is_grad_enabled() and x.shape[0] > rows):
+        return [fn(x, *args)]
+    return [checkpointed(fn, xc, *args) for xc in x.split(rows)]
+
+
 def run_keeping_conv_outputs(layers, h):
     """Apply a chain of layers to h, keeping for the backward pass only the convolutions' outputs.
 

@@ -403,11 +403,11 @@ def test_activation_checkpointing_computes_the_same_loss_and_gradients():
 def test_activation_checkpointing_recomputes_with_the_forward_pass_draws(monkeypatch):
     """In training mode each recomputed chunk must reuse its forward pass's random draws (checkpoint
     restores the RNG state): the gradients equal those of the same chunked pass with every activation kept."""
-    import space.model as space_model
+    import space.recompute as recompute
 
     def grads(keep_activations):
         if keep_activations:
-            monkeypatch.setattr(space_model, "checkpoint", lambda f, *a, **kw: f(*a))
+            monkeypatch.setattr(recompute, "checkpointed", lambda f, *a: f(*a))
         torch.manual_seed(0)
         model = SPACE(tiny_cfg()).double()
         model.set_checkpoint_images(1)
