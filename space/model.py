@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .recompute import BatchNorm2d, broadcast_decode_in_chunks, in_chunks, leaf_layers, run_keeping_conv_outputs
+from .recompute import BatchNorm2d, broadcast_decode, in_chunks, leaf_layers, run_keeping_conv_outputs
 from .sparse import sparse_cells
 from .windows import composite_windowed
 
@@ -449,27 +449,17 @@ class CompDecoder(nn.Module):
         self.checkpoint_rows = 0  # rows per chunk in training (0: the whole batch at once)
 
     def forward(self, z):
-        """The first convolution sees z tiled over the canvas plus the two coordinate channels. It is
-        unpadded, so z's part of its output is the same at every pixel: (weights summed over the kernel) @ z.
-        Computing it that way is exact and never builds the tiled (M, Dc + 2, N+8, N+8) input or its
-        gradient (tested against `forward_tiled`)."""
-        conv = self.net[0][0]
-        d = z.shape[1]
-        z_part = z @ conv.weight[:, :d].sum((2, 3)).t()  # (M, 32)
-        coord_part = F.conv2d(self.coords, conv.weight[:, d:], conv.bias)  # (1, 32, N+6, N+6)
-        rows = self.checkpoint_rows
-        if not (rows and torch.is_grad_enabled() and self.training):
-            h = z_part[:, :, None, None] + coord_part  # (M, 32, N+6, N+6)
-            for layer in leaf_layers(self.net)[1:]:  # BatchNorm, ELU, then three more convolutions
-                h = layer(h)
-            return torch.sigmoid(h)  # (M, 3, N, N)
-        return broadcast_decode_in_chunks(self.net, z_part, coord_part, rows)  # the same, in less memory
+        """z tiled over the canvas beside the two coordinate channels, through the layers: `tiled`, computed
+        by space/recompute.py's `broadcast_decode` without building the tiled (M, Dc + 2, N+8, N+8) input
+        or its gradient (exact, tested against `tiled`)."""
+        rows = self.checkpoint_rows if self.training and torch.is_grad_enabled() else 0
+        return broadcast_decode(self.net, self.coords, z, rows)  # (M, 3, N, N)
 
-    def forward_tiled(self, z):
+    def tiled(self, z):
         """The straightforward spatial broadcast: z tiled and concatenated with the coordinates."""
         m = z.shape[0]
         side = self.coords.shape[-1]
-        tiled = z[:, :, None, None].expand(m, z.shape[1], side, side)
+        tiled = z[:, :, None, None].expand(m, z.shape[1], side, side)  # (M, Dc, N+8, N+8)
         return torch.sigmoid(self.net(torch.cat([tiled, self.coords.expand(m, -1, -1, -1)], 1)))
 
 
@@ -692,7 +682,7 @@ class SPACE(nn.Module):
         pass. The background's encoders keep only their convolutions' outputs and recompute the
         normalisations and activations between them (`run_keeping_conv_outputs`); its mask decoder runs in
         recomputed chunks of rows, and its component decoder goes layer by layer in chunks of rows with
-        BatchNorm statistics over the whole batch (space/recompute.py, `broadcast_decode_in_chunks`).
+        BatchNorm statistics over the whole batch (space/recompute.py, `broadcast_decode`).
         0 stores every activation.
         """
         self.fg.checkpoint_images = int(images)

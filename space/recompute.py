@@ -222,10 +222,27 @@ def chunk_stats(h):
     return h.shape[0] * h.shape[2] * h.shape[3], mean, var
 
 
+def broadcast_decode(net, coords, z, rows: int = 0):
+    """space.model.CompDecoder's spatial broadcast, net(z tiled beside coords), without the tiled input.
+    net's first convolution is unpadded, so z's part of its output is the same at every pixel: (its weights
+    summed over the kernel) @ z. z (M, Dc), coords (1, 2, N+8, N+8) -> component means (M, 3, N, N).
+    rows > 0: the layers after the first run in chunks of that many maps (`broadcast_decode_in_chunks`)."""
+    conv = net[0][0]
+    d = z.shape[1]
+    z_part = z @ conv.weight[:, :d].sum((2, 3)).t()  # (M, 32)
+    coord_part = F.conv2d(coords, conv.weight[:, d:], conv.bias)  # (1, 32, N+6, N+6)
+    if rows:
+        return broadcast_decode_in_chunks(net, z_part, coord_part, rows)  # the same, in less memory
+    h = z_part[:, :, None, None] + coord_part  # (M, 32, N+6, N+6)
+    for layer in leaf_layers(net)[1:]:  # BatchNorm, ELU, then the other convolutions
+        h = layer(h)
+    return torch.sigmoid(h)
+
+
 def broadcast_decode_in_chunks(net, z_part, coord_part, rows: int):
-    """space.model.CompDecoder's layers after its first convolution, for less memory: the M maps go through
+    """`broadcast_decode`'s layers after the first convolution, for less memory: the M maps go through
     each layer in chunks of `rows`. z_part (M, 32) and coord_part (1, 32, N+6, N+6) are the first
-    convolution's output split as CompDecoder.forward computes it; returns the component means (M, 3, N, N).
+    convolution's output split as `broadcast_decode` computes it; returns the component means (M, 3, N, N).
 
     Each BatchNorm still normalises by the statistics of all M maps (`combine_stats`, exact), so only
     the layer-to-layer convolution outputs are kept, chunk by chunk, and the backward pass works on one

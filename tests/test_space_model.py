@@ -152,7 +152,7 @@ def test_comp_decoder_equals_the_tiled_spatial_broadcast(train_mode, layout):
     dec = CompDecoder(8, 32, layout).double().train(train_mode)
     z = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
     results = []
-    for fn in (dec.forward, dec.forward_tiled):
+    for fn in (dec.forward, dec.tiled):
         dec.zero_grad()
         z.grad = None
         out = fn(z)
