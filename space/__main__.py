@@ -391,7 +391,7 @@ def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
     from datagen.store import StoreError
 
-    from .record import RunError
+    from .rundir import RunError
     from .checkpoints import CheckpointError, TrainingDiverged
 
     try:

@@ -188,3 +188,15 @@ def load_model(path: Path, device="cpu", **model_settings) -> tuple[SPACE, Confi
     model = SPACE(cfg.model)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg, state
+
+
+def restore_rng(state: dict, rank: int, device: torch.device) -> None:
+    """This rank's RNG state from the checkpoint. A rank the checkpoint has no state for (more ranks than
+    wrote it) keeps its own stream, seeded by rank, so no two ranks draw the same noise."""
+    if rank < len(state["rng"]):
+        torch.set_rng_state(state["rng"][rank])
+    cuda = state.get("cuda_rng")
+    if device.type == "cuda" and cuda is not None:
+        cuda = [cuda] if isinstance(cuda, torch.Tensor) else cuda  # one state: written by an older version
+        if rank < len(cuda):
+            torch.cuda.set_rng_state(cuda[rank], device)

@@ -268,7 +268,7 @@ def check_device(value, key: str) -> str:
 
 
 # Settings that change how fast a run goes, where, or what it logs, not what it learns. A run directory
-# trained with other values of these is the same run and resumes (space/record.py compares the rest; every
+# trained with other values of these is the same run and resumes (space/rundir.py compares the rest; every
 # other setting counts, train.amp too: bf16 arithmetic learns other weights).
 RUN_INDEPENDENT = (
     # Raising it extends the run: the annealing schedules are in absolute steps, so extending equals

@@ -204,10 +204,10 @@ def evaluate(run: str, data: str, split: str = "test", out: str | None = None, t
         baseline.update(fg_ari=mean(base_aris), mask_miou=mean(base_ious))
     metrics.update({f"baseline_{k}": v for k, v in baseline.items()})
     # Which store the model learnt from and which it was scored on (digests of how each was made and of its
-    # bytes, space/record.py): a reader of metrics.json can tell a model scored on its own data from one
+    # bytes, space/rundir.py): a reader of metrics.json can tell a model scored on its own data from one
     # scored on a store since remade. Both through the run record's functions, so a store without an
     # `identity` attribute (written by another program) is named alike when trained on and when scored.
-    from .record import store_digest, store_record
+    from .rundir import store_digest, store_record
 
     record = state.get("record") or {}
     metrics.update(trained_on=store_digest(record.get("store")),

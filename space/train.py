@@ -3,7 +3,7 @@
 A run directory holds everything about one run:
 
     config.json           the full configuration (model and train), as resolved
-    run.json              the run's record: the store's identity and the configuration (space/record.py)
+    run.json              the run's record: the store's identity and the configuration (space/rundir.py)
     checkpoints/last.pt   model, optimisers, step, every rank's RNG state, the record; written atomically
                           every N steps and at the end, never with NaN or infinite values
     metrics.csv           one row per logged step: the loss terms, MSE, learning rates (for `dvc plots`)
@@ -12,7 +12,7 @@ A run directory holds everything about one run:
 
 The directory may be an object-store URL (s3://bucket/runs/NAME): the run is then trained in a local mirror
 and copied up at every checkpoint (space/runs.py). A run whose directory already has a checkpoint resumes
-from it when it was trained on the same store with the same settings (space/record.py); otherwise it is
+from it when it was trained on the same store with the same settings (space/rundir.py); otherwise it is
 refused, or with --restart started afresh. One trainer at a time holds a run directory (`.lock`).
 On CPU with a fixed seed a resumed run continues with the losses an uninterrupted run would have had:
 the data order is a function of the step (space/data.py) and every rank's RNG state is in the checkpoint.
@@ -20,7 +20,6 @@ the data order is a function of the step (space/data.py) and every rank's RNG st
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 import time
@@ -29,15 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoints import (CHECKPOINT_FORMAT, RESUME_KEYS, UNUSABLE_FIX, CheckpointError, TrainingDiverged,
-                          load_checkpoint, nonfinite, save_checkpoint)
+from .checkpoints import (CHECKPOINT_FORMAT, RESUME_KEYS, TrainingDiverged, load_checkpoint, restore_rng,
+                          save_checkpoint)
 from .config import Config, ConfigError
 from .data import StepBatchSampler, StoreDataset, collate_batch
 from .devices import checkpoint_images, distributed_context, pick_device
 from .memory import lean_host_allocator
 from .model import SPACE
-from .record import (RECORD_FILE, RunError, check_writable, clear_run, describe, legacy_record, lock_path,
-                     lock_run, make_record, read_record, record_diff, write_json)
+from .rundir import RECORD_FILE, CsvLog, RunError, last_logged, make_record, open_run, write_json
 from .runs import RunMirror
 
 VAL_THRESHOLD = 0.5  # z_pres probability of a detection in validation, as `space evaluate`'s default
@@ -47,41 +45,6 @@ CSV_FIELDS = ("step", "wall_s", *TERMS, "mse", "grad_norm", "fg_lr", "bg_lr", "g
 
 
 # ---------------------------------------------------------------------------------------------- logging
-
-
-def rows_until(path: Path, step: int) -> list[dict]:
-    """The rows of a run's CSV log at or before `step`, as text; [] when there is no log."""
-    if not path.exists():
-        return []
-    with open(path, newline="") as fh:
-        return [r for r in csv.DictReader(fh) if int(r["step"]) <= step]
-
-
-class CsvLog:
-    """Append rows; on resume, rows after the checkpoint's step (written by the killed run) are dropped."""
-
-    def __init__(self, path: Path, fields, resume_step: int | None):
-        self.path, self.fields = path, fields
-        rows = rows_until(path, resume_step) if resume_step is not None else []
-        # The wall time the kept rows reached: a resumed run's clock continues from it, not from 0.
-        walls = [float(r["wall_s"]) for r in rows if r.get("wall_s") not in ("", None)]
-        self.wall_s = max(walls, default=0.0)
-        with open(path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fields)
-            w.writeheader()
-            w.writerows(rows)
-
-    def write(self, row: dict) -> None:
-        with open(self.path, "a", newline="") as fh:
-            csv.DictWriter(fh, self.fields).writerow({k: row.get(k, "") for k in self.fields})
-
-
-def last_logged(path: Path, step: int) -> dict:
-    """The last row of a metrics.csv at or before `step`, as numbers; {} when there is none."""
-    rows = rows_until(path, step)
-    if not rows:
-        return {}
-    return {k: int(v) if k in ("step", "glimpses") else float(v) for k, v in rows[-1].items() if v not in ("", None)}
 
 
 def _tensorboard(path: Path):
@@ -270,70 +233,6 @@ def open_data(cfg: Config, data: str, world: int):
     return dataset, val_set
 
 
-def open_run(mirror: RunMirror, out: str, record: dict, cfg: Config, restart: bool):
-    """Rank 0's decision on the run directory: (lock, local directory, checkpoint state to resume or None).
-
-    Another trainer holding it, an unwritable directory, or a record other than this run's (another store,
-    other settings, a checkpoint past train.steps) is refused; with `restart` a differing run is cleared
-    and started afresh. The caller closes the lock."""
-    if mirror.remote:  # the lock first: pull replaces the mirror, which a running trainer works in
-        lock = lock_run(lock_path(mirror), out)
-        try:
-            run = mirror.pull()
-            check_writable(run, out)
-        except BaseException:
-            lock.close()
-            raise
-    else:
-        run = mirror.pull()
-        check_writable(run, out)
-        lock = lock_run(lock_path(mirror), out)
-    try:
-        ckpt = run / "checkpoints" / "last.pt"
-        state, diff, unusable = None, [], None
-        if ckpt.exists():
-            try:
-                state = load_checkpoint(ckpt, need=RESUME_KEYS, finite=False)
-            except CheckpointError as e:
-                unusable = str(e).removesuffix(f"; {UNUSABLE_FIX}")
-            else:
-                diff = record_diff(state.get("record") or legacy_record(state), record)
-                if state["step"] > cfg.train.steps:
-                    diff.append(f"train.steps {cfg.train.steps} is below the checkpoint's step {state['step']}")
-        elif (old := read_record(run)) is not None:
-            diff = record_diff(old, record)
-        if (diff or unusable) and not restart:
-            problem = (f"cannot be resumed: {unusable}" if unusable else
-                       f"holds a run trained on another store or with other settings ({describe(diff)})")
-            raise RunError(f"{out} {problem}; pass --restart to start afresh in it, or use another --out")
-        if diff or unusable:
-            print(f"{out}: starting afresh (--restart): {unusable or describe(diff)}", file=sys.stderr)
-            clear_run(run, mirror)
-            state = None
-        elif state is not None:  # the same run: resume, unless it was saved broken (before this check existed)
-            bad = nonfinite(state["model"])
-            if bad:
-                raise TrainingDiverged(f"{ckpt} (step {state['step']}) holds NaN or infinite weights "
-                                       f"({', '.join(bad)}): the run diverged; lower the learning rates and "
-                                       "train again with --restart")
-        return lock, run, state
-    except BaseException:
-        lock.close()
-        raise
-
-
-def _restore_rng(state: dict, rank: int, device: torch.device) -> None:
-    """This rank's RNG state from the checkpoint. A rank the checkpoint has no state for (more ranks than
-    wrote it) keeps its own stream, seeded by rank, so no two ranks draw the same noise."""
-    if rank < len(state["rng"]):
-        torch.set_rng_state(state["rng"][rank])
-    cuda = state.get("cuda_rng")
-    if device.type == "cuda" and cuda is not None:
-        cuda = [cuda] if isinstance(cuda, torch.Tensor) else cuda  # one state: written by an older version
-        if rank < len(cuda):
-            torch.cuda.set_rng_state(cuda[rank], device)
-
-
 def train(cfg: Config, data: str, out: str, progress: bool = True, stop_after: int | None = None,
           restart: bool = False, live: str | None = None) -> dict:
     """Train (or resume) a run; returns the last logged metrics. `stop_after` ends early (tests).
@@ -416,7 +315,7 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
         opt_fg.load_state_dict(state["opt_fg"])
         opt_bg.load_state_dict(state["opt_bg"])
         start = int(state["step"])
-        _restore_rng(state, rank, device)
+        restore_rng(state, rank, device)
         best = dict(state.get("best") or best)
         bg_check = state.get("background_split")
     if is_main:  # only now, the run directory being this run's: it describes what it holds

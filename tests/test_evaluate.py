@@ -134,7 +134,7 @@ def test_evaluate_output_folder_is_checked_before_scoring_and_made_when_missing(
 
 def test_trained_on_and_scored_on_agree_for_a_store_without_an_identity(trained, tmp_path, capsys):
     """A store written by another program need not carry `identity`: training records a fallback identity
-    for it (space.record.store_identity), and evaluate must name the store the same way, not None."""
+    for it (space.rundir.store_identity), and evaluate must name the store the same way, not None."""
     import shutil
 
     store, _ = trained

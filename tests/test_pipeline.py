@@ -305,7 +305,7 @@ def _assert_scored_model_trained_on_the_store(proj: Path, experiment: str, datas
     record = _trained_on(proj, experiment)
     assert record["store"]["identity"] == store.attrs["identity"]
     metrics = json.loads((proj / f"results/runs/{experiment}/eval/test/metrics.json").read_text())
-    from space.record import store_digest, store_record
+    from space.rundir import store_digest, store_record
 
     now = store_digest(store_record(store, str(proj / f"results/data/{dataset}.zarr")))
     assert metrics["trained_on"] == metrics["scored_on"] == now

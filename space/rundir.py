@@ -1,4 +1,4 @@
-"""What a run directory was trained on, and who is training it.
+"""A run directory: what it was trained on, who is training it, its CSV logs, and whether it resumes.
 
 A run's record is the store's identity (the `identity` root attribute of datagen/store.py: generator, its
 version and parameters, seed, splits, image size, K_max, shard size) and the full resolved configuration.
@@ -12,13 +12,18 @@ a file beside its local mirror), which the kernel releases when the holder ends,
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
+from .checkpoints import (RESUME_KEYS, UNUSABLE_FIX, CheckpointError, TrainingDiverged, load_checkpoint,
+                          nonfinite)
 from .config import RUN_INDEPENDENT, Config, ConfigError
+from .runs import RunMirror
 
 RECORD_FILE = "run.json"
 RECORD_FORMAT = 1
@@ -224,3 +229,93 @@ def lock_path(mirror) -> Path:
     if mirror.remote:
         return mirror.local.with_name(mirror.local.name + ".lock")
     return mirror.local / ".lock"
+
+
+# ------------------------------------------------------------------------------ logs and resuming
+
+
+def rows_until(path: Path, step: int) -> list[dict]:
+    """The rows of a run's CSV log at or before `step`, as text; [] when there is no log."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        return [r for r in csv.DictReader(fh) if int(r["step"]) <= step]
+
+
+class CsvLog:
+    """Append rows; on resume, rows after the checkpoint's step (written by the killed run) are dropped."""
+
+    def __init__(self, path: Path, fields, resume_step: int | None):
+        self.path, self.fields = path, fields
+        rows = rows_until(path, resume_step) if resume_step is not None else []
+        # The wall time the kept rows reached: a resumed run's clock continues from it, not from 0.
+        walls = [float(r["wall_s"]) for r in rows if r.get("wall_s") not in ("", None)]
+        self.wall_s = max(walls, default=0.0)
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fields)
+            w.writeheader()
+            w.writerows(rows)
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as fh:
+            csv.DictWriter(fh, self.fields).writerow({k: row.get(k, "") for k in self.fields})
+
+
+def last_logged(path: Path, step: int) -> dict:
+    """The last row of a metrics.csv at or before `step`, as numbers; {} when there is none."""
+    rows = rows_until(path, step)
+    if not rows:
+        return {}
+    return {k: int(v) if k in ("step", "glimpses") else float(v) for k, v in rows[-1].items() if v not in ("", None)}
+
+
+def open_run(mirror: RunMirror, out: str, record: dict, cfg: Config, restart: bool):
+    """Rank 0's decision on the run directory: (lock, local directory, checkpoint state to resume or None).
+
+    Another trainer holding it, an unwritable directory, or a record other than this run's (another store,
+    other settings, a checkpoint past train.steps) is refused; with `restart` a differing run is cleared
+    and started afresh. The caller closes the lock."""
+    if mirror.remote:  # the lock first: pull replaces the mirror, which a running trainer works in
+        lock = lock_run(lock_path(mirror), out)
+        try:
+            run = mirror.pull()
+            check_writable(run, out)
+        except BaseException:
+            lock.close()
+            raise
+    else:
+        run = mirror.pull()
+        check_writable(run, out)
+        lock = lock_run(lock_path(mirror), out)
+    try:
+        ckpt = run / "checkpoints" / "last.pt"
+        state, diff, unusable = None, [], None
+        if ckpt.exists():
+            try:
+                state = load_checkpoint(ckpt, need=RESUME_KEYS, finite=False)
+            except CheckpointError as e:
+                unusable = str(e).removesuffix(f"; {UNUSABLE_FIX}")
+            else:
+                diff = record_diff(state.get("record") or legacy_record(state), record)
+                if state["step"] > cfg.train.steps:
+                    diff.append(f"train.steps {cfg.train.steps} is below the checkpoint's step {state['step']}")
+        elif (old := read_record(run)) is not None:
+            diff = record_diff(old, record)
+        if (diff or unusable) and not restart:
+            problem = (f"cannot be resumed: {unusable}" if unusable else
+                       f"holds a run trained on another store or with other settings ({describe(diff)})")
+            raise RunError(f"{out} {problem}; pass --restart to start afresh in it, or use another --out")
+        if diff or unusable:
+            print(f"{out}: starting afresh (--restart): {unusable or describe(diff)}", file=sys.stderr)
+            clear_run(run, mirror)
+            state = None
+        elif state is not None:  # the same run: resume, unless it was saved broken (before this check existed)
+            bad = nonfinite(state["model"])
+            if bad:
+                raise TrainingDiverged(f"{ckpt} (step {state['step']}) holds NaN or infinite weights "
+                                       f"({', '.join(bad)}): the run diverged; lower the learning rates and "
+                                       "train again with --restart")
+        return lock, run, state
+    except BaseException:
+        lock.close()
+        raise
