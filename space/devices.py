@@ -67,3 +67,18 @@ def distributed_context():
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     return rank, world, local
+
+
+def start_device(device: torch.device, world: int, local: int, threads: int) -> torch.device:
+    """Make `device` this process's: under torchrun join the process group (one process per GPU, by local
+    rank); on the CPU use train.threads threads (0: torch's default). Returns the device to train on."""
+    if world > 1:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu" and threads:
+        torch.set_num_threads(threads)
+    return device

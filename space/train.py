@@ -32,7 +32,7 @@ from .checkpoints import (CHECKPOINT_FORMAT, RESUME_KEYS, TrainingDiverged, load
                           save_checkpoint)
 from .config import Config, ConfigError
 from .data import StepBatchSampler, StoreDataset, collate_batch
-from .devices import checkpoint_images, distributed_context, pick_device
+from .devices import checkpoint_images, distributed_context, pick_device, start_device
 from .memory import lean_host_allocator
 from .model import SPACE
 from .rundir import RECORD_FILE, CsvLog, RunError, last_logged, make_record, open_run, write_json
@@ -249,15 +249,9 @@ def train(cfg: Config, data: str, out: str, progress: bool = True, stop_after: i
     # The data before the run directory: a store that does not fit is refused with nothing written.
     dataset, val_set = open_data(cfg, data, world)
     record = make_record(cfg, dataset.store, data)
+    device = start_device(device, world, local, t_cfg.threads)
     if world > 1:
         import torch.distributed as dist
-
-        if device.type == "cuda":
-            device = torch.device("cuda", local)  # torchrun: one process per GPU by local rank
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cpu" and t_cfg.threads:
-        torch.set_num_threads(t_cfg.threads)
 
     # An object-store run (s3://...) is trained in a local mirror and pushed at every checkpoint (space/runs.py).
     mirror = RunMirror(out, rank)
