@@ -56,10 +56,11 @@ sys.exit(main(sys.argv[1:]))
 """
 # The first step starts from the same weights, so its loss and its global gradient norm (after DDP's
 # all-reduce) must agree up to float summation order: measured 1e-6 relative. Later steps stay close
-# (measured 1e-5 to 7e-5 in loss) but not exact: RMSProp's and Adam's first updates are about lr per
-# element whatever the gradient's size, so rounding in near-zero gradients (such as the conv biases in
-# front of a BatchNorm, whose true gradient is zero) moves those weights by full steps of either sign.
-FIRST_RTOL, LATER_LOSS_RTOL = 1e-4, 1e-3
+# but not exact (measured with the demo preset: 1e-5 in loss at step 2, 1.1e-3 at step 3): RMSProp's and
+# Adam's first updates are about lr per element whatever the gradient's size, so rounding in near-zero
+# gradients (such as the conv biases in front of a BatchNorm, whose true gradient is zero) moves those
+# weights by full steps of either sign.
+FIRST_RTOL, LATER_LOSS_RTOL = 1e-4, 3e-3
 
 # Without checkpointing (0) the plain path, which the torchrun test also covers, runs with `-m slow`.
 @pytest.mark.parametrize("checkpoint_images", [pytest.param(0, marks=pytest.mark.slow), 1])
