@@ -36,6 +36,22 @@ def _parse_color(text: str) -> tuple[float, float, float]:
     return rgb
 
 
+def flag_name(field: str) -> str:
+    """A generator setting's command-line flag: size_max -> --size-max."""
+    return "--" + field.replace("_", "-")
+
+
+def config_argv(params: dict) -> list[str]:
+    """Generator settings as the arguments their flags read (the pipeline's rules pass params.yaml's
+    this way): {'size_max': 0.3, 'camera_distance': [7, 9]} -> ['--size-max', '0.3', '--camera-distance',
+    '7', '9']; a colour, an (r, g, b) triple, as 'r,g,b'."""
+    argv = []
+    for key, value in params.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        argv += [flag_name(key), *(",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v) for v in values)]
+    return argv
+
+
 def _add_config_flags(p: argparse.ArgumentParser, cls, skip: tuple = (), notes: dict | None = None) -> None:
     """One flag per dataclass field (but those in `skip`), its default the paper's value; `notes` adds to a
     field's help."""
@@ -43,7 +59,7 @@ def _add_config_flags(p: argparse.ArgumentParser, cls, skip: tuple = (), notes: 
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_name(f.name)
         default = f.default
         t = hints[f.name]
         args = typing.get_args(t)

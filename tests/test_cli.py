@@ -411,3 +411,23 @@ def test_help(sub):
     if not sub:
         for name in ("room3d", "inspect", "coco", "show"):
             assert name in r.stdout
+
+
+def test_generator_settings_as_flags_read_back_as_the_same_settings():
+    """The pipeline passes params.yaml's generator settings through `config_argv`; datagen's own parser
+    reads them back into the same dataclass (flag names, tuples, colour triples)."""
+    import dataclasses
+
+    from datagen.__main__ import _config_from_args, build_parser, config_argv
+    from datagen.config import AtariConfig, Room3DConfig
+
+    room = {"objects": [2, 3], "size_max": 0.25, "shapes": ["cube", "sphere"], "camera_distance": [6.5, 8],
+            "object_colors": [[1.0, 0.0, 0.0], [0.0, 0.5, 1.0]], "antialias_samples": 2}
+    atari = {"frameskip": 3, "sticky_actions": 0.0, "policy": "random", "noop_max": 7}
+    for command, cls, params in (("room3d", Room3DConfig, room), ("atari", AtariConfig, atari)):
+        ns = build_parser().parse_args([command, "OUT.zarr", *config_argv(params)])
+        got = dataclasses.asdict(_config_from_args(cls, ns))
+        for key, value in params.items():
+            want = [list(v) if isinstance(v, list) else v for v in value] if isinstance(value, list) else value
+            have = [list(v) if isinstance(v, tuple) else v for v in got[key]] if isinstance(got[key], tuple) else got[key]
+            assert have == want, (command, key, have, want)

@@ -112,18 +112,13 @@ def every_seed(pattern: str) -> list:
 
 
 def cli_flags(params: dict) -> str:
-    """{'size_max': 0.3, 'camera_distance': [7, 9]} -> '--size-max 0.3 --camera-distance 7 9', each value
-    quoted for the shell (a policy path, for one, is the user's text)."""
+    """A dataset's generator settings as datagen's flags (`datagen.__main__.config_argv`), each value quoted
+    for the shell (a policy path, for one, is the user's text)."""
     import shlex
 
-    out = []
-    for key, value in params.items():
-        flag = f"--{key.replace('_', '-')}"
-        values = value if isinstance(value, (list, tuple)) else [value]
-        # colours are r,g,b triples
-        items = [",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v) for v in values]
-        out.append(" ".join([flag, *map(shlex.quote, items)]))
-    return " ".join(out)
+    from datagen.__main__ import config_argv
+
+    return " ".join(map(shlex.quote, config_argv(params)))
 
 
 def split_flags(splits: dict) -> str:
