@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from datagen.config import ATARI_GAMES, SHAPES, AtariConfig, ConfigError, Room3DConfig
+from datagen.config import ATARI_GAMES, SHAPES, AtariConfig, ConfigError, Room3DConfig, StoreConfig
 from space.config import PRESETS
 
 SCHEMA = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow/schemas/params.schema.yaml").read_text())
@@ -61,3 +61,29 @@ def test_a_value_the_schema_refuses_the_dataclass_refuses_too(section, name, val
     cls, outside = SECTIONS[section]
     with pytest.raises(ConfigError, match=name):
         cls.from_dict({**outside, name: value}).validate()
+
+
+def test_the_datagen_section_is_the_stores_settings_and_the_jobs_flags():
+    """params.yaml's datagen: section holds StoreConfig's settings (shard_size) and the store-writing job's
+    workers and parts; a value below the schema's minimum is one the store or the job refuses too."""
+
+    section = SCHEMA["properties"]["datagen"]["properties"]
+    store_fields = {f.name for f in dataclasses.fields(StoreConfig)}
+    assert set(section) - {"workers", "parts"} <= store_fields
+    for name in set(section) & store_fields:
+        with pytest.raises(ConfigError, match=name):
+            StoreConfig(**{name: section[name]["minimum"] - 1}).validate()
+
+
+@pytest.mark.parametrize("name", ["train", "val", "test", "holdout_2", "a", "Train", "1st", "a-b", "", "two words",
+                                  "_x", "val.2"])
+def test_a_split_name_the_schema_accepts_is_one_the_store_accepts(name):
+    import re
+
+    accepted = re.search(DATASET["splits"]["propertyNames"]["pattern"], name) is not None
+    try:
+        StoreConfig(splits={name: 1}).validate()
+        stored = True
+    except ConfigError:
+        stored = False
+    assert stored or not accepted, name
