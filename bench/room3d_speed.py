@@ -19,8 +19,9 @@ Three parts (pick with --part; default all):
              run (start-up included), and from the slope between the sizes.
 
 Prints a readable table and, last, one JSON line with every result; --out also writes it to a file, and
---from prints the per-process table of earlier runs (such files, or one whose "runs" lists them) instead
-of measuring (--markdown: the table alone, as bench/tables.py reads it).
+--from prints a table of earlier runs (such files, or one whose "runs" lists them) instead of measuring:
+--table scenes (per process, the default), breakdown, e2e or projection (--markdown: the table alone, as
+bench/tables.py reads it).
 
     MUJOCO_GL=egl python bench/room3d_speed.py                 # everything, a few minutes
     python bench/room3d_speed.py --part scenes --runs 3 --scenes 300
@@ -400,6 +401,58 @@ def scenes_markdown(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def breakdown_markdown(runs: list[dict]) -> str:
+    """Where a frame's time goes (the instrumented run of each preset), ms per frame and share. Markdown."""
+    rows = [r for run in runs for r in run.get("scenes", []) if r.get("breakdown")]
+    if not rows:
+        return "(no breakdown in these results)"
+    parts = list(rows[0]["breakdown"]["ms_per_frame"])
+    head = " | ".join(f"{r['preset']} ms" for r in rows)
+    lines = [f"| part | {head} | {rows[-1]['preset']} share |", "|---" * (len(rows) + 2) + "|"]
+    for k in parts:
+        ms = " | ".join(f"{r['breakdown']['ms_per_frame'][k]:.3f}" for r in rows)
+        lines.append(f"| {k} | {ms} | {100 * rows[-1]['breakdown']['share'][k]:.1f}% |")
+    gt = " | ".join(f"**{r['breakdown']['ground_truth_ms_per_frame']:.3f}**" for r in rows)
+    last = rows[-1]["breakdown"]
+    share = last["ground_truth_ms_per_frame"] / sum(last["ms_per_frame"].values())
+    lines.append(f"| **ground truth (numpy), total** | {gt} | **{100 * share:.1f}%** |")
+    return "\n".join(lines)
+
+
+def _lp(v) -> str:
+    return "unset" if v in (None, "unset") else str(v)
+
+
+def e2e_markdown(runs: list[dict]) -> str:
+    """Each end-to-end `python -m datagen room3d` configuration and size: the fastest repeat. Markdown."""
+    lines = ["| preset | workers | LP_NUM_THREADS | N | wall s (repeats) | frames/s | other load (CPU s) | "
+             "max RSS / process | tree RSS |", "|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        for r in run.get("e2e", []):
+            reps = ", ".join(f"{w:.1f}" for w in r.get("wall_s_repeats", [r["wall_s"]]))
+            lines.append(f"| {r['preset']} | {r['workers']} | {_lp(r['lp_num_threads'])} | {r['frames']} | {reps} | "
+                         f"{r['frames_per_s']:.1f} | {r['cpu_s_other_load']} | "
+                         f"{r['max_rss_single_process_mb']:.0f} MB | {r['peak_tree_rss_mb']:.0f} MB |")
+    return "\n".join(lines)
+
+
+def projection_markdown(runs: list[dict]) -> str:
+    """The paper's 77,000 frames projected from each configuration's largest run. Markdown."""
+    lines = ["| preset | workers | LP_NUM_THREADS | frames/s | projected 77k | "
+             f"≤ {REQ_DATASET_MINUTES:.0f} min | tree RSS by N (MB) |", "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        for r in run.get("projection", []):
+            by_n = ", ".join(f"{n}: {v:.0f}" for n, v in r["peak_tree_rss_mb_by_n"].items())
+            lines.append(f"| {r['preset']} | {r['workers']} | {_lp(r['lp_num_threads'])} | "
+                         f"{r['frames_per_s_largest_n']:.1f} | {r['projected_77k_min']:.1f} min | "
+                         f"{'pass' if r['pass_20_min'] else 'fail'} | {by_n} |")
+    return "\n".join(lines)
+
+
+TABLES = {"scenes": scenes_markdown, "breakdown": breakdown_markdown, "e2e": e2e_markdown,
+          "projection": projection_markdown}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", nargs="+", choices=("scenes", "e2e", "project"), default=["scenes", "e2e", "project"])
@@ -427,11 +480,13 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="where e2e stores go (default: a temporary folder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", metavar="JSON", help="also write the results here")
-    add_from_flags(p, many=True)  # the per-process table of earlier runs
+    add_from_flags(p, many=True)  # the tables of earlier runs
+    p.add_argument("--table", choices=tuple(TABLES), default="scenes",
+                   help="with --from: which table (default: %(default)s)")
     ns = p.parse_args(argv)
     if ns.source:
         runs = load_runs(ns.source)
-        emit({"runs": len(runs)}, scenes_markdown(runs), markdown=ns.markdown)
+        emit({"runs": len(runs)}, TABLES[ns.table](runs), markdown=ns.markdown)
         return 0
     if ns.lp_threads is not None:
         os.environ["LP_NUM_THREADS"] = str(ns.lp_threads)  # read by Mesa when the GL context is made
