@@ -13,7 +13,8 @@ highest first) is one of:
 - background: overlapping no object; of these, how many touch the frame's border (a background that cannot
   paint part of the frame, e.g. the sky beyond the walls, leaves it to the foreground).
 Objects no detection found are misses. The count error is split into what frames with too many
-detections and frames with too few contribute (the two add up to it).
+detections and frames with too few contribute (the two add up to it). `--table duplicates` shows where
+the duplicates sit: their offset from the detection that found the object, and the objects' sizes.
 The last line printed is one JSON object.
 """
 
@@ -49,17 +50,26 @@ def classify(objects: list, detections: list, side: int, min_iou: float = 0.5) -
     error with its over- and under-count parts. IoU is the evaluation's (space.metrics.iou_matrix)."""
     tally = dict.fromkeys(KINDS, 0)
     over = under = 0.0
+    pairs = []  # per duplicate: (|dx|, |dy|) from the detection that found its object, that object's (w, h)
     for objs, dets in zip(objects, detections):
         found = np.zeros(len(objs), dtype=bool)
+        finder: dict[int, list] = {}  # object -> the detection that found it
         boxes = [box for _, box in sorted(dets, key=lambda d: -d[0])]
         ious = iou_matrix(boxes, objs)  # (detections by score, objects)
         for box, iou in zip(boxes, ious):
             free = np.where(~found & (iou >= min_iou), iou, -1.0)
+            inside = _inside_share(box, objs) if objs else np.zeros(0)
             if free.max(initial=-1.0) >= 0:
-                found[int(free.argmax())] = True
+                k = int(free.argmax())
+                found[k] = True
+                finder[k] = box
                 tally["found"] += 1
-            elif np.any(found & (_inside_share(box, objs) >= 0.5)):
+            elif np.any(found & (inside >= 0.5)):
                 tally["duplicate"] += 1
+                k = int(np.argmax(np.where(found, inside, -1.0)))
+                f, o = finder[k], objs[k]
+                pairs.append((abs((box[0] + box[2]) - (f[0] + f[2])) / 2, abs((box[1] + box[3]) - (f[1] + f[3])) / 2,
+                              o[2] - o[0], o[3] - o[1]))
             elif np.any(iou > 0):
                 tally["poor box"] += 1
             else:
@@ -70,8 +80,16 @@ def classify(objects: list, detections: list, side: int, min_iou: float = 0.5) -
         over += max(error, 0.0)
         under += max(-error, 0.0)
     n = max(len(objects), 1)
+    sizes = np.array([(o[2] - o[0], o[3] - o[1]) for objs in objects for o in objs]).reshape(-1, 2)
+    pr = np.array(pairs).reshape(-1, 4)
+    med = (lambda a: float(np.median(a)) if a.size else float("nan"))  # noqa: E731
+    duplicates = {"offset_dx": med(pr[:, 0]), "offset_dy": med(pr[:, 1]),
+                  "vertical_share": float(np.mean(pr[:, 1] > pr[:, 0])) if len(pr) else float("nan"),
+                  "object_w": med(pr[:, 2]), "object_h": med(pr[:, 3]),
+                  "all_objects_w": med(sizes[:, 0]), "all_objects_h": med(sizes[:, 1])}
     return {**tally, "objects": sum(len(o) for o in objects), "detections": sum(len(d) for d in detections),
-            "count_error": (over + under) / n, "from_too_many": over / n, "from_too_few": under / n}
+            "count_error": (over + under) / n, "from_too_many": over / n, "from_too_few": under / n,
+            "duplicates": duplicates}
 
 
 def read(store, split: str, detections: list, threshold: float) -> tuple[list, list, int]:
@@ -99,9 +117,27 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def duplicates_table(results: dict) -> str:
+    """Where the duplicates sit: the median offset of a duplicate from the detection that found its object
+    (pixels), the share offset more up-down than sideways, and the duplicated objects' median size
+    against all objects'."""
+    lines = ["| detections | duplicates | offset x | offset y | more up-down | their objects (w x h) | "
+             "all objects (w x h) |", "|---|---|---|---|---|---|---|"]
+    for label, row in results["rows"].items():
+        d = row.get("duplicates")
+        if d is None:  # a results file written before this table
+            continue
+        lines.append(f"| {label} | {row['duplicate']} | {d['offset_dx']:.1f} | {d['offset_dy']:.1f} | "
+                     f"{d['vertical_share']:.2f} | {d['object_w']:.1f} x {d['object_h']:.1f} | "
+                     f"{d['all_objects_w']:.1f} x {d['all_objects_h']:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_detection_flags(p)
+    p.add_argument("--table", choices=("kinds", "duplicates"), default="kinds",
+                   help="which table: each detection's kind (default), or where the duplicates sit")
     ns = p.parse_args(argv)
     if ns.source:
         results = json.loads(Path(ns.source).read_text())
@@ -110,7 +146,8 @@ def main(argv=None) -> int:
                                                                         ns.iou))
         results = {"data": ns.data, "split": ns.split, "threshold": ns.threshold, "iou": ns.iou, "rows": rows,
                    "machine": machine(), "command": " ".join(sys.argv)}
-    emit(results, table(results), None if ns.source else ns.out, ns.markdown)
+    emit(results, (duplicates_table if ns.table == "duplicates" else table)(results), None if ns.source else ns.out,
+         ns.markdown)
     return 0
 
 

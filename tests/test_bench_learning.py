@@ -204,6 +204,23 @@ def test_count_errors_classes_each_detection_and_splits_table_1s_count_error():
     assert r["from_too_many"] + r["from_too_few"] == pytest.approx(want)
 
 
+def test_count_errors_places_each_duplicate_beside_the_detection_that_found_its_object():
+    """A tall object found by one box and boxed again 3 pixels lower, and a square one boxed twice about
+    the same centre: offsets (0, 3) and (0, 0) from the finders, so medians 0 and 1.5, one of the two more
+    up-down than sideways; the duplicated objects' sizes against all three objects'."""
+    import count_errors
+
+    objects = [[[10, 10, 20, 30], [40, 40, 50, 50]], [[10, 10, 20, 20]]]
+    detections = [[(0.9, [10, 10, 20, 30]), (0.8, [11, 13, 19, 33]), (0.7, [40, 40, 50, 50])],
+                  [(0.9, [10, 10, 20, 20]), (0.8, [11, 11, 19, 19])]]
+    r = count_errors.classify(objects, detections, side=64)
+    assert (r["found"], r["duplicate"]) == (3, 2)
+    d = r["duplicates"]
+    assert (d["offset_dx"], d["offset_dy"], d["vertical_share"]) == (0.0, 1.5, 0.5)
+    assert (d["object_w"], d["object_h"], d["all_objects_w"], d["all_objects_h"]) == (10.0, 15.0, 10.0, 10.0)
+    assert "| a | 2 | 0.0 | 1.5 | 0.50 | 10.0 x 15.0 | 10.0 x 10.0 |" in count_errors.duplicates_table({"rows": {"a": r}})
+
+
 def test_experiment_scores_reads_each_seed_and_its_means_agree_with_the_pipelines_combined_file(tmp_path):
     """bench/experiment_scores.py over a pipeline experiment's folder (two seeds, hand-written files): each
     seed's test scores and validation curve are read back, the table's mean row is what `python -m space
