@@ -98,6 +98,19 @@ def side_by_side(runs: list[dict]) -> str:
 # ------------------------------------------------------------------------------------------ building
 
 
+class RepeatedShard:
+    """A shard maker (datagen.jobs) that returns the same rendered frames for every shard."""
+
+    def __init__(self, block: dict):
+        self.block = block
+
+    def shard(self, split, shard, start, stop) -> dict:
+        return {k: v[: stop - start] for k, v in self.block.items()}
+
+    def close(self) -> None:
+        pass
+
+
 def build_store(path: str, frames: int, how: str, objects: tuple, workers: int, seed: int) -> float:
     """Writes a complete room3d store of `frames` train frames at `path`; returns seconds taken."""
     from datagen.config import Room3DConfig
@@ -110,18 +123,15 @@ def build_store(path: str, frames: int, how: str, objects: tuple, workers: int, 
         generate(path, cfg, {"train": frames}, seed, workers=workers, overwrite=True, progress=False)
     else:
         # Synthetic: 256 real rendered frames (real compressibility, real ground truth) written over and
-        # over through StoreWriter in the store's own layout, so every chunk decodes like a real one.
+        # over by the generators' own store-writing job, so every chunk decodes like a real one.
+        from datagen.jobs import write_store
         from datagen.room3d import Room3DRenderer, render_shard, store_spec
-        from datagen.store import StoreWriter
 
         shard = 256
-        w = StoreWriter.create_or_resume(path, store_spec(cfg, {"train": frames}, seed, shard), overwrite=True)
         with Room3DRenderer(cfg) as r:
             block = render_shard(r, seed, "train", 0, shard)
-        for s in w.pending("train"):
-            start, stop = w.shard_bounds("train", s)
-            w.write_shard("train", s, {k: v[: stop - start] for k, v in block.items()})
-        w.finish()
+        write_store(path, store_spec(cfg, {"train": frames}, seed, shard), RepeatedShard(block), None,
+                    overwrite=True, progress=False)
     return time.perf_counter() - t
 
 
