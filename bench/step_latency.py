@@ -52,6 +52,9 @@ def table(results: dict) -> str:
     port_s, port_gb = port.get("step_s", {}), port.get("peak_gb", {})
     head = ["preset", "grid, K", "batch", "checkpointing", "allocator", "steps (warm-up)",
             "s/step (median, min-max)", "GFLOP/step", "GFLOP/s", "peak RSS"]
+    gpu = any(r.get("peak_gpu_mib") is not None for r in results["runs"])
+    if gpu:  # runs on a GPU: what ran there, and its memory
+        head += ["device", "bf16", "torch.compile", "steps/s", "peak GPU memory"]
     if port_s:
         head += ["port s/step", "speed-up"]
     if port_gb:
@@ -64,6 +67,10 @@ def table(results: dict) -> str:
                  f"lean ({r['malloc_mmap_threshold_mib']} MiB)" if r["malloc_mmap_threshold_mib"] else "glibc's",
                  f"{r['steps']} ({r['warmup']})", fmt_range(r), f"{r['gflop_step']:.0f}",
                  f"{r['gflop_step'] / r['median_s']:.0f}", f"{r['peak_rss_mib']:,.0f} MiB"]
+        if gpu:
+            mib = r.get("peak_gpu_mib")
+            cells += [r["device"], "yes" if r.get("amp") else "no", r.get("compile") or "off",
+                      f"{1 / r['median_s']:.1f}", "" if mib is None else f"{mib:,.0f} MiB"]
         if port_s:
             s = port_s.get(r["preset"])
             cells += [f"{s:.1f}", f"{s / r['median_s']:.1f}x"] if s else ["", ""]
@@ -85,6 +92,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-channels-last", action="store_true", help="NCHW instead of channels_last")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on a GPU, as train.amp (ignored on CPU)")
+    p.add_argument("--compile", choices=("default", "reduce-overhead", "max-autotune"), default=None,
+                   help="torch.compile the model with this mode (reduce-overhead also replays CUDA graphs); "
+                        "the warm-up steps include the compilation")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.NAME=VALUE",
                    help="a setting over the preset, as `python -m space train --set` (repeatable), e.g. "
                         "model.grid_size=8")
@@ -129,8 +139,10 @@ def main(argv=None) -> int:
     n = cfg.model.image_size
     x = torch.rand(ns.batch, 3, n, n, device=device).contiguous(memory_format=fmt)
 
+    net = torch.compile(model, mode=ns.compile) if ns.compile else model
+
     def step():  # the trainer's own step
-        return train_step(model, x, 0, opt_fg, opt_bg, cfg.train, amp=ns.amp and device.type == "cuda")[0]
+        return train_step(net, x, 0, opt_fg, opt_bg, cfg.train, amp=ns.amp and device.type == "cuda")[0]
 
     def sync():
         if device.type == "cuda":
@@ -174,6 +186,7 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(),
         "channels_last": not ns.no_channels_last,
         "amp": bool(ns.amp and device.type == "cuda"),
+        "compile": ns.compile,
         "sparse_threshold": ns.sparse_threshold,
         "checkpoint_images": ns.checkpoint_images,
         "malloc_mmap_threshold_mib": ns.malloc_mmap_threshold_mib if lean else 0,

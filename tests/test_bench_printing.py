@@ -46,6 +46,21 @@ def test_step_latency_prints_a_results_files_runs(name, capsys):
             assert float(row[-3].rstrip("x")) == pytest.approx(port["step_s"][run["preset"]] / run["median_s"], abs=0.05)
 
 
+def test_step_latency_prints_gpu_runs_with_their_device_and_memory(capsys):
+    import step_latency
+
+    path = RESULTS / "step_latency_h200_2026-12-04.json"
+    results = json.loads(path.read_text())
+    assert step_latency.main(["--from", str(path), "--markdown"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert len(rows) == len(results["runs"])
+    for run, row in zip(results["runs"], rows):
+        assert row[-5] == run["device"] and row[-4] == ("yes" if run["amp"] else "no")
+        assert row[-3] == (run["compile"] or "off")
+        assert float(row[-2]) == pytest.approx(1 / run["median_s"], abs=0.05)
+        assert row[-1] == f"{run['peak_gpu_mib']:,} MiB"
+
+
 def test_step_latency_adds_its_run_to_a_results_file(tmp_path, capsys):
     """--out on a tiny step of the demo model: the run joins the file's runs, and --from prints it."""
     import step_latency
