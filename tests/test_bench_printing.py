@@ -146,3 +146,32 @@ def test_room3d_speed_prints_the_per_process_rates(capsys):
         assert [float(x) for x in row[3].split(", ")] == r["scenes_per_s_runs"]
         assert float(row[4]) == r["scenes_per_s_median"] and float(row[5]) == r["ms_per_scene_median"]
         assert row[6] == ("pass" if r["pass_80_per_s"] else "fail")
+
+
+def test_room3d_speed_prints_breakdown_e2e_and_projection(capsys):
+    """The other tables of a whole run: each part's ms with the last preset's share (the shares add up to
+    one), each end-to-end run's repeats and rate, each configuration's projection to 77,000 frames."""
+    import room3d_speed
+
+    path = RESULTS / "room3d_speed_2026-12-04.json"
+    run = json.loads(path.read_text())
+    tables = {}
+    for t in ("breakdown", "e2e", "projection"):
+        assert room3d_speed.main(["--from", str(path), "--markdown", "--table", t]) == 0
+        tables[t] = _rows(capsys.readouterr().out)
+    presets = run["scenes"]
+    parts = list(presets[0]["breakdown"]["ms_per_frame"])
+    rows = tables["breakdown"]
+    assert [row[0] for row in rows[:-1]] == parts
+    for part, row in zip(parts, rows):
+        assert [float(x) for x in row[1:-1]] == [p["breakdown"]["ms_per_frame"][part] for p in presets]
+        assert float(row[-1].rstrip("%")) == pytest.approx(100 * presets[-1]["breakdown"]["share"][part], abs=0.06)
+    assert sum(float(row[-1].rstrip("%")) for row in rows[:-1]) == pytest.approx(100, abs=0.6)
+    assert len(tables["e2e"]) == len(run["e2e"]) and len(tables["projection"]) == len(run["projection"])
+    for r, row in zip(run["e2e"], tables["e2e"]):
+        assert row[0] == r["preset"] and int(row[1]) == r["workers"] and int(row[3]) == r["frames"]
+        assert float(row[5]) == r["frames_per_s"] == pytest.approx(r["frames"] / r["wall_s"], rel=0.01)
+        assert [float(x) for x in row[4].split(", ")] == [round(w, 1) for w in r["wall_s_repeats"]]
+    for r, row in zip(run["projection"], tables["projection"]):
+        assert float(row[4].split()[0]) == pytest.approx(77000 / r["frames_per_s_largest_n"] / 60, abs=0.06)
+        assert row[5] == ("pass" if r["pass_20_min"] else "fail")
