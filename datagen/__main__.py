@@ -213,7 +213,9 @@ def cmd_inspect(ns) -> int:
     if z:
         print(f"  object boxes ({z['split_boxes']} in {first}): longer side {z['side_median']:.3f} of the frame (median; "
               f"10-90%: {z['side_p10']:.3f}-{z['side_p90']:.3f}); for SPACE on this store, glimpses of that size: "
-              f"--set model.z_scale_prior_mean={z['z_scale_prior_mean']:.2f} (sigmoid(z_scale) is the glimpse side)")
+              f"--set model.z_scale_prior_mean={z['z_scale_prior_mean']:.2f} (sigmoid(z_scale) is the glimpse side); "
+              f"logits of the widths {z['width_logit_median']:.2f} and heights {z['height_logit_median']:.2f} "
+              "(medians; model.z_scale_prior_aspect is added to the prior's height)")
     grid = summary["grid"]
     if grid:
         shares = ", ".join(f"{g['grid_size']}x{g['grid_size']} {100 * g['sharing']:.1f}% (count error "
@@ -273,9 +275,15 @@ def z_scale_advice(boxes, image_size) -> dict | None:
     height, width = (image_size, image_size) if np.isscalar(image_size) else image_size[:2]
     side = np.maximum((b[:, 2] - b[:, 0]) / width, (b[:, 3] - b[:, 1]) / height).clip(1e-3, 1 - 1e-3)
     median = float(np.median(side))
+    # Each side on its own: SPACE's z_scale has one per axis, and objects seen from above are taller than
+    # wide (model.z_scale_prior_aspect moves the prior's height by the difference of their logits).
+    logit = lambda f: float(np.median(np.log(f / (1 - f))))  # noqa: E731
+    w = logit(((b[:, 2] - b[:, 0]) / width).clip(1e-3, 1 - 1e-3))
+    h = logit(((b[:, 3] - b[:, 1]) / height).clip(1e-3, 1 - 1e-3))
     return {"split_boxes": int(len(b)), "side_median": round(median, 4),
             "side_p10": round(float(np.quantile(side, 0.1)), 4), "side_p90": round(float(np.quantile(side, 0.9)), 4),
-            "z_scale_prior_mean": round(float(np.log(median / (1 - median))), 3)}
+            "z_scale_prior_mean": round(float(np.log(median / (1 - median))), 3),
+            "width_logit_median": round(w, 3), "height_logit_median": round(h, 3)}
 
 
 def cmd_coco(ns) -> int:

@@ -70,6 +70,10 @@ class ModelConfig:
     z_scale_prior_mean: Anneal = field(default_factory=lambda: Anneal(-1.0, -2.0, 10000, 20000))
     # The prior's spread: 0.1 in the paper and its code, a constant; a schedule here lets it start wide.
     z_scale_prior_std: Anneal = field(default_factory=lambda: Anneal(0.1, 0.1))
+    # Added to the prior's mean for the glimpse's height (z_scale's y), so that the prior box is taller
+    # than wide where the objects are (`python -m datagen inspect` gives the boxes' logits); 0: square, as
+    # in the paper.
+    z_scale_prior_aspect: float = 0.0
     z_shift_prior_mean: float = 0.0
     z_shift_prior_std: float = 1.0
     z_depth_prior_mean: float = 0.0

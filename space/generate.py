@@ -18,6 +18,7 @@ def sample_images(model: SPACE, count: int, step: int, seed: int = 0) -> torch.T
     # Foreground (equation 3): z_pres ~ Bern(rho); z_where, z_depth, z_what from their Gaussian priors.
     z_pres = torch.bernoulli(torch.full((count, c), m.z_pres_prior.at(step)))  # (count, C), hard
     z_scale = m.z_scale_prior_mean.at(step) + m.z_scale_prior_std.at(step) * torch.randn(count, g, g, 2)
+    z_scale[..., 1] += m.z_scale_prior_aspect  # (x, y): the height's mean
     z_shift = m.z_shift_prior_mean + m.z_shift_prior_std * torch.randn(count, g, g, 2)
     z_depth = m.z_depth_prior_mean + m.z_depth_prior_std * torch.randn(count, c)
     z_what = torch.randn(count * c, m.z_what_dim)

@@ -285,7 +285,8 @@ class Foreground(nn.Module):
         # Start glimpses at the size the z_scale prior expects rather than half the image: the posterior
         # begins near its prior and the compositing windows start small.
         with torch.no_grad():
-            self.z_scale_net.bias[:2].fill_(cfg.z_scale_prior_mean.start)
+            self.z_scale_net.bias[0].fill_(cfg.z_scale_prior_mean.start)  # x
+            self.z_scale_net.bias[1].fill_(cfg.z_scale_prior_mean.start + cfg.z_scale_prior_aspect)  # y
             # and with the prior's spread: softplus(b) = z_scale_prior_std
             self.z_scale_net.bias[2:].fill_(math.log(math.expm1(cfg.z_scale_prior_std.start)))
 
@@ -368,7 +369,8 @@ class Foreground(nn.Module):
         # KL terms (appendix B), per cell; z_where, z_depth, z_what weighted by the z_pres sample (the
         # paper's appendix) or charged for every cell (model.kl_weighting, the paper's code).
         kl_pres = bernoulli_kl(pres_prob, z_pres_prior)  # (B, G, G)
-        kl_scale = gaussian_kl(scale_mu, scale_sigma, z_scale_prior_mean, z_scale_prior_std).sum(-1)
+        scale_prior = scale_mu.new_tensor([z_scale_prior_mean, z_scale_prior_mean + cfg.z_scale_prior_aspect])  # (x, y)
+        kl_scale = gaussian_kl(scale_mu, scale_sigma, scale_prior, z_scale_prior_std).sum(-1)
         kl_shift = gaussian_kl(shift_mu, shift_sigma, cfg.z_shift_prior_mean, cfg.z_shift_prior_std).sum(-1)
         kl_depth = gaussian_kl(depth_mu, depth_sigma, cfg.z_depth_prior_mean, cfg.z_depth_prior_std).sum(-1)
         kl_what = kl_what.view(b, g, g)

@@ -300,6 +300,9 @@ def test_inspect_json(small):
     assert 1 / (1 + np.exp(-z["z_scale_prior_mean"])) == pytest.approx(side, abs=1e-3)
     assert z["side_p10"] <= z["side_median"] <= z["side_p90"]
     assert f"--set model.z_scale_prior_mean={z['z_scale_prior_mean']:.2f}" in cli("inspect", small).stdout
+    # each side's median: the sigmoid of its logit is the median width (height) as a share of the frame
+    for key, lo, hi in (("width_logit_median", 0, 2), ("height_logit_median", 1, 3)):
+        assert 1 / (1 + np.exp(-z[key])) == pytest.approx(np.median((b[:, hi] - b[:, lo]) / 64), abs=1e-3)
     # the grid advice: every grid SPACE takes at 64 pixels, coarse to fine, left-over shares falling
     g = d["grid"]
     assert [x["grid_size"] for x in g["grids"]] == [2, 4, 8, 16]

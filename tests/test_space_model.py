@@ -281,6 +281,32 @@ def test_kl_where_uses_the_z_scale_prior_of_the_step():
         Config.from_dict({"model": {"z_scale_prior_std": {"start": 0.2, "end": 0.0}}}).validate()
 
 
+def test_z_scale_prior_aspect_moves_the_heights_prior_alone():
+    """model.z_scale_prior_aspect: z_scale's y (the glimpse's height) is charged against N(mean + aspect,
+    std), its x against N(mean, std) (torch.distributions on the posterior the model computed), and the
+    glimpses start at that shape."""
+    torch.manual_seed(6)
+    square = SPACE(tiny_cfg(z_scale_prior_mean=Anneal(-1.5, -1.5))).eval()
+    tall = SPACE(tiny_cfg(z_scale_prior_mean=Anneal(-1.5, -1.5), z_scale_prior_aspect=0.4)).eval()
+    bias = tall.fg.z_scale_net.bias
+    assert float(bias[0]) == pytest.approx(-1.5) and float(bias[1]) == pytest.approx(-1.1)
+    tall.load_state_dict(square.state_dict())  # one posterior for both: only the priors differ
+    heads = []
+    square.fg.z_scale_net.register_forward_hook(lambda mod, inp, out: heads.append(out.detach()))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = square(x, step=0), tall(x, step=0)
+    mu, sd = normal_params(heads[0].permute(0, 2, 3, 1), 2)  # (B, G, G, 2), last axis (x, y)
+    zp = a["fg"]["z_pres"]  # (B, G, G)
+
+    def kl_scale(prior_mean):  # (B,)
+        return (zp * kl_divergence(Normal(mu, sd), Normal(prior_mean, 0.1)).sum(-1)).sum((1, 2))
+
+    diff = b["fg"]["kl_where"] - a["fg"]["kl_where"]
+    expected = kl_scale(torch.tensor([-1.5, -1.1])) - kl_scale(torch.tensor([-1.5, -1.5]))
+    assert torch.allclose(diff, expected, rtol=1e-4, atol=1e-3) and bool((expected != 0).all())
+
+
 def test_space_eval_is_deterministic():
     torch.manual_seed(3)
     model = SPACE(tiny_cfg()).eval()
