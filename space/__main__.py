@@ -77,7 +77,9 @@ def _run_dir(location: str, only=("checkpoints/last.pt",)):
 
 
 CHECKPOINT_HELP = ("best (default): the checkpoint with the best validation AP50, or the last one when the run "
-                   "never validated; last; or the path of a checkpoint file")
+                   "never validated; best_count: the one with the lowest validation count error (the paper's code "
+                   "kept both), or the last; last; or the path of a checkpoint file")
+CHECKPOINTS = {"best": "checkpoints/best.pt", "best_count": "checkpoints/best_count.pt", "last": "checkpoints/last.pt"}
 
 
 def _run_checkpoint(location: str, which: str):
@@ -85,14 +87,15 @@ def _run_checkpoint(location: str, which: str):
     from .runs import RunMirror
     from .checkpoints import CheckpointError
 
-    if which not in ("best", "last"):
+    if which not in CHECKPOINTS:
         path = Path(which)
         if not path.is_file():
-            raise CheckpointError(f"--checkpoint {which}: no such file; give best, last or a checkpoint's path")
+            raise CheckpointError(f"--checkpoint {which}: no such file; give best, best_count, last or a "
+                                  "checkpoint's path")
         mirror = RunMirror(location)
         return mirror, mirror.local, path, which
     mirror = RunMirror(location)
-    names = ["checkpoints/best.pt", "checkpoints/last.pt"] if which == "best" else ["checkpoints/last.pt"]
+    names = list(dict.fromkeys([CHECKPOINTS[which], CHECKPOINTS["last"]]))
     for name in names:
         if mirror.exists(name):
             return mirror, mirror.pull((name,)), mirror.local / name, which

@@ -303,6 +303,8 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
 
     start = 0
     best = {"val_ap50": -1.0, "step": None}  # the best validation AP so far, and its step (checkpoints/best.pt)
+    # and the lowest validation count error (checkpoints/best_count.pt: the paper's code kept one too)
+    best_count = {"val_count_error": float("inf"), "step": None}
     bg_check = None  # the last verdict of background_split
     if state is not None:
         model.load_state_dict(state["model"])
@@ -311,6 +313,7 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
         start = int(state["step"])
         restore_rng(state, rank, device)
         best = dict(state.get("best") or best)
+        best_count = dict(state.get("best_count") or best_count)
         bg_check = state.get("background_split")
     if is_main:  # only now, the run directory being this run's: it describes what it holds
         write_json(run / RECORD_FILE, record)
@@ -358,6 +361,7 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
             "opt_bg": opt_bg.state_dict(),
             "rng": rng,
             "best": dict(best),
+            "best_count": dict(best_count),
             "background_split": bg_check,
         }
 
@@ -439,6 +443,9 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
                 best = {"val_ap50": v["val_ap50"], "step": step}
                 # The paper's test scores are of the checkpoint with the best validation AP (its code kept it).
                 save_checkpoint(run / "checkpoints" / "best.pt", training_state(step, [torch.get_rng_state()]))
+            if v["val_count_error"] < best_count["val_count_error"]:
+                best_count = {"val_count_error": v["val_count_error"], "step": step}
+                save_checkpoint(run / "checkpoints" / "best_count.pt", training_state(step, [torch.get_rng_state()]))
             if live is not None:  # JSON has no NaN (a validation with no objects to find)
                 write_live(step=step, **{k: v[k] if v[k] == v[k] else None for k in ("val_ap50", "val_count_error")})
         if tb is not None and (step % t_cfg.image_every == 0 or step == steps):

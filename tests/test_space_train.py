@@ -261,6 +261,9 @@ def test_resume_keeps_the_best_checkpoint_of_the_uninterrupted_run(resume_runs):
     best_a = torch.load(a / "checkpoints" / "best.pt", weights_only=True)
     best_b = torch.load(b / "checkpoints" / "best.pt", weights_only=True)
     assert best_a["step"] == best_b["step"] and best_a["best"] == best_b["best"]
+    count_a = torch.load(a / "checkpoints" / "best_count.pt", weights_only=True)
+    count_b = torch.load(b / "checkpoints" / "best_count.pt", weights_only=True)
+    assert count_a["step"] == count_b["step"] and count_a["best_count"] == count_b["best_count"]
 
 
 # --------------------------------------------------------------------------- validation AP, best checkpoint
@@ -269,7 +272,8 @@ def test_resume_keeps_the_best_checkpoint_of_the_uninterrupted_run(resume_runs):
 def test_validation_scores_agree_with_evaluate_and_the_best_checkpoint_is_scored(store, tmp_path, capsys):
     """With validation batches covering the whole val split (20 batches of 2 = its 40 frames), val.csv's
     AP50 and count error at a step are `space evaluate --split val`'s on that step's checkpoint; best.pt is
-    the step with the highest validation AP50, and `--checkpoint best|last|PATH` choose what is scored."""
+    the step with the highest validation AP50, best_count.pt the one with the lowest count error, and
+    `--checkpoint best|best_count|last|PATH` choose what is scored."""
     run = tmp_path / "run"
     train(tiny("train.val_batches=20"), str(store), str(run), progress=False)
     val = read_csv(run / "val.csv")
@@ -277,8 +281,12 @@ def test_validation_scores_agree_with_evaluate_and_the_best_checkpoint_is_scored
     aps = [float(r["val_ap50"]) for r in val]
     best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
     assert best["step"] == [2, 4][aps.index(max(aps))]
+    counts = [float(r["val_count_error"]) for r in val]
+    best_count = torch.load(run / "checkpoints" / "best_count.pt", weights_only=True)
+    assert best_count["step"] == [2, 4][counts.index(min(counts))]  # the first of equals
+    assert best_count["best_count"] == {"val_count_error": min(counts), "step": best_count["step"]}
     scored = {}
-    for which in ("last", "best", str(run / "checkpoints" / "best.pt")):
+    for which in ("last", "best", "best_count", str(run / "checkpoints" / "best.pt")):
         out = tmp_path / f"eval-{len(scored)}"
         rc = space_main(["evaluate", "--run", str(run), "--data", str(store), "--split", "val", "--out", str(out),
                          "--checkpoint", which, "--quiet", "--device", "cpu"])
@@ -291,6 +299,8 @@ def test_validation_scores_agree_with_evaluate_and_the_best_checkpoint_is_scored
     assert last["count_error"] == pytest.approx(float(val[1]["val_count_error"]), abs=1e-9)
     assert scored["best"]["step"] == best["step"] and scored["best"]["checkpoint"] == "best.pt"
     assert scored[str(run / "checkpoints" / "best.pt")]["step"] == best["step"]
+    assert scored["best_count"]["step"] == best_count["step"] and scored["best_count"]["checkpoint"] == "best_count.pt"
+    assert scored["best_count"]["count_error"] == pytest.approx(min(counts), abs=1e-9)
     rc, err = run_main(capsys, "evaluate", "--run", str(run), "--data", str(store), "--checkpoint",
                        str(tmp_path / "nope.pt"), "--quiet", "--device", "cpu")
     assert rc == 2 and "nope.pt: no such file" in err
