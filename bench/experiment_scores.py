@@ -4,6 +4,8 @@
     python bench/experiment_scores.py --experiment results/runs/space_room3d_reference \
         --out bench/results/reference_scores.json
     python bench/experiment_scores.py --from bench/results/reference_scores.json --markdown
+    python bench/experiment_scores.py --experiment results/runs/space_room3d_reference --scored test_best_count \
+        --out bench/results/reference_scores_best_count.json     # another checkpoint's scores, evaluated there
 
 Reads, for each seed the pipeline trained (`seeds/SEED/`): the validation scores during training
 (`val.csv`: AP50 and count error every `train.val_every` steps, with the training wall time), the training
@@ -28,8 +30,9 @@ TEST_COLUMNS = ("step", "ap50", "ap50_paper", "ap50_95", "count_error", "count_a
                 "baseline_fg_ari", "baseline_mask_miou")
 
 
-def collect(experiment: Path) -> dict:
-    """Each seed's test scores, training summary and validation curve of a pipeline experiment folder."""
+def collect(experiment: Path, scored: str = "test") -> dict:
+    """Each seed's test scores (eval/seeds/SEED/`scored`/metrics.json), training summary and validation curve
+    of a pipeline experiment folder."""
     seeds = sorted((experiment / "seeds").glob("*/train.json"), key=lambda p: int(p.parent.name))
     if not seeds:
         raise SystemExit(f"error: {experiment} has no seeds/*/train.json; is it results/runs/EXPERIMENT of a "
@@ -37,9 +40,10 @@ def collect(experiment: Path) -> dict:
     out = {}
     for summary in seeds:
         seed = summary.parent.name
-        metrics = experiment / "eval" / "seeds" / seed / "test" / "metrics.json"
+        metrics = experiment / "eval" / "seeds" / seed / scored / "metrics.json"
         if not metrics.is_file():
-            raise SystemExit(f"error: {metrics} is missing; score the seeds first (snakemake ... train_all)")
+            raise SystemExit(f"error: {metrics} is missing; score the seeds first (snakemake ... train_all, or "
+                             f"python -m space evaluate ... --out {metrics.parent} for --scored {scored})")
         with open(summary.parent / "val.csv", newline="") as fh:
             val = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
         out[seed] = {"test": json.loads(metrics.read_text()), "train": json.loads(summary.read_text()), "val": val}
@@ -77,6 +81,8 @@ def tables(results: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", help="the experiment's folder, results/runs/EXPERIMENT")
+    p.add_argument("--scored", default="test", help="the folder under eval/seeds/SEED/ whose metrics.json to "
+                   "read (default: %(default)s, the pipeline's)")
     p.add_argument("--out", help="also write the results here (JSON)")
     p.add_argument("--from", dest="source", metavar="JSON", help="print the tables of a results file instead")
     p.add_argument("--markdown", action="store_true", help="print the tables alone (bench/tables.py)")
@@ -84,7 +90,7 @@ def main(argv=None) -> int:
     if ns.source:
         results = json.loads(Path(ns.source).read_text())
     elif ns.experiment:
-        results = {"experiment": ns.experiment, "seeds": collect(Path(ns.experiment)), "machine": machine(),
+        results = {"experiment": ns.experiment, "seeds": collect(Path(ns.experiment), ns.scored), "machine": machine(),
                    "command": " ".join(sys.argv)}
     else:
         p.error("give --experiment (or --from a results file)")

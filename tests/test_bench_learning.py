@@ -256,6 +256,14 @@ def test_experiment_scores_reads_each_seed_and_its_means_agree_with_the_pipeline
     assert "| 750 |  | 0.500 (0.30) |  |" in text
     with pytest.raises(SystemExit, match="no seeds"):
         experiment_scores.main(["--experiment", str(tmp_path)])
+    # another checkpoint's scores, evaluated beside the pipeline's: read from their own folder
+    other = {"step": 1500, "ap50": 0.5, "count_error": 0.1}
+    for seed in tests:
+        (exp / "eval" / "seeds" / seed / "test_best_count").mkdir()
+        (exp / "eval" / "seeds" / seed / "test_best_count" / "metrics.json").write_text(json.dumps(other))
+    assert experiment_scores.collect(exp, "test_best_count")["0"]["test"] == other
+    with pytest.raises(SystemExit, match="nope/metrics.json is missing"):
+        experiment_scores.collect(exp, "nope")
 
 
 def test_count_errors_names_what_is_missing_or_mismatched(tmp_path, capsys):
