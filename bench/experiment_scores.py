@@ -50,7 +50,8 @@ def collect(experiment: Path, scored: str = "test") -> dict:
     return out
 
 
-def tables(results: dict) -> str:
+def tables(results: dict, curve: bool = True) -> str:
+    """The test scores per seed and their mean; with `curve`, validation AP50 by step per seed too."""
     seeds = results["seeds"]
     cols = [c for c in TEST_COLUMNS if all(c in s["test"] for s in seeds.values())]
     lines = ["| seed | " + " | ".join(cols) + " | train s |", "|---|" + "---|" * (len(cols) + 1)]
@@ -60,6 +61,8 @@ def tables(results: dict) -> str:
                      + f" | {s['train'].get('wall_s', float('nan')):.0f} |")
     mean = {c: sum(s["test"][c] for s in seeds.values()) / len(seeds) for c in cols}
     lines.append("| mean | " + " | ".join(fmt(c, mean[c]) if c != "step" else "" for c in cols) + " | |")
+    if not curve:
+        return "\n".join(lines)
     steps = sorted({int(r["step"]) for s in seeds.values() for r in s["val"]})
     by = {seed: {int(r["step"]): r for r in s["val"]} for seed, s in seeds.items()}
     lines += ["", "| step | " + " | ".join(f"seed {k} AP50 (count error)" for k in seeds) + " | mean AP50 |",
@@ -86,6 +89,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="also write the results here (JSON)")
     p.add_argument("--from", dest="source", metavar="JSON", help="print the tables of a results file instead")
     p.add_argument("--markdown", action="store_true", help="print the tables alone (bench/tables.py)")
+    p.add_argument("--test-only", action="store_true", help="the test scores alone, without the validation curve")
     ns = p.parse_args(argv)
     if ns.source:
         results = json.loads(Path(ns.source).read_text())
@@ -94,7 +98,7 @@ def main(argv=None) -> int:
                    "command": " ".join(sys.argv)}
     else:
         p.error("give --experiment (or --from a results file)")
-    emit(results, tables(results), None if ns.source else ns.out, ns.markdown)
+    emit(results, tables(results, curve=not ns.test_only), None if ns.source else ns.out, ns.markdown)
     return 0
 
 

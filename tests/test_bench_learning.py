@@ -254,6 +254,7 @@ def test_experiment_scores_reads_each_seed_and_its_means_agree_with_the_pipeline
             assert float(cell) == pytest.approx(combined[col], abs=5e-4), col
     assert "| 500 | 0.300 (0.40) | 0.300 (0.40) | 0.300 |" in text
     assert "| 750 |  | 0.500 (0.30) |  |" in text
+    assert experiment_scores.tables(results, curve=False) == text.split("\n\n")[0]  # the test scores alone
     with pytest.raises(SystemExit, match="no seeds"):
         experiment_scores.main(["--experiment", str(tmp_path)])
     # another checkpoint's scores, evaluated beside the pipeline's: read from their own folder
