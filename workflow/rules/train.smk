@@ -21,9 +21,9 @@ rule train:
         # the step and scores so far, rewritten as the run goes: DVC's live metrics (dvc.yaml)
         live="results/live/{experiment}.seed{seed}.json",
         preset=lambda wc: config["experiments"][wc.experiment]["preset"],
-        # the experiment's settings, then this job's seed and threads
-        sets=lambda wc, threads: set_flags({**config["experiments"][wc.experiment].get("set", {}),
-                                            "train.seed": int(wc.seed), "train.threads": threads}),
+        # the experiment's settings, then this job's seed (its threads are in the shell command: a params
+        # function that asks for them would need --cores under --report, --lint and -n)
+        sets=lambda wc: set_flags({**config["experiments"][wc.experiment].get("set", {}), "train.seed": int(wc.seed)}),
     threads: lambda wc: workflow.cores  # a function: --report, --lint and -n need no --cores
     resources:
         gpu=1,
@@ -36,6 +36,7 @@ rule train:
         "../../envs/space.yaml"
     shell:
         "python -m space train --data {input} --out {params.run} --preset {params.preset} {params.sets} "
+        "--set train.threads={threads} "
         "--restart --summary {output} "
         "--live {params.live} "
         "--quiet 2> {log}"
