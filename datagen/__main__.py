@@ -273,17 +273,17 @@ def z_scale_advice(boxes, image_size) -> dict | None:
     if not len(b):
         return None
     height, width = (image_size, image_size) if np.isscalar(image_size) else image_size[:2]
-    side = np.maximum((b[:, 2] - b[:, 0]) / width, (b[:, 3] - b[:, 1]) / height).clip(1e-3, 1 - 1e-3)
+    w = ((b[:, 2] - b[:, 0]) / width).clip(1e-3, 1 - 1e-3)  # each side as a share of the frame
+    h = ((b[:, 3] - b[:, 1]) / height).clip(1e-3, 1 - 1e-3)
+    side = np.maximum(w, h)
     median = float(np.median(side))
-    # Each side on its own: SPACE's z_scale has one per axis, and objects seen from above are taller than
-    # wide (model.z_scale_prior_aspect moves the prior's height by the difference of their logits).
+    # Each side on its own too: SPACE's z_scale has one per axis, and objects seen from above are taller
+    # than wide (model.z_scale_prior_aspect moves the prior's height by the difference of their logits).
     logit = lambda f: float(np.median(np.log(f / (1 - f))))  # noqa: E731
-    w = logit(((b[:, 2] - b[:, 0]) / width).clip(1e-3, 1 - 1e-3))
-    h = logit(((b[:, 3] - b[:, 1]) / height).clip(1e-3, 1 - 1e-3))
     return {"split_boxes": int(len(b)), "side_median": round(median, 4),
             "side_p10": round(float(np.quantile(side, 0.1)), 4), "side_p90": round(float(np.quantile(side, 0.9)), 4),
             "z_scale_prior_mean": round(float(np.log(median / (1 - median))), 3),
-            "width_logit_median": round(w, 3), "height_logit_median": round(h, 3)}
+            "width_logit_median": round(logit(w), 3), "height_logit_median": round(logit(h), 3)}
 
 
 def cmd_coco(ns) -> int:

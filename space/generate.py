@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import SPACE, where_to_box
+from .model import SPACE, where_to_box, z_scale_prior_means
 
 
 @torch.no_grad()
@@ -17,8 +17,8 @@ def sample_images(model: SPACE, count: int, step: int, seed: int = 0) -> torch.T
     c = g * g
     # Foreground (equation 3): z_pres ~ Bern(rho); z_where, z_depth, z_what from their Gaussian priors.
     z_pres = torch.bernoulli(torch.full((count, c), m.z_pres_prior.at(step)))  # (count, C), hard
-    z_scale = m.z_scale_prior_mean.at(step) + m.z_scale_prior_std.at(step) * torch.randn(count, g, g, 2)
-    z_scale[..., 1] += m.z_scale_prior_aspect  # (x, y): the height's mean
+    scale_mean = torch.tensor(z_scale_prior_means(m.z_scale_prior_mean.at(step), m.z_scale_prior_aspect))  # (x, y)
+    z_scale = scale_mean + m.z_scale_prior_std.at(step) * torch.randn(count, g, g, 2)
     z_shift = m.z_shift_prior_mean + m.z_shift_prior_std * torch.randn(count, g, g, 2)
     z_depth = m.z_depth_prior_mean + m.z_depth_prior_std * torch.randn(count, c)
     z_what = torch.randn(count * c, m.z_what_dim)

@@ -62,6 +62,11 @@ def gaussian_kl(mu, sigma, prior_mu, prior_sigma):
     return 0.5 * (var_ratio + ((mu - prior_mu) / prior_sigma) ** 2 - 1 - torch.log(var_ratio))
 
 
+def z_scale_prior_means(mean: float, aspect: float) -> tuple[float, float]:
+    """The z_scale prior's mean per axis (x, y): the height's moved by model.z_scale_prior_aspect."""
+    return mean, mean + aspect
+
+
 def bernoulli_kl(q, p):
     """KL(Bern(q) || Bern(p)), elementwise; q a tensor, p a float or tensor."""
     q = q.clamp(EPS, 1 - EPS)
@@ -285,8 +290,8 @@ class Foreground(nn.Module):
         # Start glimpses at the size the z_scale prior expects rather than half the image: the posterior
         # begins near its prior and the compositing windows start small.
         with torch.no_grad():
-            self.z_scale_net.bias[0].fill_(cfg.z_scale_prior_mean.start)  # x
-            self.z_scale_net.bias[1].fill_(cfg.z_scale_prior_mean.start + cfg.z_scale_prior_aspect)  # y
+            self.z_scale_net.bias[:2].copy_(torch.tensor(z_scale_prior_means(cfg.z_scale_prior_mean.start,
+                                                                              cfg.z_scale_prior_aspect)))
             # and with the prior's spread: softplus(b) = z_scale_prior_std
             self.z_scale_net.bias[2:].fill_(math.log(math.expm1(cfg.z_scale_prior_std.start)))
 
@@ -369,7 +374,7 @@ class Foreground(nn.Module):
         # KL terms (appendix B), per cell; z_where, z_depth, z_what weighted by the z_pres sample (the
         # paper's appendix) or charged for every cell (model.kl_weighting, the paper's code).
         kl_pres = bernoulli_kl(pres_prob, z_pres_prior)  # (B, G, G)
-        scale_prior = scale_mu.new_tensor([z_scale_prior_mean, z_scale_prior_mean + cfg.z_scale_prior_aspect])  # (x, y)
+        scale_prior = scale_mu.new_tensor(z_scale_prior_means(z_scale_prior_mean, cfg.z_scale_prior_aspect))  # (2,)
         kl_scale = gaussian_kl(scale_mu, scale_sigma, scale_prior, z_scale_prior_std).sum(-1)
         kl_shift = gaussian_kl(shift_mu, shift_sigma, cfg.z_shift_prior_mean, cfg.z_shift_prior_std).sum(-1)
         kl_depth = gaussian_kl(depth_mu, depth_sigma, cfg.z_depth_prior_mean, cfg.z_depth_prior_std).sum(-1)
