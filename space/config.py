@@ -8,6 +8,7 @@ marked "not in the paper" where they are defined.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -163,6 +164,12 @@ class ModelConfig:
                      "z_depth_prior_std", "shift_range", "depth_sharpness", "boundary_sigma"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"model.{name}: must be above 0, got {getattr(self, name)}")
+        for name in ("z_shift_prior_mean", "z_depth_prior_mean", "z_scale_prior_aspect"):  # any finite number
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"model.{name}: must be a finite number, got {getattr(self, name)}")
+        a = self.z_scale_prior_mean
+        if not (math.isfinite(a.start) and math.isfinite(a.end)):
+            raise ConfigError(f"model.z_scale_prior_mean: must be finite (start and end), got {a.start} -> {a.end}")
         for name in ("tau", "z_scale_prior_std"):  # schedules that must stay positive
             a = getattr(self, name)
             if not (a.start > 0 and a.end > 0):

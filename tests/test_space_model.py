@@ -971,6 +971,9 @@ def test_unknown_preset_and_setting_are_named():
     (dict(boundary_width=16), "boundary_width"),
     (dict(fix_alpha_value=1.0), "fix_alpha_value"),
     (dict(fg_mean="straight"), "fg_mean"),
+    (dict(z_scale_prior_aspect=float("nan")), "z_scale_prior_aspect"),
+    (dict(z_shift_prior_mean=float("inf")), "z_shift_prior_mean"),
+    (dict(z_scale_prior_mean=Anneal(-1.5, float("nan"))), "z_scale_prior_mean"),
 ])
 def test_model_config_refusals_name_the_setting(kw, word):
     with pytest.raises(ConfigError, match=word):
