@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.benchlib import machine  # noqa: E402
 from space.config import Config, merge, PRESETS  # noqa: E402
-from space.memory import lean_host_allocator  # noqa: E402
+from space.memory import set_host_allocator  # noqa: E402
 from space.model import SPACE, Foreground, extract_glimpses, normal_params  # noqa: E402
 from space.devices import checkpoint_images  # noqa: E402
 from space.train import optimisers, train_step  # noqa: E402
@@ -81,7 +81,7 @@ def build(preset: str, grid: int, k: int, sequential: bool):
     if sequential:
         model.fg = SequentialForeground(cfg.model)
     model = model.to(memory_format=torch.channels_last)
-    # as training runs it on this device (train.checkpoint_images; 4 images a chunk on CPU)
+    # as training runs it on this device (train.checkpoint_images; 2 images a chunk on CPU)
     model.set_checkpoint_images(checkpoint_images(cfg.train.checkpoint_images, torch.device("cpu")))
     return model, optimisers(model, cfg.train), cfg
 
@@ -165,7 +165,8 @@ def main() -> None:
             plot(ns.plot or "capacity.png", grid_rows, k_rows,
                  f"{rows[0]['preset']}, batch {rows[0]['batch']}, {rows[0]['threads']} CPU threads")
         return
-    lean_host_allocator(Config.from_dict(PRESETS[ns.preset]).train.malloc_mmap_threshold_mib)  # as training
+    t = Config.from_dict(PRESETS[ns.preset]).train
+    set_host_allocator(t.host_allocator, t.malloc_mmap_threshold_mib)  # as training
     if ns.threads:
         torch.set_num_threads(ns.threads)
     n = PRESETS[ns.preset].get("model", {}).get("image_size", 128)

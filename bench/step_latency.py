@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import add_from_flags, print_from  # noqa: E402
 from space.config import resolve_config  # noqa: E402
 from space.config import PRESETS, Config, TrainConfig  # noqa: E402
-from space.memory import lean_host_allocator  # noqa: E402
+from space.memory import HOST_ALLOCATORS, set_host_allocator  # noqa: E402
 from space.model import SPACE  # noqa: E402
 from space.devices import checkpoint_images  # noqa: E402
 from space.train import optimisers, train_step  # noqa: E402
@@ -43,6 +43,13 @@ from space.train import optimisers, train_step  # noqa: E402
 
 def fmt_range(r: dict) -> str:
     return f"{r['median_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f})"
+
+
+def allocator(r: dict) -> str:
+    """A run's host allocator (train.host_allocator) as the table names it; runs recorded before the
+    setting existed give the mmap threshold alone (0: glibc's own)."""
+    mode = r.get("host_allocator") or ("lean" if r["malloc_mmap_threshold_mib"] else "glibc")
+    return {"heap": "heap", "glibc": "glibc's"}.get(mode) or f"lean ({r['malloc_mmap_threshold_mib']} MiB)"
 
 
 def table(results: dict) -> str:
@@ -64,7 +71,7 @@ def table(results: dict) -> str:
         ckpt = r["checkpoint_images"]
         cells = [r["preset"], f"{r['grid']}x{r['grid']}, K={r['K']}", str(r["batch"]),
                  f"{ckpt} images" if ckpt else "off",
-                 f"lean ({r['malloc_mmap_threshold_mib']} MiB)" if r["malloc_mmap_threshold_mib"] else "glibc's",
+                 allocator(r),
                  f"{r['steps']} ({r['warmup']})", fmt_range(r), f"{r['gflop_step']:.0f}",
                  f"{r['gflop_step'] / r['median_s']:.0f}", f"{r['peak_rss_mib']:,.0f} MiB"]
         if gpu:
@@ -101,10 +108,12 @@ def main(argv=None) -> int:
     p.add_argument("--sparse-threshold", type=float, default=0.0, help="skip glimpses below this z_pres probability")
     p.add_argument("--checkpoint-images", type=int, default=TrainConfig.checkpoint_images,
                    help="activation checkpointing: images per recomputed foreground chunk (train.checkpoint_images; "
-                        "0 = off, -1 = as training: 4 on CPU, off on CUDA)")
+                        "0 = off, -1 = as training: 2 on CPU, off on CUDA)")
+    p.add_argument("--host-allocator", choices=HOST_ALLOCATORS, default=None,
+                   help="train.host_allocator (space/memory.py; default: the preset's)")
     p.add_argument("--malloc-mmap-threshold-mib", type=int, default=None,
-                   help="train.malloc_mmap_threshold_mib (space/memory.py; default: the preset's); 0 = the C "
-                        "library's dynamic threshold")
+                   help="train.malloc_mmap_threshold_mib, for --host-allocator lean (default: the preset's); 0 = "
+                        "the C library's dynamic threshold")
     p.add_argument("--present-share", type=float, default=None,
                    help="force z_pres on in this random share of cells (and off elsewhere), as in a trained "
                         "model, so that --sparse-threshold has cells to skip")
@@ -113,9 +122,12 @@ def main(argv=None) -> int:
     ns = p.parse_args(argv)
     if print_from(ns, table):
         return 0
+    preset_train = Config.from_dict(PRESETS[ns.preset]).train
+    ns.host_allocator = ns.host_allocator or preset_train.host_allocator
     if ns.malloc_mmap_threshold_mib is None:
-        ns.malloc_mmap_threshold_mib = Config.from_dict(PRESETS[ns.preset]).train.malloc_mmap_threshold_mib
-    lean = lean_host_allocator(ns.malloc_mmap_threshold_mib)  # before the first tensor, as training does
+        ns.malloc_mmap_threshold_mib = preset_train.malloc_mmap_threshold_mib
+    # before the first tensor, as training does
+    taken = set_host_allocator(ns.host_allocator, ns.malloc_mmap_threshold_mib)
 
     if ns.threads:
         torch.set_num_threads(ns.threads)
@@ -189,7 +201,8 @@ def main(argv=None) -> int:
         "compile": ns.compile,
         "sparse_threshold": ns.sparse_threshold,
         "checkpoint_images": ns.checkpoint_images,
-        "malloc_mmap_threshold_mib": ns.malloc_mmap_threshold_mib if lean else 0,
+        "host_allocator": ns.host_allocator if taken else "glibc",
+        "malloc_mmap_threshold_mib": ns.malloc_mmap_threshold_mib if taken and ns.host_allocator == "lean" else 0,
         "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
         "present_share": ns.present_share,
         "glimpses_decoded": glimpses,

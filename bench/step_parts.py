@@ -32,6 +32,7 @@ from benchlib import emit, machine  # noqa: E402
 import space.model as space_model  # noqa: E402
 from space.config import PRESETS, Config, merge  # noqa: E402
 from space.devices import checkpoint_images  # noqa: E402
+from space.memory import set_host_allocator  # noqa: E402
 from space.train import optimisers, train_step  # noqa: E402
 
 # Each part: a label and where it lives (a submodule, or a function of space.model called by the model).
@@ -140,12 +141,13 @@ def main(argv=None) -> int:
         result = json.loads(Path(ns.source).read_text())
         emit(result, table(result), markdown=ns.markdown)
         return 0
+    cfg = Config.from_dict(merge(PRESETS[ns.preset], {})).validate()
+    set_host_allocator(cfg.train.host_allocator, cfg.train.malloc_mmap_threshold_mib)  # as training does
     if ns.threads:
         torch.set_num_threads(ns.threads)
     device = torch.device("cuda" if ns.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if ns.device == "auto" else ns.device))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    cfg = Config.from_dict(merge(PRESETS[ns.preset], {})).validate()
     torch.manual_seed(0)
     model = space_model.SPACE(cfg.model).to(device).to(memory_format=torch.channels_last)
     n = cfg.model.image_size
@@ -161,7 +163,7 @@ def main(argv=None) -> int:
     seen, calls = capture(model, x)
     parts = {label: calls[label] * time_part(fn, args, kwargs, ns.repeats, sync) for label, (fn, args, kwargs) in seen.items()}
     result = {"preset": ns.preset, "batch": ns.batch, "threads": torch.get_num_threads(), "device": str(device),
-              "checkpoint_images": ckpt, "step_s": round(step_s, 4), "parts_s": {k: round(v, 4) for k, v in parts.items()},
+              "checkpoint_images": ckpt, "host_allocator": cfg.train.host_allocator, "step_s": round(step_s, 4), "parts_s": {k: round(v, 4) for k, v in parts.items()},
               "rest_s": round(step_s - sum(parts.values()), 4), "machine": machine(),
               "date": time.strftime("%Y-%m-%d %H:%M"),
               "command": " ".join(["bench/step_parts.py", *(sys.argv[1:] if argv is None else argv)])}

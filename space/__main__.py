@@ -104,7 +104,7 @@ def _run_checkpoint(location: str, which: str):
 
 def cmd_train(ns) -> int:
     """Train SPACE. Settings: a preset (the paper's), then --config YAML, then --set."""
-    from .memory import lean_host_allocator
+    from .memory import set_host_allocator
 
     cfg = resolve_config(ns.preset, ns.config, ns.set)
     if ns.steps is not None:
@@ -114,7 +114,7 @@ def cmd_train(ns) -> int:
     cfg.validate()
     summary = output_file(ns.summary, "--summary") if ns.summary else None  # before training, not after
     live = output_file(ns.live, "--live") if ns.live else None
-    lean_host_allocator(cfg.train.malloc_mmap_threshold_mib)  # before torch allocates anything
+    set_host_allocator(cfg.train.host_allocator, cfg.train.malloc_mmap_threshold_mib)  # before torch allocates
     from .train import train
 
     last = train(cfg, ns.data, ns.out, progress=not ns.quiet, restart=ns.restart, live=live)

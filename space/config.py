@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 import yaml
 
 
+# train.host_allocator's choices (space/memory.py sets them)
+HOST_ALLOCATORS = ("heap", "lean", "glibc")
+
+
 class ConfigError(ValueError):
     """A setting is invalid; the message names it and says how to fix it."""
 
@@ -217,6 +221,9 @@ class TrainConfig:
     bg_lr: float = 1e-3  # Adam
     clip_norm: float = 1.0
     bg_lr_zero_step: int = 0  # 3D-Room: the background learning rate is set to 0 from this step (0 = never)
+    # Not in the paper (its code keeps both rates constant): both learning rates multiplied by this factor,
+    # e.g. {start: 1, end: 0.1, start_step: 2000, end_step: 3000} to settle a fast-trained run at its end.
+    lr_decay: Anneal = field(default_factory=lambda: Anneal(1.0, 1.0))
     checkpoint_every: int = 1000
     log_every: int = 50  # CSV and TensorBoard scalars
     image_every: int = 1000  # TensorBoard images
@@ -238,14 +245,16 @@ class TrainConfig:
     channels_last: bool = True  # NHWC convolutions: measured 1.1-1.4x faster on this CPU (bench/step_latency.py)
     # Activation checkpointing: the foreground runs in chunks of this many images and recomputes their
     # activations in the backward pass instead of storing them, the background keeps only its convolutions'
-    # outputs (exact either way; 0 = off). -1: 4 on CPU, where it saves 2/3 of the memory for about a
-    # sixth more time a step (room3d_small: 10.9 s against 9.4; BENCHMARKS.md), off on CUDA, where memory
-    # is rarely the limit.
+    # outputs (exact either way; 0 = off). -1: 2 on CPU, where it keeps the paper presets' peaks near a
+    # fifth of the public port's with the "heap" allocator below, at about the speed of 4 (BENCHMARKS.md,
+    # "Host memory"), off on CUDA, where memory is rarely the limit.
     checkpoint_images: int = -1
-    # glibc's mmap threshold in MiB (space/memory.py), with huge-page allocations: a lower resident peak on
-    # Linux hosts, and faster steps for the paper's models, whose activations are large (the presets set 1),
-    # but 40% slower steps for the CPU demo's small ones. 0 leaves the C library's own dynamic threshold.
-    malloc_mmap_threshold_mib: int = 0
+    # How glibc serves the step's large activations on Linux (space/memory.py; BENCHMARKS.md, "Host memory"):
+    # "heap" reuses freed blocks, so no step pays the kernel for fresh pages (the fastest on every preset
+    # measured), "lean" hands every block of malloc_mmap_threshold_mib or more back to the system when
+    # freed, with huge pages (the lowest resident peak), "glibc" leaves the C library's own choice.
+    host_allocator: str = "heap"
+    malloc_mmap_threshold_mib: int = 1  # "lean" only (0: the C library's own threshold)
 
     def validate(self) -> "TrainConfig":
         for name in ("batch_size", "steps", "checkpoint_every", "log_every"):
@@ -256,11 +265,16 @@ class TrainConfig:
         if self.bg_split_step < 0 or not 0 < self.bg_split_share <= 1:
             raise ConfigError(f"train.bg_split_step: 0 (never) or more, and train.bg_split_share in (0, 1]; got "
                               f"{self.bg_split_step} and {self.bg_split_share}")
+        if self.host_allocator not in HOST_ALLOCATORS:
+            raise ConfigError(f"train.host_allocator: one of {', '.join(HOST_ALLOCATORS)}, got {self.host_allocator!r}")
         if self.malloc_mmap_threshold_mib < 0:
             raise ConfigError(f"train.malloc_mmap_threshold_mib: must be 0 (the C library's default) or more, "
                               f"got {self.malloc_mmap_threshold_mib}")
         if self.fg_lr_warmup < 0:
             raise ConfigError(f"train.fg_lr_warmup: 0 (no warmup) or more steps, got {self.fg_lr_warmup}")
+        if not (self.lr_decay.start > 0 and self.lr_decay.end > 0):
+            raise ConfigError(f"train.lr_decay: a factor above 0 at both ends, got {self.lr_decay.start} and "
+                              f"{self.lr_decay.end}")
         for name in ("fg_lr", "bg_lr", "clip_norm"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"train.{name}: must be above 0, got {getattr(self, name)}")
@@ -295,6 +309,7 @@ RUN_INDEPENDENT = (
     "train.threads",
     "train.channels_last",  # memory layout only: the same maths
     "train.checkpoint_images",  # activation checkpointing recomputes exactly
+    "train.host_allocator",
     "train.malloc_mmap_threshold_mib",
     "train.bg_split_step",  # what training reports, not what it learns
     "train.bg_split_share",
@@ -399,11 +414,10 @@ LEARNED: dict = {
 }
 
 PRESETS: dict[str, dict] = {
-    # Appendix D.2, "3D Room Large": the defaults with the readings that learned best (LEARNED), and the
-    # lean host allocator, as every paper preset.
-    "room3d_large": {"model": LEARNED, "train": {"malloc_mmap_threshold_mib": 1}},
+    # Appendix D.2, "3D Room Large": the defaults with the readings that learned best (LEARNED).
+    "room3d_large": {"model": LEARNED},
     # 3D-Room Small: the same model with an 8x8 grid (D.3: a stride-2 last encoder layer).
-    "room3d_small": {"model": {**LEARNED, "grid_size": 8}, "train": {"malloc_mmap_threshold_mib": 1}},
+    "room3d_small": {"model": {**LEARNED, "grid_size": 8}},
     # Appendix D.2, "Joint Training on 10 Atari Games".
     "atari": {
         "model": {
@@ -416,7 +430,6 @@ PRESETS: dict[str, dict] = {
             "fix_alpha_steps": 2000,
             "fix_alpha_value": 0.1,
         },
-        "train": {"malloc_mmap_threshold_mib": 1},
     },
     # The CPU demo: 64x64 3D-Room, K=2, about 10 minutes of training on 2 cores (the machines vary).
     # Tuned by learning curves (BENCHMARKS.md, "Learning"): an 8x8 grid, since a 4x4 one leaves a tenth of
@@ -440,7 +453,10 @@ PRESETS: dict[str, dict] = {
             "z_scale_prior_mean": -1.5,
         },
         "train": {"batch_size": 4, "steps": 950, "fg_lr": 4e-4, "bg_lr": 2.5e-4, "checkpoint_every": 200,
-                  "log_every": 25, "image_every": 200, "val_every": 200, "checkpoint_images": 0},
+                  "log_every": 25, "image_every": 200, "val_every": 200, "checkpoint_images": 0,
+                  # its activations are small, and glibc keeps them in its heap anyway: "heap" measured 1-5%
+                  # slower here (BENCHMARKS.md, "Host memory")
+                  "host_allocator": "glibc"},
     },
 }
 PRESETS = {k: merge({}, v) for k, v in PRESETS.items()}

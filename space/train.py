@@ -33,7 +33,7 @@ from .checkpoints import (CHECKPOINT_FORMAT, RESUME_KEYS, TrainingDiverged, load
 from .config import Config, ConfigError
 from .data import StepBatchSampler, StoreDataset, collate_batch
 from .devices import checkpoint_images, distributed_context, pick_device, start_device
-from .memory import lean_host_allocator
+from .memory import set_host_allocator
 from .model import SPACE
 from .rundir import RECORD_FILE, CsvLog, RunError, last_logged, make_record, open_run, write_json
 from .runs import RunMirror
@@ -121,10 +121,11 @@ def optimisers(model: SPACE, t_cfg) -> tuple[torch.optim.Optimizer, torch.optim.
 
 def learning_rates(t_cfg, step: int) -> tuple[float, float]:
     """The foreground's and the background's learning rates at a step (counted from 0): fg_lr after its
-    linear warmup (train.fg_lr_warmup), bg_lr until train.bg_lr_zero_step."""
+    linear warmup (train.fg_lr_warmup), bg_lr until train.bg_lr_zero_step, both times train.lr_decay."""
+    decay = t_cfg.lr_decay.at(step)
     fg_lr = t_cfg.fg_lr * min(1.0, (step + 1) / t_cfg.fg_lr_warmup) if t_cfg.fg_lr_warmup else t_cfg.fg_lr
     bg_lr = 0.0 if t_cfg.bg_lr_zero_step and step >= t_cfg.bg_lr_zero_step else t_cfg.bg_lr
-    return fg_lr, bg_lr
+    return fg_lr * decay, bg_lr * decay
 
 
 def train_step(net, x, step: int, opt_fg, opt_bg, t_cfg, amp: bool = False):
@@ -245,7 +246,7 @@ def train(cfg: Config, data: str, out: str, progress: bool = True, stop_after: i
     t_cfg = cfg.train
     rank, world, local = distributed_context()
     device = pick_device(t_cfg.device)
-    lean_host_allocator(t_cfg.malloc_mmap_threshold_mib)  # before the first tensor (space/memory.py)
+    set_host_allocator(t_cfg.host_allocator, t_cfg.malloc_mmap_threshold_mib)  # before the first tensor
     # The data before the run directory: a store that does not fit is refused with nothing written.
     dataset, val_set = open_data(cfg, data, world)
     record = make_record(cfg, dataset.store, data)

@@ -956,8 +956,8 @@ def test_checkpoint_images_auto_stores_far_fewer_activations_on_cpu_and_all_of_t
 
 LEAN_PROBE = """
 import sys
-from space.memory import lean_host_allocator
-assert lean_host_allocator(1)
+from space.memory import set_host_allocator
+assert set_host_allocator("lean", 1)
 import torch
 x = torch.ones(64 << 18)  # 64 MiB, allocated by PyTorch after the switch
 x += 1
@@ -968,14 +968,52 @@ print(huge)
 
 @pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="Linux only")
 def test_lean_host_allocator_backs_tensors_with_huge_pages():
-    """train.malloc_mmap_threshold_mib: glibc takes the threshold, and PyTorch's large allocations come
-    in huge pages when the kernel offers them (transparent_hugepage madvise or always)."""
+    """train.host_allocator=lean: glibc takes the threshold, and PyTorch's large allocations come in huge
+    pages when the kernel offers them (transparent_hugepage madvise or always)."""
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     p = subprocess.run([sys.executable, "-c", LEAN_PROBE], capture_output=True, text=True, timeout=120,
                        env={k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"})
     assert p.returncode == 0, p.stderr
     if thp.exists() and "[never]" not in thp.read_text():
         assert int(p.stdout.split()[-1]) >= 32 * 1024  # kB: most of the 64 MiB tensor
+
+
+# The kernel's count of minor page faults while a 60 MiB tensor is written after a 64 MiB one was freed:
+# 15,360 (one per 4 KiB page) when the freed block went back to the system, about none when it is reused.
+REUSE_PROBE = """
+import resource, sys
+from space.memory import set_host_allocator
+set_host_allocator(sys.argv[1])
+import torch
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+x = torch.ones(64 << 18)  # 64 MiB, above glibc's largest dynamic mmap threshold (32 MiB)
+pin = torch.ones(1 << 18)  # 1 MiB after it, so that the freed block is not the heap's top, which glibc trims
+del x
+before = faults()
+y = torch.ones(60 << 18)  # 60 MiB: fits in the freed block with room for the alignment PyTorch asks for
+print(faults() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_heap_host_allocator_reuses_freed_blocks_without_page_faults():
+    """train.host_allocator=heap keeps a freed block for the next allocation; glibc's own hands a 64 MiB
+    block back to the system, so writing the next one faults every page in again."""
+    env = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "GLIBC_TUNABLES")}
+    run = lambda mode: subprocess.run([sys.executable, "-c", REUSE_PROBE, mode], capture_output=True,  # noqa: E731
+                                      text=True, timeout=120, env=env)
+    heap, glibc = run("heap"), run("glibc")
+    assert heap.returncode == 0 and glibc.returncode == 0, heap.stderr + glibc.stderr
+    assert int(glibc.stdout.split()[-1]) > 8_000  # pages faulted in afresh
+    assert int(heap.stdout.split()[-1]) < 1_000
+
+
+def test_host_allocator_setting_is_checked():
+    from space.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="train.host_allocator: one of heap, lean, glibc"):
+        TrainConfig(host_allocator="jemalloc").validate()
 
 
 def test_concurrent_runs_claim_different_gpus(tmp_path):
@@ -1041,3 +1079,16 @@ def test_the_foreground_learning_rate_warms_up_linearly_then_holds():
     assert learning_rates(TrainConfig(fg_lr=4e-4), 0)[0] == 4e-4  # no warmup: the paper's constant rate
     with pytest.raises(ConfigError, match="fg_lr_warmup"):
         TrainConfig(fg_lr_warmup=-1).validate()
+
+
+def test_lr_decay_scales_both_learning_rates_and_reaches_the_optimisers():
+    from space.config import Config, ConfigError
+    from space.train import learning_rates
+
+    t = Config.from_dict({"train": {"fg_lr": 4e-4, "bg_lr": 1e-3, "lr_decay": {
+        "start": 1, "end": 0.1, "start_step": 10, "end_step": 20}}}).validate().train
+    assert learning_rates(t, 10) == pytest.approx((4e-4, 1e-3))
+    assert learning_rates(t, 15) == pytest.approx((4e-4 * 0.55, 1e-3 * 0.55))
+    assert learning_rates(t, 99) == pytest.approx((4e-5, 1e-4))
+    with pytest.raises(ConfigError, match="train.lr_decay"):
+        Config.from_dict({"train": {"lr_decay": 0}}).validate()
