@@ -167,10 +167,14 @@ VAL_FIELDS = ("step", "wall_s", "val_mse", "val_ap50", "val_count_error", "val_b
 
 
 @torch.no_grad()
-def validate(model, val_set: StoreDataset, batch_size: int, batches: int, seed: int, device, step: int) -> dict:
+def validate(model, val_set: StoreDataset, batch_size: int, batches: int, seed: int, device, step: int,
+             chunk: int = 0) -> dict:
     """Reconstruction MSE, COCO AP at IoU 0.5 and the object-count error (table 1) on the same `batches`
     fixed validation batches every time, so the curve compares across steps and a resumed run scores what
-    an uninterrupted one would. The best checkpoint is chosen by this AP, as the paper's code did."""
+    an uninterrupted one would. The best checkpoint is chosen by this AP, as the paper's code did.
+
+    `chunk` images go through the model at a time (0: a whole batch): in eval mode every image is computed
+    alone, so the scores are the same, and the peak memory stays near the training step's chunks'."""
     from .metrics import detect
     from .metrics import coco_ap, count_scores
 
@@ -179,8 +183,10 @@ def validate(model, val_set: StoreDataset, batch_size: int, batches: int, seed: 
     channels_last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
     model.eval()
     total, n, gt_boxes, dets, bg_share, fg_share = 0.0, 0, [], [], 0.0, 0.0
-    for k in range(batches):
-        idx = sampler.batch(k)
+    pieces = [sampler.batch(k) for k in range(batches)]
+    if chunk:
+        pieces = [idx[i : i + chunk] for idx in pieces for i in range(0, len(idx), chunk)]
+    for idx in pieces:
         x = val_set.__getitems__(idx).to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -426,7 +432,8 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
                 for k in (*TERMS, "mse", "grad_norm"):
                     tb.add_scalar(f"train/{k}", last[k], step)
         if is_main and val_set is not None and (step % t_cfg.val_every == 0 or step == steps):
-            v = validate(model, val_set, t_cfg.batch_size, t_cfg.val_batches, t_cfg.seed + 1, device, step)
+            v = validate(model, val_set, t_cfg.batch_size, t_cfg.val_batches, t_cfg.seed + 1, device, step,
+                         model.fg.checkpoint_images)
             val_log.write({"step": step, "wall_s": round(time.perf_counter() - t0, 3), **v})
             if not progress:
                 print(f"{name}: step {step}: validation AP50 {v['val_ap50']:.3f}, count error "

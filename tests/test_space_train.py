@@ -318,6 +318,22 @@ def test_validation_scores_a_small_split_once_over(store):
     assert space_train.validate(model, val, 2, 30, seed=1, device="cpu", step=0) == once  # not 1.5 times over
 
 
+def test_validation_in_chunks_scores_what_whole_batches_score(store):
+    """Validation runs the training step's chunks of images at a time: the same scores (eval mode computes
+    each image alone), at the memory of a chunk."""
+    from space.data import StoreDataset
+
+    cfg = tiny()
+    torch.manual_seed(0)
+    model = SPACE(cfg.model)
+    val = StoreDataset(str(store), "val", image_size=64)
+    whole = space_train.validate(model, val, 4, 3, seed=1, device="cpu", step=0)
+    chunked = space_train.validate(model, val, 4, 3, seed=1, device="cpu", step=0, chunk=3)  # 3 + 1 a batch
+    assert chunked.keys() == whole.keys()
+    for k in whole:
+        assert chunked[k] == pytest.approx(whole[k], rel=1e-5, abs=1e-7), k
+
+
 def test_a_run_that_never_validated_is_scored_on_its_last_checkpoint(cli_run, store, tmp_path, capsys):
     run = tmp_path / "run"
     train(tiny("train.steps=2", "train.val_every=0"), str(store), str(run), progress=False)
