@@ -49,4 +49,3 @@ def set_host_allocator(mode: str, mmap_threshold_mib: int = 1) -> bool:
     if mode == "heap":
         return bool(libc.mallopt(M_MMAP_MAX, 0))
     return bool(libc.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold_mib) << 20))
-
