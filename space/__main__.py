@@ -208,7 +208,7 @@ def cmd_evaluate(ns) -> int:
     if ns.out is None:
         output_dir(str(run / "eval" / ns.split), "the output folder (default of --out)")
     metrics = evaluate(str(run), ns.data, ns.split, ns.out, ns.threshold, ns.batch_size, ns.frames, device,
-                       progress=not ns.quiet, checkpoint=path)
+                       progress=not ns.quiet, checkpoint=path, refine=ns.refine)
     if ns.out is None:
         mirror.push(f"eval/{ns.split}")  # into the object-store run too, when the run lives there
     print(json.dumps(metrics, indent=2))
@@ -362,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(e, data=True)
     e.add_argument("--out", help="output folder (default: RUN/eval/SPLIT)")
     e.add_argument("--threshold", type=float, default=0.5, help="z_pres probability of a detection (default: 0.5)")
+    e.add_argument("--refine", action="store_true",
+                   help="not in the paper: refine each frame's z_pres decisions by the model's own objective "
+                        "(flip a cell on or off while that lowers -ELBO + boundary loss; space/refine.py), "
+                        "then score those; about one forward pass per candidate cell a round")
     _add_pass_flags(e)
 
     n = _command(sub, cmd_encode, "a trained run's latents (z_pres, z_where, z_depth, z_what, z^m, z^c) per "

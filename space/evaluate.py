@@ -17,6 +17,9 @@ left out, and one that hits nothing counts against it.
 
 A detection is a cell whose z_pres probability is above `threshold` (0.5, a hard z_pres), scored by that
 probability, its box from the z_where mean, clipped to the frame.
+With `refine` (`--refine`, not in the paper) the cells are those space/refine.py's search over z_pres
+settles on, each still scored by its amortised probability; metrics.json says `refined` and how many
+cells the search changed.
 """
 
 from __future__ import annotations
@@ -142,13 +145,16 @@ def coco_files(gt_boxes, dets, image_size: int, split: str):
 
 def evaluate(run: str, data: str, split: str = "test", out: str | None = None, threshold: float = 0.5,
              batch_size: int = 32, frames: int | None = None, device: str = "cpu", progress: bool = True,
-             checkpoint: str | Path | None = None) -> dict:
-    """Score `checkpoint` (default: the run's last) on a split; writes and returns metrics.json's scores."""
+             checkpoint: str | Path | None = None, refine: bool = False) -> dict:
+    """Score `checkpoint` (default: the run's last) on a split; writes and returns metrics.json's scores.
+    refine: score the z_pres decisions refined by the model's own objective (space/refine.py) instead of
+    the amortised ones."""
     from tqdm import tqdm
 
     from .checkpoints import load_model
     from .encode import latents
     from .probe import matched_codes, probe
+    from .refine import objective_with, refine_presence
 
     checkpoint = Path(checkpoint) if checkpoint else Path(run) / "checkpoints" / "last.pt"
     if batch_size < 1:
@@ -168,14 +174,21 @@ def evaluate(run: str, data: str, split: str = "test", out: str | None = None, t
 
     has_masks = "masks" in dataset.store.split(split)
     dets, sq_err, aris, ious, base_aris, base_ious, cells = [], 0.0, [], [], [], [], []
+    flips = 0
     t0 = time.perf_counter()
     with torch.no_grad():
         for start in tqdm(range(0, n, batch_size), desc=f"evaluate {split}", unit="batch", disable=not progress):
             idx = np.arange(start, min(start + batch_size, n))
             x = dataset.__getitems__(idx).to(device)
-            o = model(x, step)
+            if refine:  # the decisions the search settles on, scored by the amortised probability
+                present, prob, f = refine_presence(model, x, step, threshold)
+                o = objective_with(model, x, step, present.float())
+                dets += detect(o, size, threshold, present=present, scores=prob)
+                flips += int(f.sum())
+            else:
+                o = model(x, step)
+                dets += detect(o, size, threshold)
             sq_err += float(o["mse"].sum())
-            dets += detect(o, size, threshold)
             z = latents(model, x, step, out=o)  # for the z_what probe: each cell's box, probability, z_what
             g2 = cfg.model.grid_size ** 2
             cells += [(b.reshape(g2, 4), p.reshape(g2), w.reshape(g2, -1)) for b, p, w in
@@ -213,7 +226,9 @@ def evaluate(run: str, data: str, split: str = "test", out: str | None = None, t
     metrics.update(trained_on=store_digest(record.get("store")),
                    scored_on=store_digest(store_record(dataset.store, data)))
     metrics.update(checkpoint=checkpoint.name, frames=n, split=split, step=step, threshold=threshold, objects=sum(len(g) for g in gt_boxes),
-                   detections=sum(len(d[0]) for d in dets), seconds=round(seconds, 2))
+                   detections=sum(len(d[0]) for d in dets), seconds=round(seconds, 2), refined=refine)
+    if refine:
+        metrics["refine_flips"] = flips  # cells whose decision the search changed, over all frames
     # z_what's use beyond the paper: each found object's category read back from its z_what
     gt_labels = dataset.store.read(split, "labels", slice(0, n))  # (N, K), boxes first, -1 padding
     codes, cats = matched_codes(gt_boxes, [gt_labels[i, : len(g)] for i, g in enumerate(gt_boxes)],

@@ -105,16 +105,18 @@ def _ap(gt_boxes, det_boxes, det_scores, threshold: float, rule: str) -> float:
     return float(np.mean([precision[recall >= r].max() if np.any(recall >= r) else 0.0 for r in points]))
 
 
-def detect(out: dict, image_size: int, threshold: float):
-    """Model outputs -> per image (boxes (n, 4) x0, y0, x1, y1 in pixels, scores (n,)), scores descending."""
+def detect(out: dict, image_size: int, threshold: float, present=None, scores=None):
+    """Model outputs -> per image (boxes (n, 4) x0, y0, x1, y1 in pixels, scores (n,)), scores descending.
+    A detection is a cell whose z_pres probability is above `threshold`, or, given `present` (B, G, G) bool,
+    a cell it marks; `scores` (B, G, G) replaces the probability as the score."""
     fg = out["fg"]
-    prob = fg["z_pres_prob"].flatten(1)  # (B, C)
+    prob = (fg["z_pres_prob"] if scores is None else scores).flatten(1)  # (B, C)
     centre = fg["centre"].flatten(1, 2) * image_size  # (B, C, 2) pixels
     size = fg["size"].flatten(1, 2) * image_size
     boxes = torch.cat([centre - size / 2, centre + size / 2], -1).clamp(0, image_size)  # (B, C, 4)
     result = []
     for i in range(prob.shape[0]):
-        keep = prob[i] > threshold
+        keep = prob[i] > threshold if present is None else present[i].flatten()
         p, b = prob[i][keep], boxes[i][keep]
         order = torch.argsort(p, descending=True, stable=True)
         result.append((b[order].double().cpu().numpy(), p[order].double().cpu().numpy()))

@@ -26,6 +26,7 @@ from .windows import composite_windowed
 
 LOG_2PI = math.log(2 * math.pi)
 EPS = 1e-6
+FIXED_LOGIT = 30.0  # the z_pres logit of a cell set on (or, negated, off) from outside: probability 1 - 1e-13
 # log(pi + LOG_PI_FLOOR) is the component encoder's input in the paper's code (model.comp_encoder_input)
 LOG_PI_FLOOR = 1e-5
 
@@ -287,6 +288,7 @@ class Foreground(nn.Module):
         self.glimpse_decoder = GlimpseDecoder(cfg.z_what_dim, cfg.glimpse_colour, cfg.glimpse_size)
         self.register_buffer("band", boundary_band(cfg.glimpse_size, cfg.boundary_width), persistent=False)
         self.checkpoint_images = 0  # images per activation-checkpointed chunk (0: keep every activation)
+        self.z_pres_fixed = None  # (B, G, G) or None: z_pres set from outside (space/refine.py), eval only
         # Start glimpses at the size the z_scale prior expects rather than half the image: the posterior
         # begins near its prior and the compositing windows start small.
         with torch.no_grad():
@@ -342,6 +344,9 @@ class Foreground(nn.Module):
         pres_logit = cells(self.z_pres_net(e))[..., 0]  # (B, G, G)
         if cfg.z_pres_logit_bound:
             pres_logit = cfg.z_pres_logit_bound * torch.tanh(pres_logit)
+        if self.z_pres_fixed is not None:  # cells decided by space/refine.py's search: 0 or 1, NaN = inferred
+            fixed = self.z_pres_fixed.to(pres_logit)
+            pres_logit = torch.where(torch.isnan(fixed), pres_logit, (2 * fixed - 1) * FIXED_LOGIT)
         pres_prob = torch.sigmoid(pres_logit)
         if self.training:
             u = torch.rand_like(pres_logit).clamp(EPS, 1 - EPS)
@@ -653,7 +658,8 @@ class SPACE(nn.Module):
         kl = fg["kl_pres"] + fg["kl_where"] + fg["kl_depth"] + fg["kl_what"] + bg["kl_bg_mask"] + bg["kl_bg_comp"]
         elbo = log_lik - kl  # equation 6
         boundary = cfg.boundary_loss_weight * boundary_loss(fg["overlap"], cfg, step)  # (B,)
-        loss = -elbo + boundary
+        objective = -elbo + boundary  # (B,) per image: what training minimises (appendix C)
+        loss = objective
         kl_what_weight = cfg.kl_what_weight.at(step)
         if kl_what_weight != 1.0:  # model.kl_what_weight (not in the paper): z_what's KL reweighted in the loss only
             loss = loss + (kl_what_weight - 1.0) * fg["kl_what"]
@@ -676,6 +682,7 @@ class SPACE(nn.Module):
             "terms": terms,
             "recon": recon,
             "mse": ((recon - x) ** 2).mean((1, 2, 3)),  # (B,) per pixel and channel
+            "objective": objective.detach(),  # (B,)
             "fg": fg,
             "bg": bg,
             "bg_image": bg_image,

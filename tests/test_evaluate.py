@@ -93,6 +93,28 @@ def test_evaluate_default_folder_is_in_the_run(trained, capsys):
     assert metrics["trained_on"] == metrics["scored_on"] == hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def test_evaluate_refine_scores_the_cells_the_search_settles_on(trained, tmp_path, capsys):
+    store, run = trained
+    out = tmp_path / "refined"
+    assert space_main(["evaluate", "--run", str(run), "--data", str(store), "--out", str(out), "--refine",
+                       "--quiet", "--device", "cpu"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["refined"] is True and isinstance(metrics["refine_flips"], int)
+    # The same search run here on the same frames: its cells are the detections, scored by the amortised
+    # probability, so each detection's score is one of its cells' probabilities.
+    from space.checkpoints import load_model
+    from space.data import StoreDataset
+    from space.refine import refine_presence
+
+    model, cfg, state = load_model(run / "checkpoints" / "last.pt", "cpu")
+    data = StoreDataset(str(store), "test", image_size=cfg.model.image_size)
+    with torch.no_grad():
+        present, prob, flips = refine_presence(model, data.__getitems__(np.arange(len(data))), int(state["step"]))
+    assert metrics["detections"] == int(present.sum()) and metrics["refine_flips"] == int(flips.sum())
+    dets = json.loads((out / "detections.json").read_text())
+    assert sorted(round(d["score"], 5) for d in dets) == sorted(round(float(p), 5) for p in prob[present])
+
+
 @pytest.mark.parametrize("argv,words", [
     (["--split", "val"], ["val"]),
     (["--threshold", "1.5"], ["--threshold"]),

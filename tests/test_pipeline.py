@@ -118,8 +118,8 @@ def test_demo_config_and_full_default_dry_runs_resolve():
         assert f"--objects {lo} {hi}" in command and f"--split train={small['splits']['train']}" in command
 
 
-def test_the_reference_overlay_trains_the_demo_preset_longer_on_three_seeds_with_the_codes_z_pres_prior():
-    p = run(["snakemake", "-n", "--forceall", "train_all", "--configfile", "config/demo.yaml", "config/reference.yaml"],
+def test_the_reference_overlay_trains_the_demo_preset_longer_on_three_seeds_and_scores_refined():
+    p = run(["snakemake", "-n", "--forceall", "eval_all", "--configfile", "config/demo.yaml", "config/reference.yaml"],
             REPO)
     assert _job_counts(p.stdout)["train"] == 3
     commands = [line for line in p.stdout.splitlines() if "python -m space train" in line]
@@ -127,7 +127,9 @@ def test_the_reference_overlay_trains_the_demo_preset_longer_on_three_seeds_with
     assert {c.split("--set train.seed=")[1].split()[0] for c in commands} == {"0", "1", "2"}
     for c in commands:
         assert "--preset demo" in c and "train.steps=2500" in c
-        assert "model.z_pres_prior=" in c and "\"end\": 0.01" in c
+        assert "model.z_pres_prior=" in c and "\"end\": 0.001" in c and "model.tau=" in c
+    scoring = [line for line in p.stdout.splitlines() if "python -m space evaluate" in line]
+    assert len(scoring) == 3 and all("--refine" in c for c in scoring)
 
 
 def test_the_small128_overlay_renders_and_trains_3d_room_small_alone_at_batch_4():

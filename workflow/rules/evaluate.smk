@@ -6,7 +6,8 @@
 
 rule evaluate:
     """Scores of table 1 (AP, count error, MSE) with a baseline, and the COCO files behind them, of one
-    seed's best checkpoint (by validation AP; the last where the run never validated)."""
+    seed's best checkpoint (by validation AP; the last where the run never validated); with the
+    experiment's `refine: true`, of the z_pres decisions refined by the model's own objective."""
     input:
         summary="results/runs/{experiment}/seeds/{seed}/train.json",
         data=lambda wc: f"results/data/{config['experiments'][wc.experiment]['dataset']}.zarr",
@@ -20,6 +21,7 @@ rule evaluate:
     params:
         run=lambda wc, input: os.path.dirname(input.summary),
         folder=lambda wc, output: os.path.dirname(output.metrics),
+        refine=lambda wc: "--refine " if config["experiments"][wc.experiment].get("refine") else "",
     threads: lambda wc: workflow.cores  # a function: --report, --lint and -n need no --cores
     log:
         "logs/evaluate/{experiment}.seed{seed}.log",
@@ -29,7 +31,7 @@ rule evaluate:
         "../../envs/space.yaml"
     shell:
         "python -m space evaluate --run {params.run} --data {input.data} --split test --out {params.folder} "
-        "--quiet > /dev/null 2> {log}"
+        "{params.refine}--quiet > /dev/null 2> {log}"
 
 
 rule decomposition_figure:

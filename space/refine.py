@@ -1,0 +1,69 @@
+"""Which cells hold an object, refined against the model's own objective (not in the paper).
+
+SPACE infers every cell's z_pres in one amortised pass (equation 7). Measured on the CPU reference
+(BENCHMARKS.md, "Where the count error comes from"): most extra boxes are a second glimpse on an object
+another glimpse already explains, and switching such a cell off lowers the training objective (-ELBO plus
+appendix C's boundary loss) in three cases of four: the encoder keeps cells on that its own objective
+would drop. This module searches the hard z_pres configurations of each image for a lower objective, the
+other latents at their posterior means as evaluation has them:
+
+    start from the amortised decisions, z_pres = 1 where its probability is above `threshold`, else 0;
+    repeat: of the cells whose probability is above `candidates` (each may change once), flip the one whose
+    flip lowers the image's objective most; stop when no flip lowers it.
+
+No labels are used: it is inference, the model's own posterior mode search over z_pres, and evaluation
+runs it only on request (`python -m space evaluate --refine`). Each round costs one forward pass per
+candidate cell of every image still improving.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def objective_with(model, x, step: int, fixed):
+    """The model's output on x (B, 3, N, N) with z_pres fixed to `fixed` (B, G, G): 0 or 1, NaN = inferred."""
+    model.fg.z_pres_fixed = fixed
+    try:
+        return model(x, step)
+    finally:
+        model.fg.z_pres_fixed = None
+
+
+@torch.no_grad()
+def refine_presence(model, x, step: int, threshold: float = 0.5, candidates: float = 0.05,
+                    batch_size: int = 64):
+    """x (B, 3, N, N) -> (present (B, G, G) bool, prob (B, G, G) the amortised z_pres probability,
+    flips (B,) how many cells the search changed). The model must be in eval mode."""
+    if model.training:
+        raise RuntimeError("refine_presence: put the model in eval mode first (model.eval())")
+    prob = model(x, step)["fg"]["z_pres_prob"]  # (B, G, G)
+    b, g = prob.shape[0], prob.shape[1]
+    state = (prob > threshold).float()  # (B, G, G) the current hard decisions
+    best = objective_with(model, x, step, state)["objective"]  # (B,)
+    open_ = prob > candidates  # (B, G, G) cells that may still flip
+    flips = torch.zeros(b, dtype=torch.long)
+    active = torch.ones(b, dtype=torch.bool)
+    while active.any():
+        # Every (image, cell) flip to try this round, one forward pass each.
+        img, cell = torch.nonzero(open_.flatten(1) & active[:, None], as_tuple=True)  # (T,), (T,)
+        if img.numel() == 0:
+            break
+        tried = state[img].flatten(1).clone()  # (T, G*G)
+        rows = torch.arange(img.numel())
+        tried[rows, cell] = 1 - tried[rows, cell]
+        tried = tried.view(-1, g, g)
+        value = torch.cat([objective_with(model, x[img[i:i + batch_size]], step, tried[i:i + batch_size])["objective"]
+                           for i in range(0, img.numel(), batch_size)])  # (T,)
+        # Per image, the flip with the lowest objective, if it is below the image's current one.
+        gain = torch.full((b,), float("inf"))
+        gain.scatter_reduce_(0, img, value, reduce="amin")
+        improved = gain < best
+        for i in torch.nonzero(improved)[:, 0].tolist():
+            k = int(torch.nonzero((img == i) & (value == gain[i]))[0, 0])
+            state[i] = tried[k]
+            open_[i].view(-1)[cell[k]] = False
+            best[i] = gain[i]
+            flips[i] += 1
+        active &= improved
+    return state > 0.5, prob, flips

@@ -1,0 +1,76 @@
+"""space/refine.py: the z_pres search against the model's own objective, checked by recomputing that
+objective for each configuration independently (one image at a time, z_pres set through the foreground)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from space.config import ModelConfig
+from space.model import SPACE
+from space.refine import objective_with, refine_presence
+
+
+def _model(seed: int = 0) -> SPACE:
+    torch.manual_seed(seed)
+    model = SPACE(ModelConfig(image_size=32, grid_size=4, n_components=2, glimpse_size=16, boundary_width=3,
+                              z_pres_prior=0.3))
+    with torch.no_grad():  # spread the untrained z_pres probabilities so that the search has cells to try
+        model.fg.z_pres_net.weight.mul_(20)
+    return model.eval()
+
+
+def _objective(model, x1, state) -> float:
+    """One image's objective with z_pres fixed to the 0/1 `state` (G, G), computed on its own."""
+    with torch.no_grad():
+        return float(objective_with(model, x1, 0, state[None].float())["objective"][0])
+
+
+def test_the_search_lowers_the_objective_and_ends_where_no_open_cell_lowers_it_further():
+    model = _model()
+    x = torch.rand(3, 3, 32, 32)
+    present, prob, flips = refine_presence(model, x, 0, candidates=0.05, batch_size=5)
+    assert present.shape == prob.shape == (3, 4, 4) and present.dtype == torch.bool
+    assert int(flips.sum()) > 0  # the test would check nothing otherwise
+    for i in range(3):
+        start = prob[i] > 0.5
+        changed = present[i] != start
+        assert int(changed.sum()) == int(flips[i])  # each cell flips at most once
+        assert _objective(model, x[i:i + 1], present[i]) < _objective(model, x[i:i + 1], start) or not flips[i]
+        # Local optimum: no cell the search could still flip lowers this image's objective.
+        here = _objective(model, x[i:i + 1], present[i])
+        for r, c in torch.nonzero((prob[i] > 0.05) & ~changed).tolist():
+            other = present[i].clone()
+            other[r, c] = ~other[r, c]
+            assert _objective(model, x[i:i + 1], other) >= here - 1e-3
+        assert not (changed & (prob[i] <= 0.05)).any()  # only candidates flip
+
+
+def test_fixed_cells_take_their_value_and_the_rest_keep_the_encoders():
+    model = _model()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        free = model(x, 0)["fg"]["z_pres_prob"]
+        fixed = torch.full((2, 4, 4), float("nan"))
+        fixed[0, 1, 2], fixed[1, 3, 3] = 1.0, 0.0
+        out = objective_with(model, x, 0, fixed)
+    prob = out["fg"]["z_pres_prob"]
+    assert prob[0, 1, 2] == pytest.approx(1.0) and prob[1, 3, 3] == pytest.approx(0.0, abs=1e-9)
+    keep = torch.isnan(fixed)
+    assert torch.equal(prob[keep], free[keep])
+    assert model.fg.z_pres_fixed is None  # left as found
+    assert out["objective"].shape == (2,)
+
+
+def test_the_objective_per_image_is_what_the_loss_averages():
+    model = _model()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x, 0)
+    assert float(out["objective"].mean()) == pytest.approx(float(out["terms"]["loss"]), rel=1e-5)
+
+
+def test_the_search_needs_eval_mode():
+    model = _model().train()
+    with pytest.raises(RuntimeError, match="eval mode"):
+        refine_presence(model, torch.rand(1, 3, 32, 32), 0)
