@@ -179,8 +179,15 @@ def cmd_show(ns) -> int:
     if bad:
         raise ConfigError(f"--frames {bad} are outside split {ns.split!r}, which has frames 0-{len(data) - 1}")
     x = data.__getitems__(np.asarray(frames))
+    step = int(state["step"])
     with torch.no_grad():
-        out = model(x, int(state["step"]))
+        if ns.refine:
+            from .refine import objective_with, refine_presence
+
+            present, _, _ = refine_presence(model, x, step)
+            out = objective_with(model, x, step, present.float())  # z_pres of the refined cells 1, others 0
+        else:
+            out = model(x, step)
     _write_png(Image.fromarray(decomposition_grid(x, out, rows=len(frames))), ns.out)
     print(f"wrote {ns.out} (columns: {COLUMNS})", file=sys.stderr)
     return 0
@@ -197,6 +204,8 @@ def cmd_evaluate(ns) -> int:
 
     if not 0 <= ns.threshold < 1:
         raise ConfigError(f"--threshold: a z_pres probability in [0, 1), got {ns.threshold}")
+    if ns.refine_candidates is not None and not 0 <= ns.refine_candidates <= 1:
+        raise ConfigError(f"--refine-candidates: a z_pres probability in [0, 1], got {ns.refine_candidates}")
     if ns.frames is not None and ns.frames < 1:
         raise ConfigError(f"--frames: at least 1, got {ns.frames}")
     if ns.batch_size < 1:
@@ -208,7 +217,8 @@ def cmd_evaluate(ns) -> int:
     if ns.out is None:
         output_dir(str(run / "eval" / ns.split), "the output folder (default of --out)")
     metrics = evaluate(str(run), ns.data, ns.split, ns.out, ns.threshold, ns.batch_size, ns.frames, device,
-                       progress=not ns.quiet, checkpoint=path, refine=ns.refine)
+                       progress=not ns.quiet, checkpoint=path, refine=ns.refine,
+                       refine_candidates=ns.refine_candidates)
     if ns.out is None:
         mirror.push(f"eval/{ns.split}")  # into the object-store run too, when the run lives there
     print(json.dumps(metrics, indent=2))
@@ -357,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", required=True, help="PNG path")
     v.add_argument("--count", type=int, default=8, help="the first COUNT frames (default: 8)")
     v.add_argument("--frames", type=int, nargs="+", help="these frames instead")
+    v.add_argument("--refine", action="store_true",
+                   help="not in the paper: show the z_pres decisions refined by the model's own objective, "
+                        "as evaluate --refine scores them (space/refine.py)")
 
     e = _command(sub, cmd_evaluate, "score a trained run on a store split (table 1: AP, count error, MSE)")
     _add_run_flags(e, data=True)
@@ -366,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="not in the paper: refine each frame's z_pres decisions by the model's own objective "
                         "(flip a cell on or off while that lowers -ELBO + boundary loss; space/refine.py), "
                         "then score those; about one forward pass per candidate cell a round")
+    e.add_argument("--refine-candidates", type=float, metavar="P",
+                   help="with --refine, the smallest amortised z_pres probability of a cell the search may flip "
+                        "(default: --threshold's, so it only switches cells off; lower also lets it switch cells on)")
     _add_pass_flags(e)
 
     n = _command(sub, cmd_encode, "a trained run's latents (z_pres, z_where, z_depth, z_what, z^m, z^c) per "

@@ -145,10 +145,11 @@ def coco_files(gt_boxes, dets, image_size: int, split: str):
 
 def evaluate(run: str, data: str, split: str = "test", out: str | None = None, threshold: float = 0.5,
              batch_size: int = 32, frames: int | None = None, device: str = "cpu", progress: bool = True,
-             checkpoint: str | Path | None = None, refine: bool = False) -> dict:
+             checkpoint: str | Path | None = None, refine: bool = False, refine_candidates: float | None = None) -> dict:
     """Score `checkpoint` (default: the run's last) on a split; writes and returns metrics.json's scores.
     refine: score the z_pres decisions refined by the model's own objective (space/refine.py) instead of
-    the amortised ones."""
+    the amortised ones; refine_candidates: the smallest amortised probability of a cell the search may
+    flip (default `threshold`: it only switches cells off; lower also lets it switch cells on)."""
     from tqdm import tqdm
 
     from .checkpoints import load_model
@@ -157,6 +158,7 @@ def evaluate(run: str, data: str, split: str = "test", out: str | None = None, t
     from .refine import objective_with, refine_presence
 
     checkpoint = Path(checkpoint) if checkpoint else Path(run) / "checkpoints" / "last.pt"
+    refine_candidates = threshold if refine_candidates is None else refine_candidates
     if batch_size < 1:
         raise ConfigError(f"batch_size: at least 1, got {batch_size}")
     folder = Path(out) if out else Path(run) / "eval" / split
@@ -181,7 +183,7 @@ def evaluate(run: str, data: str, split: str = "test", out: str | None = None, t
             idx = np.arange(start, min(start + batch_size, n))
             x = dataset.__getitems__(idx).to(device)
             if refine:  # the decisions the search settles on, scored by the amortised probability
-                present, prob, f = refine_presence(model, x, step, threshold)
+                present, prob, f = refine_presence(model, x, step, threshold, refine_candidates)
                 o = objective_with(model, x, step, present.float())
                 dets += detect(o, size, threshold, present=present, scores=prob)
                 flips += int(f.sum())
@@ -228,6 +230,7 @@ def evaluate(run: str, data: str, split: str = "test", out: str | None = None, t
     metrics.update(checkpoint=checkpoint.name, frames=n, split=split, step=step, threshold=threshold, objects=sum(len(g) for g in gt_boxes),
                    detections=sum(len(d[0]) for d in dets), seconds=round(seconds, 2), refined=refine)
     if refine:
+        metrics["refine_candidates"] = refine_candidates
         metrics["refine_flips"] = flips  # cells whose decision the search changed, over all frames
     # z_what's use beyond the paper: each found object's category read back from its z_what
     gt_labels = dataset.store.read(split, "labels", slice(0, n))  # (N, K), boxes first, -1 padding

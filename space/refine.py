@@ -1,19 +1,21 @@
 """Which cells hold an object, refined against the model's own objective (not in the paper).
 
-SPACE infers every cell's z_pres in one amortised pass (equation 7). Measured on the CPU reference
-(BENCHMARKS.md, "Where the count error comes from"): most extra boxes are a second glimpse on an object
-another glimpse already explains, and switching such a cell off lowers the training objective (-ELBO plus
-appendix C's boundary loss) in three cases of four: the encoder keeps cells on that its own objective
-would drop. This module searches the hard z_pres configurations of each image for a lower objective, the
-other latents at their posterior means as evaluation has them:
+SPACE infers every cell's z_pres in one amortised pass (equation 7). On the CPU reference most extra
+boxes are a second glimpse on an object another glimpse already explains (BENCHMARKS.md, "Where the count
+error comes from"), and switching such a cell off often lowers the training objective (-ELBO plus appendix
+C's boundary loss): the encoder keeps cells on that its own objective would drop. This module searches the
+hard z_pres configurations of each image for a lower objective, the other latents at their posterior means
+as evaluation has them:
 
     start from the amortised decisions, z_pres = 1 where its probability is above `threshold`, else 0;
     repeat: of the cells whose probability is above `candidates` (each may change once), flip the one whose
     flip lowers the image's objective most; stop when no flip lowers it.
 
-No labels are used: it is inference, the model's own posterior mode search over z_pres, and evaluation
-runs it only on request (`python -m space evaluate --refine`). Each round costs one forward pass per
-candidate cell of every image still improving.
+`candidates` defaults to `threshold`, so the search only switches cells off; a lower value lets it switch
+cells on too (on the reference's validation split that added more boxes than it removed: docs/tuning.md).
+No labels are used: it is inference, a search for the posterior's mode over z_pres, and evaluation runs it
+only on request (`python -m space evaluate --refine`). Each round costs one forward pass per candidate
+cell of every image still improving.
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ def objective_with(model, x, step: int, fixed):
 
 
 @torch.no_grad()
-def refine_presence(model, x, step: int, threshold: float = 0.5, candidates: float = 0.05,
+def refine_presence(model, x, step: int, threshold: float = 0.5, candidates: float | None = None,
                     batch_size: int = 64):
     """x (B, 3, N, N) -> (present (B, G, G) bool, prob (B, G, G) the amortised z_pres probability,
     flips (B,) how many cells the search changed). The model must be in eval mode."""
     if model.training:
         raise RuntimeError("refine_presence: put the model in eval mode first (model.eval())")
+    candidates = threshold if candidates is None else candidates
     prob = model(x, step)["fg"]["z_pres_prob"]  # (B, G, G)
     b, g = prob.shape[0], prob.shape[1]
     state = (prob > threshold).float()  # (B, G, G) the current hard decisions

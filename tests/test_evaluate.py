@@ -115,11 +115,34 @@ def test_evaluate_refine_scores_the_cells_the_search_settles_on(trained, tmp_pat
     assert sorted(round(d["score"], 5) for d in dets) == sorted(round(float(p), 5) for p in prob[present])
 
 
+def test_show_refine_draws_the_refined_decisions(trained, tmp_path):
+    store, run = trained
+    from PIL import Image
+
+    from space.checkpoints import load_model
+    from space.data import StoreDataset
+    from space.refine import objective_with, refine_presence
+    from space.viz import decomposition_grid
+
+    png = tmp_path / "refined.png"
+    assert space_main(["show", "--run", str(run), "--data", str(store), "--split", "test", "--count", "4",
+                       "--refine", "--out", str(png)]) == 0
+    model, cfg, state = load_model(run / "checkpoints" / "last.pt", "cpu")
+    x = StoreDataset(str(store), "test", image_size=cfg.model.image_size).__getitems__(np.arange(4))
+    step = int(state["step"])
+    with torch.no_grad():
+        present, _, _ = refine_presence(model, x, step)
+        out = objective_with(model, x, step, present.float())
+    assert torch.equal(out["fg"]["z_pres_prob"] > 0.5, present)  # the boxes drawn are the refined cells
+    assert np.array_equal(np.asarray(Image.open(png).convert("RGB")), decomposition_grid(x, out, rows=4))
+
+
 @pytest.mark.parametrize("argv,words", [
     (["--split", "val"], ["val"]),
     (["--threshold", "1.5"], ["--threshold"]),
     (["--frames", "0"], ["--frames"]),
     (["--batch-size", "0"], ["--batch-size", "at least 1"]),
+    (["--refine", "--refine-candidates", "1.5"], ["--refine-candidates"]),
 ])
 def test_evaluate_bad_input_is_named(trained, tmp_path, capsys, argv, words):
     store, run = trained

@@ -130,6 +130,8 @@ def test_the_reference_overlay_trains_the_demo_preset_longer_on_three_seeds_and_
         assert "model.z_pres_prior=" in c and "\"end\": 0.001" in c and "model.tau=" in c
     scoring = [line for line in p.stdout.splitlines() if "python -m space evaluate" in line]
     assert len(scoring) == 3 and all("--refine" in c for c in scoring)
+    figures = [line for line in p.stdout.splitlines() if "python -m space show" in line]
+    assert len(figures) == 3 and all("--refine" in c for c in figures)
 
 
 def test_the_small128_overlay_renders_and_trains_3d_room_small_alone_at_batch_4():

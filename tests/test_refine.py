@@ -74,3 +74,13 @@ def test_the_search_needs_eval_mode():
     model = _model().train()
     with pytest.raises(RuntimeError, match="eval mode"):
         refine_presence(model, torch.rand(1, 3, 32, 32), 0)
+
+
+def test_by_default_the_search_only_switches_cells_off():
+    model = _model()
+    x = torch.rand(3, 3, 32, 32)
+    present, prob, flips = refine_presence(model, x, 0)
+    start = prob > 0.5
+    assert int(flips.sum()) > 0  # the test would check nothing otherwise
+    assert not (present & ~start).any()  # nothing the encoder left off is switched on
+    assert int((start & ~present).sum()) == int(flips.sum())

@@ -35,7 +35,8 @@ rule evaluate:
 
 
 rule decomposition_figure:
-    """Input, reconstruction, boxes, foreground, alpha, background and its components, 8 test frames."""
+    """Input, reconstruction, boxes, foreground, alpha, background and its components, 8 test frames (with
+    the experiment's `refine: true`, of the refined z_pres decisions, as the scores)."""
     input:
         summary="results/runs/{experiment}/seeds/{seed}/train.json",
         data=lambda wc: f"results/data/{config['experiments'][wc.experiment]['dataset']}.zarr",
@@ -47,12 +48,13 @@ rule decomposition_figure:
         seed=r"\d+",
     params:
         run=lambda wc, input: os.path.dirname(input.summary),
+        refine=lambda wc: "--refine " if config["experiments"][wc.experiment].get("refine") else "",
     log:
         "logs/evaluate/{experiment}.seed{seed}.figure.log",
     conda:
         "../../envs/space.yaml"
     shell:
-        "python -m space show --run {params.run} --data {input.data} --split test --out {output} 2> {log}"
+        "python -m space show --run {params.run} --data {input.data} --split test --out {output} {params.refine}2> {log}"
 
 
 rule encode:
