@@ -630,10 +630,11 @@ class SPACE(nn.Module):
         self.fg = Foreground(cfg)
         self.bg = Background(cfg)
 
-    def forward(self, x, step: int = 0):
-        """x (B, 3, N, N) in [0, 1] -> the loss and everything needed to look at the decomposition."""
+    def forward(self, x, step: int = 0, bg: dict | None = None):
+        """x (B, 3, N, N) in [0, 1] -> the loss and everything needed to look at the decomposition.
+        bg: the background's output on x, when already computed (space/refine.py reuses it in eval mode)."""
         cfg = self.cfg
-        bg = self.bg(x)
+        bg = self.bg(x) if bg is None else bg
         pi = bg["log_pi"].exp()
         bg_image = (pi * bg["mu_bg"]).sum(1)  # (B, 3, N, N)
         fg = self.fg(x, cfg.z_scale_prior_mean.at(step), cfg.z_scale_prior_std.at(step), cfg.z_pres_prior.at(step),

@@ -23,11 +23,12 @@ from __future__ import annotations
 import torch
 
 
-def objective_with(model, x, step: int, fixed):
-    """The model's output on x (B, 3, N, N) with z_pres fixed to `fixed` (B, G, G): 0 or 1, NaN = inferred."""
+def objective_with(model, x, step: int, fixed, bg: dict | None = None):
+    """The model's output on x (B, 3, N, N) with z_pres fixed to `fixed` (B, G, G): 0 or 1, NaN = inferred.
+    bg: the background's output on x, if already computed (it does not depend on z_pres)."""
     model.fg.z_pres_fixed = fixed
     try:
-        return model(x, step)
+        return model(x, step, bg=bg)
     finally:
         model.fg.z_pres_fixed = None
 
@@ -40,10 +41,11 @@ def refine_presence(model, x, step: int, threshold: float = 0.5, candidates: flo
     if model.training:
         raise RuntimeError("refine_presence: put the model in eval mode first (model.eval())")
     candidates = threshold if candidates is None else candidates
-    prob = model(x, step)["fg"]["z_pres_prob"]  # (B, G, G)
+    out = model(x, step)
+    prob, bg = out["fg"]["z_pres_prob"], out["bg"]  # (B, G, G); the background, computed once for every try
     b, g = prob.shape[0], prob.shape[1]
     state = (prob > threshold).float()  # (B, G, G) the current hard decisions
-    best = objective_with(model, x, step, state)["objective"]  # (B,)
+    best = objective_with(model, x, step, state, bg)["objective"]  # (B,)
     open_ = prob > candidates  # (B, G, G) cells that may still flip
     flips = torch.zeros(b, dtype=torch.long)
     active = torch.ones(b, dtype=torch.bool)
@@ -56,8 +58,12 @@ def refine_presence(model, x, step: int, threshold: float = 0.5, candidates: flo
         rows = torch.arange(img.numel())
         tried[rows, cell] = 1 - tried[rows, cell]
         tried = tried.view(-1, g, g)
-        value = torch.cat([objective_with(model, x[img[i:i + batch_size]], step, tried[i:i + batch_size])["objective"]
-                           for i in range(0, img.numel(), batch_size)])  # (T,)
+        value = []
+        for i in range(0, img.numel(), batch_size):
+            which = img[i:i + batch_size]  # the images of these tries
+            value.append(objective_with(model, x[which], step, tried[i:i + batch_size],
+                                        {k: v[which] for k, v in bg.items()})["objective"])
+        value = torch.cat(value)  # (T,)
         # Per image, the flip with the lowest objective, if it is below the image's current one.
         gain = torch.full((b,), float("inf"))
         gain.scatter_reduce_(0, img, value, reduce="amin")

@@ -394,6 +394,14 @@ def test_every_experiment_is_a_dvc_model_artifact_of_its_best_checkpoint():
     assert outs == ["results/runs/${key}/seeds"]
 
 
+def test_the_scoring_stage_reruns_when_the_experiments_settings_change():
+    """`refine: true` changes the scores and not the training: DVC must see it in the evaluate stage's own
+    parameters, as the evaluate stage's other inputs (the runs) do not change with it."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert "experiments.${key}" in stages["evaluate"]["do"]["params"]
+    assert "experiments.${key}" in stages["train"]["do"]["params"]
+
+
 def test_dvc_pull_then_repro_on_a_second_clone_reruns_nothing(tmp_path):
     """The default remote (a folder beside the clones, .dvc/config): push from one clone, pull into a
     second, and `dvc repro` there has nothing to do."""

@@ -84,3 +84,16 @@ def test_by_default_the_search_only_switches_cells_off():
     assert int(flips.sum()) > 0  # the test would check nothing otherwise
     assert not (present & ~start).any()  # nothing the encoder left off is switched on
     assert int((start & ~present).sum()) == int(flips.sum())
+
+
+def test_a_background_computed_once_gives_the_same_objective():
+    model = _model()
+    x = torch.rand(3, 3, 32, 32)
+    fixed = torch.full((3, 4, 4), float("nan"))
+    fixed[0, 0, 0], fixed[2, 1, 1] = 1.0, 0.0
+    with torch.no_grad():
+        bg = model(x, 0)["bg"]
+        which = torch.tensor([2, 0])  # a batch of other images, the background indexed to them
+        cached = objective_with(model, x[which], 0, fixed[which], {k: v[which] for k, v in bg.items()})
+        fresh = objective_with(model, x[which], 0, fixed[which])
+    assert torch.allclose(cached["objective"], fresh["objective"], rtol=1e-5)
