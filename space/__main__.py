@@ -182,10 +182,9 @@ def cmd_show(ns) -> int:
     step = int(state["step"])
     with torch.no_grad():
         if ns.refine:
-            from .refine import objective_with, refine_presence
+            from .refine import refined_output
 
-            present, _, _ = refine_presence(model, x, step)
-            out = objective_with(model, x, step, present.float())  # z_pres of the refined cells 1, others 0
+            out = refined_output(model, x, step)[0]  # z_pres of the refined cells 1, others 0
         else:
             out = model(x, step)
     _write_png(Image.fromarray(decomposition_grid(x, out, rows=len(frames))), ns.out)
@@ -377,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threshold", type=float, default=0.5, help="z_pres probability of a detection (default: 0.5)")
     e.add_argument("--refine", action="store_true",
                    help="not in the paper: refine each frame's z_pres decisions by the model's own objective "
-                        "(flip a cell on or off while that lowers -ELBO + boundary loss; space/refine.py), "
+                        "(switch a cell off while that lowers -ELBO + boundary loss; space/refine.py), "
                         "then score those; about one forward pass per candidate cell a round")
     e.add_argument("--refine-candidates", type=float, metavar="P",
                    help="with --refine, the smallest amortised z_pres probability of a cell the search may flip "

@@ -155,7 +155,7 @@ def evaluate(run: str, data: str, split: str = "test", out: str | None = None, t
     from .checkpoints import load_model
     from .encode import latents
     from .probe import matched_codes, probe
-    from .refine import objective_with, refine_presence
+    from .refine import refined_output
 
     checkpoint = Path(checkpoint) if checkpoint else Path(run) / "checkpoints" / "last.pt"
     refine_candidates = threshold if refine_candidates is None else refine_candidates
@@ -183,8 +183,7 @@ def evaluate(run: str, data: str, split: str = "test", out: str | None = None, t
             idx = np.arange(start, min(start + batch_size, n))
             x = dataset.__getitems__(idx).to(device)
             if refine:  # the decisions the search settles on, scored by the amortised probability
-                present, prob, f = refine_presence(model, x, step, threshold, refine_candidates)
-                o = objective_with(model, x, step, present.float())
+                o, present, prob, f = refined_output(model, x, step, threshold, refine_candidates)
                 dets += detect(o, size, threshold, present=present, scores=prob)
                 flips += int(f.sum())
             else:

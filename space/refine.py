@@ -34,10 +34,23 @@ def objective_with(model, x, step: int, fixed, bg: dict | None = None):
 
 
 @torch.no_grad()
+def refined_output(model, x, step: int, threshold: float = 0.5, candidates: float | None = None):
+    """The search below, then the model's output on x with z_pres at the decisions it settled on (1 or 0;
+    the background reused): (out, present (B, G, G) bool, prob (B, G, G) amortised, flips (B,))."""
+    present, prob, flips, bg = _search(model, x, step, threshold, candidates)
+    return objective_with(model, x, step, present.float(), bg), present, prob, flips
+
+
+@torch.no_grad()
 def refine_presence(model, x, step: int, threshold: float = 0.5, candidates: float | None = None,
                     batch_size: int = 64):
     """x (B, 3, N, N) -> (present (B, G, G) bool, prob (B, G, G) the amortised z_pres probability,
     flips (B,) how many cells the search changed). The model must be in eval mode."""
+    return _search(model, x, step, threshold, candidates, batch_size)[:3]
+
+
+def _search(model, x, step: int, threshold: float, candidates: float | None, batch_size: int = 64):
+    """refine_presence's search; also returns the background's output on x (a dict), computed once."""
     if model.training:
         raise RuntimeError("refine_presence: put the model in eval mode first (model.eval())")
     candidates = threshold if candidates is None else candidates
@@ -75,4 +88,4 @@ def refine_presence(model, x, step: int, threshold: float = 0.5, candidates: flo
             best[i] = gain[i]
             flips[i] += 1
         active &= improved
-    return state > 0.5, prob, flips
+    return state > 0.5, prob, flips, bg

@@ -127,6 +127,11 @@ def split_flags(splits: dict) -> str:
     return " ".join(f"--split {shlex.quote(f'{k}={v}')}" for k, v in splits.items())
 
 
+def refine_flag(wc) -> str:
+    """`--refine ` for evaluate and show where the experiment says `refine: true`, else nothing."""
+    return "--refine " if config["experiments"][wc.experiment].get("refine") else ""
+
+
 # Dataset jobs (datagen.smk): with datagen.parts = N > 1 a generator job writes part {part} of a store.
 PARTS = config["datagen"].get("parts", 1)
 # the generator's output: the store itself, or part {part} of it

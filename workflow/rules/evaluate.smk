@@ -21,7 +21,7 @@ rule evaluate:
     params:
         run=lambda wc, input: os.path.dirname(input.summary),
         folder=lambda wc, output: os.path.dirname(output.metrics),
-        refine=lambda wc: "--refine " if config["experiments"][wc.experiment].get("refine") else "",
+        refine=refine_flag,
     threads: lambda wc: workflow.cores  # a function: --report, --lint and -n need no --cores
     log:
         "logs/evaluate/{experiment}.seed{seed}.log",
@@ -48,7 +48,7 @@ rule decomposition_figure:
         seed=r"\d+",
     params:
         run=lambda wc, input: os.path.dirname(input.summary),
-        refine=lambda wc: "--refine " if config["experiments"][wc.experiment].get("refine") else "",
+        refine=refine_flag,
     log:
         "logs/evaluate/{experiment}.seed{seed}.figure.log",
     conda:
