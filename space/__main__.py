@@ -170,6 +170,7 @@ def cmd_show(ns) -> int:
 
     if ns.count < 1:
         raise ConfigError(f"--count: must be at least 1, got {ns.count}")
+    _check_refine_flags(ns)
     output_file(ns.out, "--out", _image_formats())
     _, _, path, _ = _run_checkpoint(ns.run, ns.checkpoint)
     model, cfg, state = load_model(path)
@@ -184,12 +185,33 @@ def cmd_show(ns) -> int:
         if ns.refine:
             from .refine import refined_output
 
-            out = refined_output(model, x, step)[0]  # z_pres of the refined cells 1, others 0
+            # z_pres of the refined cells 1, the others 0
+            out = refined_output(model, x, step, candidates=ns.refine_candidates, cell_cost=ns.refine_cost)[0]
         else:
             out = model(x, step)
     _write_png(Image.fromarray(decomposition_grid(x, out, rows=len(frames))), ns.out)
     print(f"wrote {ns.out} (columns: {COLUMNS})", file=sys.stderr)
     return 0
+
+
+def _add_refine_flags(parser) -> None:
+    parser.add_argument("--refine-candidates", type=float, metavar="P",
+                        help="with --refine, the smallest amortised z_pres probability of a cell the search may flip "
+                             "(default: the detection threshold, 0.5, so it only switches cells off; lower also lets it "
+                             "switch cells on)")
+    parser.add_argument("--refine-cost", type=float, default=0.0, metavar="NATS",
+                        help="with --refine, nats the search charges for every cell on, over the model's objective: "
+                             "a stricter z_pres prior at inference, fewer boxes (default: 0)")
+
+
+def _check_refine_flags(ns) -> None:
+    if ns.refine_candidates is not None and not 0 <= ns.refine_candidates <= 1:
+        raise ConfigError(f"--refine-candidates: a z_pres probability in [0, 1], got {ns.refine_candidates}")
+    if not ns.refine_cost >= 0:  # NaN fails too
+        raise ConfigError(f"--refine-cost: 0 or more nats a cell, got {ns.refine_cost}")
+    for flag, given in (("--refine-candidates", ns.refine_candidates is not None), ("--refine-cost", ns.refine_cost)):
+        if given and not ns.refine:
+            raise ConfigError(f"{flag}: applies to the refined decisions only; add --refine")
 
 
 def cmd_evaluate(ns) -> int:
@@ -203,8 +225,7 @@ def cmd_evaluate(ns) -> int:
 
     if not 0 <= ns.threshold < 1:
         raise ConfigError(f"--threshold: a z_pres probability in [0, 1), got {ns.threshold}")
-    if ns.refine_candidates is not None and not 0 <= ns.refine_candidates <= 1:
-        raise ConfigError(f"--refine-candidates: a z_pres probability in [0, 1], got {ns.refine_candidates}")
+    _check_refine_flags(ns)
     if ns.frames is not None and ns.frames < 1:
         raise ConfigError(f"--frames: at least 1, got {ns.frames}")
     if ns.batch_size < 1:
@@ -217,7 +238,7 @@ def cmd_evaluate(ns) -> int:
         output_dir(str(run / "eval" / ns.split), "the output folder (default of --out)")
     metrics = evaluate(str(run), ns.data, ns.split, ns.out, ns.threshold, ns.batch_size, ns.frames, device,
                        progress=not ns.quiet, checkpoint=path, refine=ns.refine,
-                       refine_candidates=ns.refine_candidates)
+                       refine_candidates=ns.refine_candidates, refine_cost=ns.refine_cost)
     if ns.out is None:
         mirror.push(f"eval/{ns.split}")  # into the object-store run too, when the run lives there
     print(json.dumps(metrics, indent=2))
@@ -369,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--refine", action="store_true",
                    help="not in the paper: show the z_pres decisions refined by the model's own objective, "
                         "as evaluate --refine scores them (space/refine.py)")
+    _add_refine_flags(v)
 
     e = _command(sub, cmd_evaluate, "score a trained run on a store split (table 1: AP, count error, MSE)")
     _add_run_flags(e, data=True)
@@ -378,9 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="not in the paper: refine each frame's z_pres decisions by the model's own objective "
                         "(switch a cell off while that lowers -ELBO + boundary loss; space/refine.py), "
                         "then score those; about one forward pass per candidate cell a round")
-    e.add_argument("--refine-candidates", type=float, metavar="P",
-                   help="with --refine, the smallest amortised z_pres probability of a cell the search may flip "
-                        "(default: --threshold's, so it only switches cells off; lower also lets it switch cells on)")
+    _add_refine_flags(e)
     _add_pass_flags(e)
 
     n = _command(sub, cmd_encode, "a trained run's latents (z_pres, z_where, z_depth, z_what, z^m, z^c) per "

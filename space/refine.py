@@ -11,6 +11,9 @@ as evaluation has them:
     repeat: of the cells whose probability is above `candidates` (each may change once), flip the one whose
     flip lowers the image's objective most; stop when no flip lowers it.
 
+The objective may charge `cell_cost` nats more for every cell on (default 0: the model's objective alone),
+a stricter prior on z_pres at inference time; a flip off then need only cost the rest less than that.
+
 `candidates` defaults to `threshold`, so the search only switches cells off; a lower value lets it switch
 cells on too (on the reference's validation split that added more boxes than it removed: docs/tuning.md).
 No labels are used: it is inference, a search for the posterior's mode over z_pres, and evaluation runs it
@@ -34,22 +37,24 @@ def objective_with(model, x, step: int, fixed, bg: dict | None = None):
 
 
 @torch.no_grad()
-def refined_output(model, x, step: int, threshold: float = 0.5, candidates: float | None = None):
+def refined_output(model, x, step: int, threshold: float = 0.5, candidates: float | None = None,
+                   cell_cost: float = 0.0):
     """The search below, then the model's output on x with z_pres at the decisions it settled on (1 or 0;
     the background reused): (out, present (B, G, G) bool, prob (B, G, G) amortised, flips (B,))."""
-    present, prob, flips, bg = _search(model, x, step, threshold, candidates)
+    present, prob, flips, bg = _search(model, x, step, threshold, candidates, cell_cost)
     return objective_with(model, x, step, present.float(), bg), present, prob, flips
 
 
 @torch.no_grad()
 def refine_presence(model, x, step: int, threshold: float = 0.5, candidates: float | None = None,
-                    batch_size: int = 64):
+                    cell_cost: float = 0.0, batch_size: int = 64):
     """x (B, 3, N, N) -> (present (B, G, G) bool, prob (B, G, G) the amortised z_pres probability,
     flips (B,) how many cells the search changed). The model must be in eval mode."""
-    return _search(model, x, step, threshold, candidates, batch_size)[:3]
+    return _search(model, x, step, threshold, candidates, cell_cost, batch_size)[:3]
 
 
-def _search(model, x, step: int, threshold: float, candidates: float | None, batch_size: int = 64):
+def _search(model, x, step: int, threshold: float, candidates: float | None, cell_cost: float = 0.0,
+            batch_size: int = 64):
     """refine_presence's search; also returns the background's output on x (a dict), computed once."""
     if model.training:
         raise RuntimeError("refine_presence: put the model in eval mode first (model.eval())")
@@ -58,7 +63,13 @@ def _search(model, x, step: int, threshold: float, candidates: float | None, bat
     prob, bg = out["fg"]["z_pres_prob"], out["bg"]  # (B, G, G); the background, computed once for every try
     b, g = prob.shape[0], prob.shape[1]
     state = (prob > threshold).float()  # (B, G, G) the current hard decisions
-    best = objective_with(model, x, step, state, bg)["objective"]  # (B,)
+    if cell_cost < 0:
+        raise ValueError(f"cell_cost: 0 or more nats a cell, got {cell_cost}")
+
+    def cost(decisions):  # (T, G, G) -> (T,) the objective's charge for the cells on
+        return cell_cost * decisions.flatten(1).sum(1)
+
+    best = objective_with(model, x, step, state, bg)["objective"] + cost(state)  # (B,)
     open_ = prob > candidates  # (B, G, G) cells that may still flip
     flips = torch.zeros(b, dtype=torch.long)
     active = torch.ones(b, dtype=torch.bool)
@@ -76,7 +87,7 @@ def _search(model, x, step: int, threshold: float, candidates: float | None, bat
             which = img[i:i + batch_size]  # the images of these tries
             value.append(objective_with(model, x[which], step, tried[i:i + batch_size],
                                         {k: v[which] for k, v in bg.items()})["objective"])
-        value = torch.cat(value)  # (T,)
+        value = torch.cat(value) + cost(tried)  # (T,)
         # Per image, the flip with the lowest objective, if it is below the image's current one.
         gain = torch.full((b,), float("inf"))
         gain.scatter_reduce_(0, img, value, reduce="amin")

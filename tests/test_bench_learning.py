@@ -278,3 +278,32 @@ def test_count_errors_names_what_is_missing_or_mismatched(tmp_path, capsys):
     with pytest.raises(SystemExit):
         count_errors.main(["--data", str(tmp_path), "--detections", "a.json", "b.json", "--labels", "a"])
     assert "1 labels for 2 detections files" in capsys.readouterr().err
+
+
+def test_refine_sweep_reads_scored_settings_back_and_averages_over_every_seed(tmp_path, monkeypatch):
+    """bench/refine_sweep.py over a hand-made experiment folder whose evaluations are already there: it runs
+    nothing (each folder's metrics.json is read back, so a stopped sweep resumes), and its table gives each
+    setting's mean over the seeds, each seed's count error, and the summed detections."""
+    import subprocess
+
+    import refine_sweep
+
+    exp = tmp_path / "x"
+    scores = {(0, 30.0, 0.5): (0.7, 0.12), (1, 30.0, 0.5): (0.8, 0.14), (0, 60.0, 0.05): (0.72, 0.10),
+              (1, 60.0, 0.05): (0.78, 0.20)}
+    for (seed, cost, p), (ap, ce) in scores.items():
+        (exp / "seeds" / str(seed) / "checkpoints").mkdir(parents=True, exist_ok=True)
+        out = exp / "eval" / "seeds" / str(seed) / refine_sweep.folder_name("val", cost, p)
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps({"ap50": ap, "count_error": ce, "count_accuracy": 0.5,
+                                                      "detections": 100 + seed, "refine_flips": 7, "seconds": 1.0}))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("nothing should be rerun"))
+    off = refine_sweep.sweep(exp, "store.zarr", "val", [30.0], [0.5], "best")
+    on = refine_sweep.sweep(exp, "store.zarr", "val", [60.0], [0.05], "best")
+    lines = refine_sweep.table({"rows": off["rows"] + on["rows"]}).splitlines()
+    assert lines[2] == "| 0.5 | 30 | 0.750 | 0.130 | 0.120, 0.140 | 0.500 | 201 | 14 |"
+    assert lines[3] == "| 0.05 | 60 | 0.750 | 0.150 | 0.100, 0.200 | 0.500 | 201 | 14 |"
+    (tmp_path / "empty" / "seeds").mkdir(parents=True)
+    for folder in (tmp_path / "empty", tmp_path / "nowhere"):
+        with pytest.raises(SystemExit, match="no trained seed"):
+            refine_sweep.sweep(folder, "store.zarr", "val", [0.0], [0.5], "best")

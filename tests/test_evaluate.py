@@ -99,7 +99,7 @@ def test_evaluate_refine_scores_the_cells_the_search_settles_on(trained, tmp_pat
     assert space_main(["evaluate", "--run", str(run), "--data", str(store), "--out", str(out), "--refine",
                        "--quiet", "--device", "cpu"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["refined"] is True and isinstance(metrics["refine_flips"], int)
+    assert metrics["refined"] is True and isinstance(metrics["refine_flips"], int) and metrics["refine_cost"] == 0
     # The same search run here on the same frames: its cells are the detections, scored by the amortised
     # probability, so each detection's score is one of its cells' probabilities.
     from space.checkpoints import load_model
@@ -135,6 +135,16 @@ def test_show_refine_draws_the_refined_decisions(trained, tmp_path):
         out = objective_with(model, x, step, present.float())
     assert torch.equal(out["fg"]["z_pres_prob"] > 0.5, present)  # the boxes drawn are the refined cells
     assert np.array_equal(np.asarray(Image.open(png).convert("RGB")), decomposition_grid(x, out, rows=4))
+    # The search's settings reach it as evaluate's do.
+    assert space_main(["show", "--run", str(run), "--data", str(store), "--split", "test", "--count", "4",
+                       "--refine", "--refine-candidates", "0.05", "--refine-cost", "20", "--out", str(png)]) == 0
+    with torch.no_grad():
+        present, _, _ = refine_presence(model, x, step, candidates=0.05, cell_cost=20.0)
+        out = objective_with(model, x, step, present.float())
+    assert np.array_equal(np.asarray(Image.open(png).convert("RGB")), decomposition_grid(x, out, rows=4))
+    assert space_main(["show", "--run", str(run), "--data", str(store), "--refine-cost", "20",
+                       "--out", str(tmp_path / "no.png")]) == 2
+    assert not (tmp_path / "no.png").exists()
 
 
 @pytest.mark.parametrize("argv,words", [
@@ -143,6 +153,9 @@ def test_show_refine_draws_the_refined_decisions(trained, tmp_path):
     (["--frames", "0"], ["--frames"]),
     (["--batch-size", "0"], ["--batch-size", "at least 1"]),
     (["--refine", "--refine-candidates", "1.5"], ["--refine-candidates"]),
+    (["--refine", "--refine-cost", "-1"], ["--refine-cost", "0 or more"]),
+    (["--refine-cost", "5"], ["--refine-cost", "add --refine"]),
+    (["--refine-candidates", "0.1"], ["--refine-candidates", "add --refine"]),
 ])
 def test_evaluate_bad_input_is_named(trained, tmp_path, capsys, argv, words):
     store, run = trained

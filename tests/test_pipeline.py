@@ -129,9 +129,10 @@ def test_the_reference_overlay_trains_the_demo_preset_longer_on_three_seeds_and_
         assert "--preset demo" in c and "train.steps=2500" in c
         assert "model.z_pres_prior=" in c and "\"end\": 0.001" in c and "model.tau=" in c
     scoring = [line for line in p.stdout.splitlines() if "python -m space evaluate" in line]
-    assert len(scoring) == 3 and all("--refine" in c for c in scoring)
+    refined = "--refine --refine-cost 60.0 --refine-candidates 0.05 "
+    assert len(scoring) == 3 and all(refined in c for c in scoring)
     figures = [line for line in p.stdout.splitlines() if "python -m space show" in line]
-    assert len(figures) == 3 and all("--refine" in c for c in figures)
+    assert len(figures) == 3 and all(refined in c for c in figures)
 
 
 def test_the_small128_overlay_renders_and_trains_3d_room_small_alone_at_batch_4():
@@ -191,6 +192,12 @@ def test_latents_all_encodes_each_seeds_run_on_its_test_split():
                                                "set": {"train.seed": 3}}}), "both seeds and set: train.seed"),
         (lambda p: p.update(experiments={"x": {"dataset": "room3d_small", "preset": "demo", "seeds": [1, 1]}}),
          "seeds"),
+        (lambda p: p.update(experiments={"x": {"dataset": "room3d_small", "preset": "demo", "refine_cost": 30}}),
+         "set refine: true"),
+        (lambda p: p.update(experiments={"x": {"dataset": "room3d_small", "preset": "demo", "refine": True,
+                                               "refine_cost": -1}}), "refine_cost"),
+        (lambda p: p.update(experiments={"x": {"dataset": "room3d_small", "preset": "demo", "refine": True,
+                                               "refine_candidates": 1.5}}), "refine_candidates"),
     ],
 )
 def test_bad_params_are_refused_before_any_job(tmp_path, mutate, named):

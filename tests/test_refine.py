@@ -97,3 +97,30 @@ def test_a_background_computed_once_gives_the_same_objective():
         cached = objective_with(model, x[which], 0, fixed[which], {k: v[which] for k, v in bg.items()})
         fresh = objective_with(model, x[which], 0, fixed[which])
     assert torch.allclose(cached["objective"], fresh["objective"], rtol=1e-5)
+
+
+def test_a_cell_cost_ends_where_no_switch_off_lowers_the_objective_plus_the_cost():
+    model = _model()
+    x = torch.rand(3, 3, 32, 32)
+    free, _, _ = refine_presence(model, x, 0)
+    here = [_objective(model, x[i:i + 1], free[i]) for i in range(3)]
+    # A cost between the smallest and the largest saving of switching one kept cell off, so that it matters.
+    savings = sorted(_objective(model, x[i:i + 1], _off(free[i], r, c)) - here[i]
+                     for i in range(3) for r, c in torch.nonzero(free[i]).tolist())
+    cost = savings[len(savings) // 2]
+    present, prob, flips = refine_presence(model, x, 0, cell_cost=cost)
+    assert int(present.sum()) < int(free.sum())
+    assert not (present & ~(prob > 0.5)).any()  # still only switched off
+    for i in range(3):
+        total = _objective(model, x[i:i + 1], present[i]) + cost * int(present[i].sum())
+        for r, c in torch.nonzero(present[i]).tolist():  # no further switch-off pays for its cost
+            assert _objective(model, x[i:i + 1], _off(present[i], r, c)) + cost * (int(present[i].sum()) - 1) \
+                >= total - 1e-3
+    with pytest.raises(ValueError, match="cell_cost"):
+        refine_presence(model, x, 0, cell_cost=-1.0)
+
+
+def _off(state, r, c):
+    other = state.clone()
+    other[r, c] = False
+    return other

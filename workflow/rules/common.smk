@@ -92,6 +92,12 @@ def _check_experiments() -> dict:
             raise ValueError(
                 f"params: experiments.{name}: both seeds and set: train.seed; list the seeds in seeds alone"
             )
+        for key in ("refine_cost", "refine_candidates"):
+            if key in exp and not exp.get("refine"):
+                raise ValueError(
+                    f"params: experiments.{name}: {key} applies to refined scores only; set refine: true "
+                    f"or remove {key}"
+                )
         seeds[name] = exp.get("seeds", [cfg.train.seed])
     return seeds
 
@@ -128,8 +134,17 @@ def split_flags(splits: dict) -> str:
 
 
 def refine_flag(wc) -> str:
-    """`--refine ` for evaluate and show where the experiment says `refine: true`, else nothing."""
-    return "--refine " if config["experiments"][wc.experiment].get("refine") else ""
+    """`--refine ` with the experiment's `refine_cost` and `refine_candidates`, for evaluate and show where it
+    says `refine: true`; else nothing."""
+    exp = config["experiments"][wc.experiment]
+    if not exp.get("refine"):
+        return ""
+    flags = "--refine "
+    if "refine_cost" in exp:
+        flags += f"--refine-cost {float(exp['refine_cost'])} "
+    if "refine_candidates" in exp:
+        flags += f"--refine-candidates {float(exp['refine_candidates'])} "
+    return flags
 
 
 # Dataset jobs (datagen.smk): with datagen.parts = N > 1 a generator job writes part {part} of a store.

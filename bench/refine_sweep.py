@@ -1,0 +1,100 @@
+"""Refined scoring's two settings swept over a pipeline experiment's seeds: the cost per cell on
+(`--refine-cost`) and which cells may flip (`--refine-candidates`), scored on one split.
+
+    python bench/refine_sweep.py --experiment results/runs/space_room3d_reference \
+        --data results/data/room3d_small.zarr --split val --costs 0 30 60 120 --candidates 0.5 0.05 \
+        --out bench/results/refine_sweep_val.json
+    python bench/refine_sweep.py --from bench/results/refine_sweep_val.json --markdown
+
+For each seed, cost and candidate threshold it runs `python -m space evaluate --refine` on the seed's
+checkpoint (`--checkpoint`, default best) into `eval/seeds/SEED/SPLIT_refined_cCOST_pP/` under the
+experiment, skipping any whose metrics.json is already there (a sweep stopped half-way resumes), then
+tabulates AP50, count error, count accuracy and detections per setting: the mean over seeds, then each seed.
+Choose on the validation split and score the choice once on test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import add_from_flags, emit, machine, print_from  # noqa: E402
+
+SCORES = ("ap50", "count_error", "count_accuracy", "detections", "refine_flips", "seconds")
+
+
+def folder_name(split: str, cost: float, candidates: float) -> str:
+    return f"{split}_refined_c{cost:g}_p{candidates:g}"
+
+
+def sweep(experiment: Path, data: str, split: str, costs, candidates, checkpoint: str) -> dict:
+    folder = experiment / "seeds"
+    seeds = sorted((p.name for p in folder.iterdir() if (p / "checkpoints").is_dir()), key=int) if folder.is_dir() else []
+    if not seeds:
+        raise SystemExit(f"error: {experiment}/seeds has no trained seed (seeds/SEED/checkpoints); run the "
+                         "pipeline's train_all first")
+    rows = []
+    for p in candidates:
+        for c in costs:
+            for seed in seeds:
+                out = experiment / "eval" / "seeds" / seed / folder_name(split, c, p)
+                if not (out / "metrics.json").exists():
+                    subprocess.run([sys.executable, "-m", "space", "evaluate", "--run", str(experiment / "seeds" / seed),
+                                    "--checkpoint", checkpoint, "--data", data, "--split", split, "--out", str(out),
+                                    "--refine", "--refine-cost", str(c), "--refine-candidates", str(p), "--quiet"],
+                                   check=True, stdout=subprocess.DEVNULL)
+                m = json.loads((out / "metrics.json").read_text())
+                rows.append({"seed": int(seed), "cost": c, "candidates": p, **{k: m[k] for k in SCORES}})
+    return {"machine": machine(), "experiment": str(experiment), "split": split, "checkpoint": checkpoint,
+            "command": " ".join(sys.argv), "rows": rows}
+
+
+def table(results: dict) -> str:
+    settings = sorted({(r["candidates"], r["cost"]) for r in results["rows"]}, key=lambda s: (-s[0], s[1]))
+    seeds = sorted({r["seed"] for r in results["rows"]})
+    lines = ["| candidates | cost (nats) | AP50 mean | count error mean | count error per seed | count accuracy "
+             "| detections | flips |", "|---|---|---|---|---|---|---|---|"]
+    for p, c in settings:
+        rs = sorted((r for r in results["rows"] if r["candidates"] == p and r["cost"] == c), key=lambda r: r["seed"])
+        if [r["seed"] for r in rs] != seeds:
+            continue  # a setting not scored on every seed has no mean to compare
+
+        def mean(k):
+            return sum(r[k] for r in rs) / len(rs)
+
+        per_seed = ", ".join(f"{r['count_error']:.3f}" for r in rs)
+        lines.append(f"| {p:g} | {c:g} | {mean('ap50'):.3f} | {mean('count_error'):.3f} | {per_seed} | "
+                     f"{mean('count_accuracy'):.3f} | {sum(r['detections'] for r in rs)} | "
+                     f"{sum(r['refine_flips'] for r in rs)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--experiment", help="the experiment's folder, results/runs/EXPERIMENT")
+    ap.add_argument("--data", help="the store the experiment trained on")
+    ap.add_argument("--split", default="val", help="the split to score (default: val)")
+    ap.add_argument("--costs", type=float, nargs="+", default=[0.0], help="nats a cell on (default: 0)")
+    ap.add_argument("--candidates", type=float, nargs="+", default=[0.5],
+                    help="smallest amortised z_pres probability a cell may flip at (default: 0.5, off only)")
+    ap.add_argument("--checkpoint", default="best", help="best (default), best_count, last or a path")
+    ap.add_argument("--out", help="also write the results here (JSON)")
+    add_from_flags(ap)
+    ns = ap.parse_args()
+    if print_from(ns, table):
+        return
+    if not (ns.experiment and ns.data):
+        ap.error("--experiment and --data, or --from")
+    if any(c < 0 for c in ns.costs) or any(not 0 <= p <= 1 for p in ns.candidates):
+        ap.error("--costs are 0 or more nats; --candidates are probabilities in [0, 1]")
+    results = sweep(Path(ns.experiment), ns.data, ns.split, ns.costs, ns.candidates, ns.checkpoint)
+    emit(results, table(results), ns.out, ns.markdown)
+
+
+if __name__ == "__main__":
+    main()
