@@ -12,10 +12,11 @@ as evaluation has them:
     flip lowers the image's objective most; stop when no flip lowers it.
 
 The objective may charge `cell_cost` nats more for every cell on (default 0: the model's objective alone),
-a stricter prior on z_pres at inference time; a flip off then need only cost the rest less than that.
+a stricter prior on z_pres at inference time: a cell stays on only if it lowers the rest by more than that.
 
 `candidates` defaults to `threshold`, so the search only switches cells off; a lower value lets it switch
-cells on too (on the reference's validation split that added more boxes than it removed: docs/tuning.md).
+cells on too. At no cost that added more boxes than it removed on the reference's validation split; with
+60 nats a cell it found more objects and fewer extra boxes (BENCHMARKS.md, "The reference experiment").
 No labels are used: it is inference, a search for the posterior's mode over z_pres, and evaluation runs it
 only on request (`python -m space evaluate --refine`). Each round costs one forward pass per candidate
 cell of every image still improving.
