@@ -297,8 +297,12 @@ class Foreground(nn.Module):
             # and with the prior's spread: softplus(b) = z_scale_prior_std
             self.z_scale_net.bias[2:].fill_(math.log(math.expm1(cfg.z_scale_prior_std.start)))
 
-    def forward(self, x, z_scale_prior_mean: float, z_scale_prior_std: float, z_pres_prior: float, tau: float):
-        """x (B, 3, N, N) -> the foreground's outputs, a dict of per-image tensors (batch first)."""
+    def forward(self, x, z_scale_prior_mean: float, z_scale_prior_std: float, z_pres_prior: float, tau: float,
+                cells: dict | None = None):
+        """x (B, 3, N, N) -> the foreground's outputs, a dict of per-image tensors (batch first).
+        cells: `infer_cells`'s output on x in eval mode, if already computed (space/refine.py reuses it)."""
+        if cells is not None:
+            return self.finish(cells, z_scale_prior_mean, z_scale_prior_std, z_pres_prior, tau)
         # Every foreground layer works per image, so a batch may run in recomputed chunks (space/recompute.py).
         parts = in_chunks(self.infer, x, self.checkpoint_images, z_scale_prior_mean, z_scale_prior_std,
                           z_pres_prior, tau)
@@ -334,25 +338,22 @@ class Foreground(nn.Module):
 
     def infer(self, x, z_scale_prior_mean: float, z_scale_prior_std: float, z_pres_prior: float, tau: float):
         """Algorithm 1 on a batch (or a chunk of one)."""
+        return self.finish(self.infer_cells(x), z_scale_prior_mean, z_scale_prior_std, z_pres_prior, tau)
+
+    def infer_cells(self, x):
+        """Algorithm 1 up to z_pres: each cell's latents, glimpse and decoded maps, none of which depends on
+        z_pres (so space/refine.py computes them once per frame). A dict of per-cell tensors (batch first)."""
         cfg = self.cfg
         b, g, s = x.shape[0], cfg.grid_size, cfg.glimpse_size
         c = g * g
         e = self.encoder(x)  # (B, 128, G, G)
         cells = lambda t: t.permute(0, 2, 3, 1)  # noqa: E731  (B, ch, G, G) -> (B, G, G, ch)
 
-        # z_pres: relaxed Bernoulli (binary Gumbel-softmax) with temperature tau; hard samples for display.
         pres_logit = cells(self.z_pres_net(e))[..., 0]  # (B, G, G)
         if cfg.z_pres_logit_bound:
             pres_logit = cfg.z_pres_logit_bound * torch.tanh(pres_logit)
-        if self.z_pres_fixed is not None:  # cells decided by space/refine.py's search: 0 or 1, NaN = inferred
-            fixed = self.z_pres_fixed.to(pres_logit)
-            pres_logit = torch.where(torch.isnan(fixed), pres_logit, (2 * fixed - 1) * FIXED_LOGIT)
-        pres_prob = torch.sigmoid(pres_logit)
-        if self.training:
-            u = torch.rand_like(pres_logit).clamp(EPS, 1 - EPS)
-            z_pres = torch.sigmoid((pres_logit + torch.log(u) - torch.log1p(-u)) / tau)
-        else:
-            z_pres = pres_prob
+        # z_pres's logistic noise, drawn here, before the other latents' noise (the order of the draws)
+        u = torch.rand_like(pres_logit).clamp(EPS, 1 - EPS) if self.training else None
         depth_mu, depth_sigma = normal_params(cells(self.z_depth_net(e)), cfg.z_depth_dim)  # (B, G, G, 1)
         scale_mu, scale_sigma = normal_params(cells(self.z_scale_net(e)), 2)  # (B, G, G, 2)
         shift_mu, shift_sigma = normal_params(cells(self.z_shift_net(e)), 2)
@@ -367,23 +368,55 @@ class Foreground(nn.Module):
         centre_f, size_f = centre.reshape(b, c, 2), size.reshape(b, c, 2)
         glimpses = extract_glimpses(x, centre_f, size_f, s)  # (B*C, 3, S, S)
         if cfg.sparse_threshold > 0:
-            maps, kl_what, decoded = sparse_cells(self.glimpse_maps, glimpses, pres_prob.reshape(-1),
+            # (cells the refine search fixed on are decoded too, so the cached cells of refine.py are not used)
+            maps, kl_what, decoded = sparse_cells(self.glimpse_maps, glimpses,
+                                                  torch.sigmoid(self._fixed(pres_logit)).reshape(-1),
                                                   cfg.sparse_threshold)
         else:
             maps, kl_what = self.glimpse_maps(glimpses)  # (B*C, 5, S, S) alpha_att, o_att, band; (B*C,)
             decoded = b * c
+        return {"pres_logit": pres_logit, "u": u, "depth_mu": depth_mu, "depth_sigma": depth_sigma,
+                "scale_mu": scale_mu, "scale_sigma": scale_sigma, "shift_mu": shift_mu, "shift_sigma": shift_sigma,
+                "z_depth": z_depth, "centre": centre, "size": size,
+                "maps": maps.view(b, c, 5, s, s), "kl_what": kl_what.view(b, g, g), "glimpses_decoded": decoded}
 
-        alpha, mu_fg, overlap, depth_weight = self.render(maps.view(b, c, 5, s, s), z_pres.reshape(b, c),
-                                                          z_depth[..., 0].reshape(b, c), centre_f, size_f)
+    def _fixed(self, pres_logit):
+        """The z_pres logits (B, G, G) with the cells space/refine.py's search decided set: z_pres_fixed's 0 or
+        1 as -+FIXED_LOGIT, NaN = inferred."""
+        if self.z_pres_fixed is None:
+            return pres_logit
+        fixed = self.z_pres_fixed.to(pres_logit)
+        return torch.where(torch.isnan(fixed), pres_logit, (2 * fixed - 1) * FIXED_LOGIT)
+
+    def finish(self, cells, z_scale_prior_mean: float, z_scale_prior_std: float, z_pres_prior: float, tau: float):
+        """Algorithm 1 from z_pres on: `infer_cells`'s output -> z_pres, the composite and the KL terms."""
+        cfg = self.cfg
+        pres_logit = cells["pres_logit"]  # (B, G, G)
+        b, g = pres_logit.shape[0], pres_logit.shape[1]
+        c = g * g
+        pres_logit = self._fixed(pres_logit)
+        pres_prob = torch.sigmoid(pres_logit)
+        # z_pres: relaxed Bernoulli (binary Gumbel-softmax) with temperature tau; hard samples for display.
+        if self.training:
+            u = cells["u"]
+            z_pres = torch.sigmoid((pres_logit + torch.log(u) - torch.log1p(-u)) / tau)
+        else:
+            z_pres = pres_prob
+        z_depth, maps = cells["z_depth"], cells["maps"]
+        centre_f, size_f = cells["centre"].reshape(b, c, 2), cells["size"].reshape(b, c, 2)
+        alpha, mu_fg, overlap, depth_weight = self.render(maps, z_pres.reshape(b, c), z_depth[..., 0].reshape(b, c),
+                                                          centre_f, size_f)
 
         # KL terms (appendix B), per cell; z_where, z_depth, z_what weighted by the z_pres sample (the
         # paper's appendix) or charged for every cell (model.kl_weighting, the paper's code).
         kl_pres = bernoulli_kl(pres_prob, z_pres_prior)  # (B, G, G)
+        scale_mu = cells["scale_mu"]
         scale_prior = scale_mu.new_tensor(z_scale_prior_means(z_scale_prior_mean, cfg.z_scale_prior_aspect))  # (2,)
-        kl_scale = gaussian_kl(scale_mu, scale_sigma, scale_prior, z_scale_prior_std).sum(-1)
-        kl_shift = gaussian_kl(shift_mu, shift_sigma, cfg.z_shift_prior_mean, cfg.z_shift_prior_std).sum(-1)
-        kl_depth = gaussian_kl(depth_mu, depth_sigma, cfg.z_depth_prior_mean, cfg.z_depth_prior_std).sum(-1)
-        kl_what = kl_what.view(b, g, g)
+        kl_scale = gaussian_kl(scale_mu, cells["scale_sigma"], scale_prior, z_scale_prior_std).sum(-1)
+        kl_shift = gaussian_kl(cells["shift_mu"], cells["shift_sigma"], cfg.z_shift_prior_mean,
+                               cfg.z_shift_prior_std).sum(-1)
+        kl_depth = gaussian_kl(cells["depth_mu"], cells["depth_sigma"], cfg.z_depth_prior_mean,
+                               cfg.z_depth_prior_std).sum(-1)
         zp = z_pres if cfg.kl_weighting == "z_pres" else torch.ones_like(z_pres)
         return {
             "alpha": alpha,  # (B, 1, N, N)
@@ -392,15 +425,15 @@ class Foreground(nn.Module):
             "kl_pres": kl_pres.sum((1, 2)),
             "kl_where": (zp * (kl_scale + kl_shift)).sum((1, 2)),
             "kl_depth": (zp * kl_depth).sum((1, 2)),
-            "kl_what": (zp * kl_what).sum((1, 2)),
+            "kl_what": (zp * cells["kl_what"]).sum((1, 2)),
             "z_pres": z_pres,  # (B, G, G) relaxed sample
             "z_pres_prob": pres_prob,  # (B, G, G)
-            "centre": centre,  # (B, G, G, 2) fraction of the image, (x, y)
-            "size": size,  # (B, G, G, 2)
+            "centre": cells["centre"],  # (B, G, G, 2) fraction of the image, (x, y)
+            "size": cells["size"],  # (B, G, G, 2)
             "z_depth": z_depth,
-            "glimpses_decoded": decoded,
+            "glimpses_decoded": cells["glimpses_decoded"],
             # For evaluation (which glimpse owns a pixel); not kept in training, where they would hold memory.
-            **({} if self.training else {"glimpse_maps": maps.view(b, c, 5, s, s), "depth_weight": depth_weight}),
+            **({} if self.training else {"glimpse_maps": maps, "depth_weight": depth_weight}),
         }
 
 
@@ -630,15 +663,16 @@ class SPACE(nn.Module):
         self.fg = Foreground(cfg)
         self.bg = Background(cfg)
 
-    def forward(self, x, step: int = 0, bg: dict | None = None):
+    def forward(self, x, step: int = 0, bg: dict | None = None, fg_cells: dict | None = None):
         """x (B, 3, N, N) in [0, 1] -> the loss and everything needed to look at the decomposition.
-        bg: the background's output on x, when already computed (space/refine.py reuses it in eval mode)."""
+        bg, fg_cells: the background's output on x and the foreground's `infer_cells`, when already computed
+        (space/refine.py reuses them in eval mode; neither depends on z_pres)."""
         cfg = self.cfg
         bg = self.bg(x) if bg is None else bg
         pi = bg["log_pi"].exp()
         bg_image = (pi * bg["mu_bg"]).sum(1)  # (B, 3, N, N)
         fg = self.fg(x, cfg.z_scale_prior_mean.at(step), cfg.z_scale_prior_std.at(step), cfg.z_pres_prior.at(step),
-                     cfg.tau.at(step))
+                     cfg.tau.at(step), fg_cells)
         alpha = fg["alpha"].clamp(EPS, 1 - EPS)  # (B, 1, N, N)
         if step < cfg.fix_alpha_steps:  # appendix D.2: a fixed alpha lets both modules start learning
             alpha = torch.full_like(alpha, cfg.fix_alpha_value)

@@ -18,8 +18,8 @@ a stricter prior on z_pres at inference time: a cell stays on only if it lowers 
 cells on too. At no cost that added more boxes than it removed on the reference's validation split; with
 60 nats a cell it found more objects and fewer extra boxes (BENCHMARKS.md, "The reference experiment").
 No labels are used: it is inference, a search for the posterior's mode over z_pres, and evaluation runs it
-only on request (`python -m space evaluate --refine`). Each round costs one forward pass per candidate
-cell of every image still improving.
+only on request (`python -m space evaluate --refine`). The background and each cell's glimpse networks
+run once per frame; each try of a round composites the glimpses anew and recomputes the objective.
 """
 
 from __future__ import annotations
@@ -27,14 +27,22 @@ from __future__ import annotations
 import torch
 
 
-def objective_with(model, x, step: int, fixed, bg: dict | None = None):
+def objective_with(model, x, step: int, fixed, bg: dict | None = None, fg_cells: dict | None = None):
     """The model's output on x (B, 3, N, N) with z_pres fixed to `fixed` (B, G, G): 0 or 1, NaN = inferred.
-    bg: the background's output on x, if already computed (it does not depend on z_pres)."""
+    bg, fg_cells: the background's output and the foreground's per-cell inference (`Foreground.infer_cells`)
+    on x, if already computed: neither depends on z_pres."""
     model.fg.z_pres_fixed = fixed
     try:
-        return model(x, step, bg=bg)
+        return model(x, step, bg=bg, fg_cells=fg_cells)
     finally:
         model.fg.z_pres_fixed = None
+
+
+def _rows(d: dict | None, which):
+    """A dict of batch-first tensors (and other values, kept) at the rows `which`."""
+    if d is None:
+        return None
+    return {k: v[which] if torch.is_tensor(v) else v for k, v in d.items()}
 
 
 @torch.no_grad()
@@ -42,8 +50,8 @@ def refined_output(model, x, step: int, threshold: float = 0.5, candidates: floa
                    cell_cost: float = 0.0):
     """The search below, then the model's output on x with z_pres at the decisions it settled on (1 or 0;
     the background reused): (out, present (B, G, G) bool, prob (B, G, G) amortised, flips (B,))."""
-    present, prob, flips, bg = _search(model, x, step, threshold, candidates, cell_cost)
-    return objective_with(model, x, step, present.float(), bg), present, prob, flips
+    present, prob, flips, bg, cells = _search(model, x, step, threshold, candidates, cell_cost)
+    return objective_with(model, x, step, present.float(), bg, cells), present, prob, flips
 
 
 @torch.no_grad()
@@ -56,12 +64,17 @@ def refine_presence(model, x, step: int, threshold: float = 0.5, candidates: flo
 
 def _search(model, x, step: int, threshold: float, candidates: float | None, cell_cost: float = 0.0,
             batch_size: int = 64):
-    """refine_presence's search; also returns the background's output on x (a dict), computed once."""
+    """refine_presence's search; also returns the background's output on x and the foreground's per-cell
+    inference (dicts; the latter None in sparse mode), each computed once for every try."""
     if model.training:
         raise RuntimeError("refine_presence: put the model in eval mode first (model.eval())")
     candidates = threshold if candidates is None else candidates
-    out = model(x, step)
-    prob, bg = out["fg"]["z_pres_prob"], out["bg"]  # (B, G, G); the background, computed once for every try
+    bg = model.bg(x)
+    # Each cell's latents, glimpse and decoded maps do not depend on z_pres: a try only composites them
+    # anew. Not in sparse mode, where the cells decoded depend on the ones switched on.
+    cells = model.fg.infer_cells(x) if model.cfg.sparse_threshold == 0 else None
+    out = model(x, step, bg=bg, fg_cells=cells)
+    prob = out["fg"]["z_pres_prob"]  # (B, G, G)
     b, g = prob.shape[0], prob.shape[1]
     state = (prob > threshold).float()  # (B, G, G) the current hard decisions
     if cell_cost < 0:
@@ -70,7 +83,7 @@ def _search(model, x, step: int, threshold: float, candidates: float | None, cel
     def cost(decisions):  # (T, G, G) -> (T,) the objective's charge for the cells on
         return cell_cost * decisions.flatten(1).sum(1)
 
-    best = objective_with(model, x, step, state, bg)["objective"] + cost(state)  # (B,)
+    best = objective_with(model, x, step, state, bg, cells)["objective"] + cost(state)  # (B,)
     open_ = prob > candidates  # (B, G, G) cells that may still flip
     flips = torch.zeros(b, dtype=torch.long)
     active = torch.ones(b, dtype=torch.bool)
@@ -86,8 +99,8 @@ def _search(model, x, step: int, threshold: float, candidates: float | None, cel
         value = []
         for i in range(0, img.numel(), batch_size):
             which = img[i:i + batch_size]  # the images of these tries
-            value.append(objective_with(model, x[which], step, tried[i:i + batch_size],
-                                        {k: v[which] for k, v in bg.items()})["objective"])
+            value.append(objective_with(model, x[which], step, tried[i:i + batch_size], _rows(bg, which),
+                                        _rows(cells, which))["objective"])
         value = torch.cat(value) + cost(tried)  # (T,)
         # Per image, the flip with the lowest objective, if it is below the image's current one.
         gain = torch.full((b,), float("inf"))
@@ -100,4 +113,4 @@ def _search(model, x, step: int, threshold: float, candidates: float | None, cel
             best[i] = gain[i]
             flips[i] += 1
         active &= improved
-    return state > 0.5, prob, flips, bg
+    return state > 0.5, prob, flips, bg, cells

@@ -99,6 +99,24 @@ def test_a_background_computed_once_gives_the_same_objective():
     assert torch.allclose(cached["objective"], fresh["objective"], rtol=1e-5)
 
 
+def test_the_foregrounds_cells_computed_once_give_the_same_output():
+    """The search computes each cell's latents and glimpse maps once per frame (they do not depend on
+    z_pres) and composites them anew for every try: the same objective, composite and KLs as a fresh pass."""
+    model = _model()
+    x = torch.rand(3, 3, 32, 32)
+    fixed = torch.full((3, 4, 4), float("nan"))
+    fixed[0, 0, 0], fixed[1, 2, 3], fixed[2, 1, 1] = 1.0, 0.0, 1.0
+    with torch.no_grad():
+        cells = model.fg.infer_cells(x)
+        which = torch.tensor([2, 0])
+        cached = objective_with(model, x[which], 0, fixed[which], None,
+                                {k: v[which] if torch.is_tensor(v) else v for k, v in cells.items()})
+        fresh = objective_with(model, x[which], 0, fixed[which])
+    assert torch.allclose(cached["objective"], fresh["objective"], rtol=1e-6)
+    for k in ("alpha", "mu_fg", "overlap", "kl_pres", "kl_where", "kl_what", "z_pres_prob"):
+        assert torch.allclose(cached["fg"][k], fresh["fg"][k], rtol=1e-6, atol=1e-7), k
+
+
 def test_a_cell_cost_ends_where_no_switch_off_lowers_the_objective_plus_the_cost():
     model = _model()
     x = torch.rand(3, 3, 32, 32)
