@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--refine", action="store_true",
                    help="not in the paper: refine each frame's z_pres decisions by the model's own objective "
                         "(switch a cell off while that lowers -ELBO + boundary loss; space/refine.py), "
-                        "then score those (about 1.5x the time of amortised scoring)")
+                        "then score those (1.5-4 times the time of amortised scoring)")
     _add_refine_flags(e)
     _add_pass_flags(e)
 
