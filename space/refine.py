@@ -68,6 +68,8 @@ def _search(model, x, step: int, threshold: float, candidates: float | None, cel
     inference (dicts; the latter None in sparse mode), each computed once for every try."""
     if model.training:
         raise RuntimeError("refine_presence: put the model in eval mode first (model.eval())")
+    if cell_cost < 0:
+        raise ValueError(f"cell_cost: 0 or more nats a cell, got {cell_cost}")
     candidates = threshold if candidates is None else candidates
     bg = model.bg(x)
     # Each cell's latents, glimpse and decoded maps do not depend on z_pres: a try only composites them
@@ -77,8 +79,6 @@ def _search(model, x, step: int, threshold: float, candidates: float | None, cel
     prob = out["fg"]["z_pres_prob"]  # (B, G, G)
     b, g = prob.shape[0], prob.shape[1]
     state = (prob > threshold).float()  # (B, G, G) the current hard decisions
-    if cell_cost < 0:
-        raise ValueError(f"cell_cost: 0 or more nats a cell, got {cell_cost}")
 
     def cost(decisions):  # (T, G, G) -> (T,) the objective's charge for the cells on
         return cell_cost * decisions.flatten(1).sum(1)
