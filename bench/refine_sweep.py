@@ -8,7 +8,7 @@
 
 For each seed, cost and candidate threshold it runs `python -m space evaluate --refine` on the seed's
 checkpoint (`--checkpoint`, default best) into `eval/seeds/SEED/SPLIT_refined_cCOST_pP/` under the
-experiment, skipping any whose metrics.json is already there (a sweep stopped half-way resumes), then
+experiment (`..._pP_CHECKPOINT/` for a checkpoint other than best), skipping any whose metrics.json is already there (a sweep stopped half-way resumes), then
 tabulates AP50, count error, count accuracy and detections per setting: the mean over seeds, then each seed.
 Choose on the validation split and score the choice once on test.
 """
@@ -27,8 +27,11 @@ from benchlib import add_from_flags, emit, machine, print_from  # noqa: E402
 SCORES = ("ap50", "count_error", "count_accuracy", "detections", "refine_flips", "seconds")
 
 
-def folder_name(split: str, cost: float, candidates: float) -> str:
-    return f"{split}_refined_c{cost:g}_p{candidates:g}"
+def folder_name(split: str, cost: float, candidates: float, checkpoint: str = "best") -> str:
+    """Where one setting's scores go; the checkpoint is in the name, so that a sweep of another checkpoint
+    never reads back the best's scores as its own."""
+    name = f"{split}_refined_c{cost:g}_p{candidates:g}"
+    return name if checkpoint == "best" else f"{name}_{Path(checkpoint).stem}"
 
 
 def sweep(experiment: Path, data: str, split: str, costs, candidates, checkpoint: str) -> dict:
@@ -41,7 +44,7 @@ def sweep(experiment: Path, data: str, split: str, costs, candidates, checkpoint
     for p in candidates:
         for c in costs:
             for seed in seeds:
-                out = experiment / "eval" / "seeds" / seed / folder_name(split, c, p)
+                out = experiment / "eval" / "seeds" / seed / folder_name(split, c, p, checkpoint)
                 if not (out / "metrics.json").exists():
                     subprocess.run([sys.executable, "-m", "space", "evaluate", "--run", str(experiment / "seeds" / seed),
                                     "--checkpoint", checkpoint, "--data", data, "--split", split, "--out", str(out),

@@ -398,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threshold", type=float, default=0.5, help="z_pres probability of a detection (default: 0.5)")
     e.add_argument("--refine", action="store_true",
                    help="not in the paper: refine each frame's z_pres decisions by the model's own objective "
-                        "(switch a cell off while that lowers -ELBO + boundary loss; space/refine.py), "
+                        "(switch cells off, or on with --refine-candidates, while that lowers -ELBO + boundary loss "
+                        "+ --refine-cost a cell; space/refine.py), "
                         "then score those (1.5-4 times the time of amortised scoring)")
     _add_refine_flags(e)
     _add_pass_flags(e)
