@@ -186,7 +186,8 @@ def cmd_show(ns) -> int:
             from .refine import refined_output
 
             # z_pres of the refined cells 1, the others 0
-            out = refined_output(model, x, step, candidates=ns.refine_candidates, cell_cost=ns.refine_cost)[0]
+            out = refined_output(model, x, step, candidates=ns.refine_candidates, cell_cost=ns.refine_cost,
+                                 box_steps=ns.refine_box_steps, box_lr=ns.refine_box_lr)[0]
         else:
             out = model(x, step)
     _write_png(Image.fromarray(decomposition_grid(x, out, rows=len(frames))), ns.out)
@@ -202,6 +203,11 @@ def _add_refine_flags(parser) -> None:
     parser.add_argument("--refine-cost", type=float, default=0.0, metavar="NATS",
                         help="with --refine, nats the search charges for every cell on, over the model's objective: "
                              "a stricter z_pres prior at inference, fewer boxes (default: 0)")
+    parser.add_argument("--refine-box-steps", type=int, default=0, metavar="N",
+                        help="with --refine, N Adam steps on the boxes (z_scale, z_shift) of the cells on after the "
+                             "search, lowering the same objective, then the search again (default: 0, boxes as encoded)")
+    parser.add_argument("--refine-box-lr", type=float, default=0.1, metavar="LR",
+                        help="with --refine-box-steps, Adam's step size on the boxes' latents (default: 0.1)")
 
 
 def _check_refine_flags(ns) -> None:
@@ -209,7 +215,12 @@ def _check_refine_flags(ns) -> None:
         raise ConfigError(f"--refine-candidates: a z_pres probability in [0, 1], got {ns.refine_candidates}")
     if not ns.refine_cost >= 0:  # NaN fails too
         raise ConfigError(f"--refine-cost: 0 or more nats a cell, got {ns.refine_cost}")
-    for flag, given in (("--refine-candidates", ns.refine_candidates is not None), ("--refine-cost", ns.refine_cost)):
+    if ns.refine_box_steps < 0:
+        raise ConfigError(f"--refine-box-steps: 0 or more Adam steps, got {ns.refine_box_steps}")
+    if not ns.refine_box_lr > 0:
+        raise ConfigError(f"--refine-box-lr: a step size above 0, got {ns.refine_box_lr}")
+    for flag, given in (("--refine-candidates", ns.refine_candidates is not None), ("--refine-cost", ns.refine_cost),
+                        ("--refine-box-steps", ns.refine_box_steps)):
         if given and not ns.refine:
             raise ConfigError(f"{flag}: applies to the refined decisions only; add --refine")
 
@@ -238,7 +249,8 @@ def cmd_evaluate(ns) -> int:
         output_dir(str(run / "eval" / ns.split), "the output folder (default of --out)")
     metrics = evaluate(str(run), ns.data, ns.split, ns.out, ns.threshold, ns.batch_size, ns.frames, device,
                        progress=not ns.quiet, checkpoint=path, refine=ns.refine,
-                       refine_candidates=ns.refine_candidates, refine_cost=ns.refine_cost)
+                       refine_candidates=ns.refine_candidates, refine_cost=ns.refine_cost,
+                       refine_box_steps=ns.refine_box_steps, refine_box_lr=ns.refine_box_lr)
     if ns.out is None:
         mirror.push(f"eval/{ns.split}")  # into the object-store run too, when the run lives there
     print(json.dumps(metrics, indent=2))

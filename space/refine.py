@@ -20,11 +20,19 @@ cells on too. At no cost that added more boxes than it removed on the reference'
 No labels are used: it is inference, a search for the posterior's mode over z_pres, and evaluation runs it
 only on request (`python -m space evaluate --refine`). The background and each cell's glimpse networks
 run once per frame; each try of a round composites the glimpses anew and recomputes the objective.
+
+The encoder's boxes are amortised too, and a glimpse often sits on part of an object. With `box_steps`
+(`--refine-box-steps`) the search is followed by gradient steps on the posterior means of z_scale and
+z_shift of the cells on, z_pres held, each glimpse read and encoded anew at its moved box (semi-amortised
+inference: the encoder's guess, then a few steps on the same objective), and the search runs again from
+its decisions: a box grown over its whole object leaves the cell on the rest of it nothing to explain.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .model import extract_glimpses, where_to_box
 
 
 def objective_with(model, x, step: int, fixed, bg: dict | None = None, fg_cells: dict | None = None):
@@ -47,11 +55,69 @@ def _rows(d: dict | None, which):
 
 @torch.no_grad()
 def refined_output(model, x, step: int, threshold: float = 0.5, candidates: float | None = None,
-                   cell_cost: float = 0.0):
+                   cell_cost: float = 0.0, box_steps: int = 0, box_lr: float = 0.1):
     """The search below, then the model's output on x with z_pres at the decisions it settled on (1 or 0;
-    the background reused): (out, present (B, G, G) bool, prob (B, G, G) amortised, flips (B,))."""
+    the background reused): (out, present (B, G, G) bool, prob (B, G, G) amortised, flips (B,)).
+    box_steps > 0: then the boxes of the cells on are refined (`refine_boxes`) and the search runs again
+    from its decisions with the new boxes."""
     present, prob, flips, bg, cells = _search(model, x, step, threshold, candidates, cell_cost)
+    if box_steps > 0 and cells is not None:
+        cells = refine_boxes(model, x, step, present, cells, bg, box_steps, box_lr)
+        present, _, more, bg, cells = _search(model, x, step, threshold, candidates, cell_cost,
+                                              cells=cells, bg=bg, start=present, prob=prob)
+        flips = flips + more
     return objective_with(model, x, step, present.float(), bg, cells), present, prob, flips
+
+
+def refine_boxes(model, x, step: int, present, cells: dict, bg: dict, steps: int, lr: float) -> dict:
+    """The posterior means of z_scale and z_shift of the cells on (present (B, G, G) bool), moved by Adam to
+    lower each image's objective, z_pres fixed: a glimpse on part of an object can grow to cover it. Each
+    cell's glimpse is read anew at its box and encoded, so z_what follows the box. `cells` is
+    `Foreground.infer_cells`'s output; returns it with the boxes, maps and z_what KLs of the cells on
+    replaced, at the step where each image's objective was lowest."""
+    b, g = present.shape[:2]
+    s = model.cfg.glimpse_size
+    on = torch.nonzero(present.flatten())[:, 0]  # (M,) flat (image, cell) indices
+    if on.numel() == 0 or steps <= 0:
+        return cells
+    img = on // (g * g)  # (M,)
+    fixed = present.float()
+
+    def with_boxes(d_scale, d_shift):  # (M, 2) each -> cells with the cells on moved
+        scale_mu = cells["scale_mu"].reshape(-1, 2).index_add(0, on, d_scale).view_as(cells["scale_mu"])
+        shift_mu = cells["shift_mu"].reshape(-1, 2).index_add(0, on, d_shift).view_as(cells["shift_mu"])
+        centre, size = where_to_box(scale_mu, shift_mu, g, model.cfg.shift_range)  # (B, G, G, 2) each
+        c_on, s_on = centre.reshape(-1, 2)[on], size.reshape(-1, 2)[on]  # (M, 2)
+        glimpses = extract_glimpses(x[img], c_on[:, None], s_on[:, None], s)  # (M, 3, S, S)
+        maps_on, kl_on = model.fg.glimpse_maps(glimpses)  # (M, 5, S, S), (M,)
+        maps = cells["maps"].reshape(-1, 5, s, s).index_copy(0, on, maps_on).view_as(cells["maps"])
+        kl_what = cells["kl_what"].reshape(-1).index_copy(0, on, kl_on).view_as(cells["kl_what"])
+        return {**cells, "scale_mu": scale_mu, "shift_mu": shift_mu, "centre": centre, "size": size,
+                "maps": maps, "kl_what": kl_what}
+
+    d_scale = torch.zeros(on.numel(), 2, requires_grad=True)
+    d_shift = torch.zeros(on.numel(), 2, requires_grad=True)
+    best = torch.full((b,), float("inf"))
+    best_scale, best_shift = d_scale.detach().clone(), d_shift.detach().clone()
+    opt = torch.optim.Adam([d_scale, d_shift], lr=lr)
+    for i in range(steps + 1):
+        with torch.enable_grad():
+            out = objective_with(model, x, step, fixed, bg, with_boxes(d_scale, d_shift))
+            value = out["objective"]  # (B,) detached
+            better = value < best  # keep each image's lowest so far
+            best = torch.where(better, value, best)
+            keep = better[img]  # (M,)
+            best_scale[keep] = d_scale.detach()[keep]
+            best_shift[keep] = d_shift.detach()[keep]
+            if i == steps:
+                break
+            # the images' objectives are independent, so their sum's gradient is each one's own
+            total = b * (out["terms"]["boundary_loss"] - out["terms"]["elbo"])
+            # only the boxes' gradients: the model's weights get none
+            d_scale.grad, d_shift.grad = torch.autograd.grad(total, [d_scale, d_shift])
+        opt.step()
+    with torch.no_grad():
+        return with_boxes(best_scale, best_shift)
 
 
 @torch.no_grad()
@@ -63,22 +129,25 @@ def refine_presence(model, x, step: int, threshold: float = 0.5, candidates: flo
 
 
 def _search(model, x, step: int, threshold: float, candidates: float | None, cell_cost: float = 0.0,
-            batch_size: int = 64):
+            batch_size: int = 64, cells: dict | None = None, bg: dict | None = None, start=None, prob=None):
     """refine_presence's search; also returns the background's output on x and the foreground's per-cell
-    inference (dicts; the latter None in sparse mode), each computed once for every try."""
+    inference (dicts; the latter None in sparse mode), each computed once for every try. cells, bg, start
+    (B, G, G) bool and prob (B, G, G): a search again from decisions `start` with cells already inferred
+    (and moved by `refine_boxes`), the candidates still chosen by the amortised `prob`."""
     if model.training:
         raise RuntimeError("refine_presence: put the model in eval mode first (model.eval())")
     if cell_cost < 0:
         raise ValueError(f"cell_cost: 0 or more nats a cell, got {cell_cost}")
     candidates = threshold if candidates is None else candidates
-    bg = model.bg(x)
+    bg = model.bg(x) if bg is None else bg
     # Each cell's latents, glimpse and decoded maps do not depend on z_pres: a try only composites them
     # anew. Not in sparse mode, where the cells decoded depend on the ones switched on.
-    cells = model.fg.infer_cells(x) if model.cfg.sparse_threshold == 0 else None
-    out = model(x, step, bg=bg, fg_cells=cells)
-    prob = out["fg"]["z_pres_prob"]  # (B, G, G)
+    if cells is None and model.cfg.sparse_threshold == 0:
+        cells = model.fg.infer_cells(x)
+    if prob is None:
+        prob = model(x, step, bg=bg, fg_cells=cells)["fg"]["z_pres_prob"]  # (B, G, G)
     b, g = prob.shape[0], prob.shape[1]
-    state = (prob > threshold).float()  # (B, G, G) the current hard decisions
+    state = (prob > threshold).float() if start is None else start.float()  # (B, G, G) the current hard decisions
 
     def cost(decisions):  # (T, G, G) -> (T,) the objective's charge for the cells on
         return cell_cost * decisions.flatten(1).sum(1)

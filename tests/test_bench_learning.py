@@ -289,23 +289,25 @@ def test_refine_sweep_reads_scored_settings_back_and_averages_over_every_seed(tm
     import refine_sweep
 
     exp = tmp_path / "x"
-    scores = {(0, 30.0, 0.5): (0.7, 0.12), (1, 30.0, 0.5): (0.8, 0.14), (0, 60.0, 0.05): (0.72, 0.10),
-              (1, 60.0, 0.05): (0.78, 0.20)}
-    for (seed, cost, p), (ap, ce) in scores.items():
+    scores = {(0, 30.0, 0.5, 0): (0.7, 0.12), (1, 30.0, 0.5, 0): (0.8, 0.14), (0, 60.0, 0.05, 0): (0.72, 0.10),
+              (1, 60.0, 0.05, 0): (0.78, 0.20), (0, 60.0, 0.05, 40): (0.8, 0.08), (1, 60.0, 0.05, 40): (0.84, 0.10)}
+    for (seed, cost, p, n), (ap, ce) in scores.items():
         (exp / "seeds" / str(seed) / "checkpoints").mkdir(parents=True, exist_ok=True)
-        out = exp / "eval" / "seeds" / str(seed) / refine_sweep.folder_name("val", cost, p)
+        out = exp / "eval" / "seeds" / str(seed) / refine_sweep.folder_name("val", cost, p, "best", n, 0.3)
         out.mkdir(parents=True)
         (out / "metrics.json").write_text(json.dumps({"ap50": ap, "count_error": ce, "count_accuracy": 0.5,
                                                       "detections": 100 + seed, "refine_flips": 7, "seconds": 1.0}))
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("nothing should be rerun"))
     off = refine_sweep.sweep(exp, "store.zarr", "val", [30.0], [0.5], "best")
-    on = refine_sweep.sweep(exp, "store.zarr", "val", [60.0], [0.05], "best")
+    on = refine_sweep.sweep(exp, "store.zarr", "val", [60.0], [0.05], "best", [0, 40], [0.3])
     lines = refine_sweep.table({"rows": off["rows"] + on["rows"]}).splitlines()
+    assert refine_sweep.folder_name("val", 60.0, 0.05, "best", 40, 0.3) == "val_refined_c60_p0.05_b40_lr0.3"
     # another checkpoint's sweep has folders of its own, never the best's
     assert refine_sweep.folder_name("val", 30.0, 0.5, "last") == "val_refined_c30_p0.5_last"
     assert refine_sweep.folder_name("val", 30.0, 0.5, "runs/x/checkpoints/step.pt") == "val_refined_c30_p0.5_step"
-    assert lines[2] == "| 0.5 | 30 | 0.750 | 0.130 | 0.120, 0.140 | 0.500 | 201 | 14 |"
-    assert lines[3] == "| 0.05 | 60 | 0.750 | 0.150 | 0.100, 0.200 | 0.500 | 201 | 14 |"
+    assert lines[2] == "| 0.5 | 30 | 0 | 0.750 | 0.130 | 0.120, 0.140 | 0.500 | 201 | 14 |"
+    assert lines[3] == "| 0.05 | 60 | 0 | 0.750 | 0.150 | 0.100, 0.200 | 0.500 | 201 | 14 |"
+    assert lines[4] == "| 0.05 | 60 | 40 (0.3) | 0.820 | 0.090 | 0.080, 0.100 | 0.500 | 201 | 14 |"
     (tmp_path / "empty" / "seeds").mkdir(parents=True)
     for folder in (tmp_path / "empty", tmp_path / "nowhere"):
         with pytest.raises(SystemExit, match="no trained seed"):

@@ -100,6 +100,7 @@ def test_evaluate_refine_scores_the_cells_the_search_settles_on(trained, tmp_pat
                        "--quiet", "--device", "cpu"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["refined"] is True and isinstance(metrics["refine_flips"], int) and metrics["refine_cost"] == 0
+    assert metrics["refine_box_steps"] == 0
     # The same search run here on the same frames: its cells are the detections, scored by the amortised
     # probability, so each detection's score is one of its cells' probabilities.
     from space.checkpoints import load_model
@@ -142,6 +143,13 @@ def test_show_refine_draws_the_refined_decisions(trained, tmp_path):
         present, _, _ = refine_presence(model, x, step, candidates=0.05, cell_cost=20.0)
         out = objective_with(model, x, step, present.float())
     assert np.array_equal(np.asarray(Image.open(png).convert("RGB")), decomposition_grid(x, out, rows=4))
+    # and its box steps: the boxes drawn are the moved ones
+    assert space_main(["show", "--run", str(run), "--data", str(store), "--split", "test", "--count", "4",
+                       "--refine", "--refine-box-steps", "3", "--out", str(png)]) == 0
+    from space.refine import refined_output
+
+    out = refined_output(model, x, step, box_steps=3)[0]
+    assert np.array_equal(np.asarray(Image.open(png).convert("RGB")), decomposition_grid(x, out, rows=4))
     assert space_main(["show", "--run", str(run), "--data", str(store), "--refine-cost", "20",
                        "--out", str(tmp_path / "no.png")]) == 2
     assert not (tmp_path / "no.png").exists()
@@ -156,6 +164,9 @@ def test_show_refine_draws_the_refined_decisions(trained, tmp_path):
     (["--refine", "--refine-cost", "-1"], ["--refine-cost", "0 or more"]),
     (["--refine-cost", "5"], ["--refine-cost", "add --refine"]),
     (["--refine-candidates", "0.1"], ["--refine-candidates", "add --refine"]),
+    (["--refine-box-steps", "5"], ["--refine-box-steps", "add --refine"]),
+    (["--refine", "--refine-box-steps", "-1"], ["--refine-box-steps", "0 or more"]),
+    (["--refine", "--refine-box-steps", "5", "--refine-box-lr", "0"], ["--refine-box-lr", "above 0"]),
 ])
 def test_evaluate_bad_input_is_named(trained, tmp_path, capsys, argv, words):
     store, run = trained

@@ -198,6 +198,10 @@ def test_latents_all_encodes_each_seeds_run_on_its_test_split():
                                                "refine_cost": -1}}), "refine_cost"),
         (lambda p: p.update(experiments={"x": {"dataset": "room3d_small", "preset": "demo", "refine": True,
                                                "refine_candidates": 1.5}}), "refine_candidates"),
+        (lambda p: p.update(experiments={"x": {"dataset": "room3d_small", "preset": "demo",
+                                               "refine_box_steps": 10}}), "set refine: true"),
+        (lambda p: p.update(experiments={"x": {"dataset": "room3d_small", "preset": "demo", "refine": True,
+                                               "refine_box_lr": 0}}), "refine_box_lr"),
     ],
 )
 def test_bad_params_are_refused_before_any_job(tmp_path, mutate, named):

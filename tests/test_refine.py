@@ -8,7 +8,8 @@ import torch
 
 from space.config import ModelConfig
 from space.model import SPACE
-from space.refine import objective_with, refine_presence
+from space.model import extract_glimpses
+from space.refine import objective_with, refine_boxes, refine_presence, refined_output
 
 
 def _model(seed: int = 0) -> SPACE:
@@ -142,3 +143,45 @@ def _off(state, r, c):
     other = state.clone()
     other[r, c] = False
     return other
+
+
+def test_refined_boxes_lower_each_images_objective_and_move_only_the_cells_on():
+    model = _model()
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():  # each image's two likeliest cells on
+        prob = model(x, 0)["fg"]["z_pres_prob"].flatten(1)  # (3, 16)
+    present = torch.zeros_like(prob, dtype=torch.bool).scatter_(1, prob.topk(2, 1).indices, True).view(3, 4, 4)
+    with torch.no_grad():
+        bg, cells = model.bg(x), model.fg.infer_cells(x)
+        before = objective_with(model, x, 0, present.float(), bg, cells)["objective"]
+    moved = refine_boxes(model, x, 0, present, cells, bg, steps=8, lr=0.1)
+    with torch.no_grad():
+        after = objective_with(model, x, 0, present.float(), bg, moved)["objective"]
+    assert (after <= before).all() and (after < before - 1e-3).any()
+    assert all(p.grad is None for p in model.parameters())  # the weights are not trained
+    off = ~present
+    for k in ("scale_mu", "shift_mu", "centre", "size", "maps", "kl_what"):
+        a, b = moved[k].reshape(3, 16, -1), cells[k].reshape(3, 16, -1)
+        assert torch.equal(a[off.view(3, 16)], b[off.view(3, 16)]), k  # cells off keep the encoder's boxes and maps
+    assert not torch.equal(moved["centre"][present], cells["centre"][present])
+    # Each cell on holds the glimpse read at its new box, encoded and decoded, as a one-cell pass computes it.
+    for i, r, c in torch.nonzero(present).tolist():
+        centre, size = moved["centre"][i, r, c].view(1, 1, 2), moved["size"][i, r, c].view(1, 1, 2)
+        with torch.no_grad():
+            maps, kl_what = model.fg.glimpse_maps(extract_glimpses(x[i:i + 1], centre, size, 16))
+        assert torch.allclose(moved["maps"][i, r * 4 + c], maps[0], atol=1e-5)
+        assert torch.allclose(moved["kl_what"][i, r, c], kl_what[0], rtol=1e-5)
+    # The boxes follow the latents' means through the paper's mapping.
+    from space.model import where_to_box
+    centre, size = where_to_box(moved["scale_mu"], moved["shift_mu"], 4, model.cfg.shift_range)
+    assert torch.allclose(centre, moved["centre"]) and torch.allclose(size, moved["size"])
+
+
+def test_refined_output_with_box_steps_searches_again_with_the_moved_boxes():
+    model = _model()
+    x = torch.rand(3, 3, 32, 32)
+    plain = refined_output(model, x, 0, candidates=0.05)
+    out, present, prob, flips = refined_output(model, x, 0, candidates=0.05, box_steps=8)
+    assert torch.equal(prob, plain[2])  # the candidates and scores stay the amortised ones
+    assert (out["objective"] <= plain[0]["objective"] + 1e-4).all()
+    assert torch.equal(out["fg"]["z_pres_prob"] > 0.5, present)

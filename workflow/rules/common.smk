@@ -92,7 +92,7 @@ def _check_experiments() -> dict:
             raise ValueError(
                 f"params: experiments.{name}: both seeds and set: train.seed; list the seeds in seeds alone"
             )
-        for key in ("refine_cost", "refine_candidates"):
+        for key in ("refine_cost", "refine_candidates", "refine_box_steps", "refine_box_lr"):
             if key in exp and not exp.get("refine"):
                 raise ValueError(
                     f"params: experiments.{name}: {key} applies to refined scores only; set refine: true "
@@ -134,8 +134,8 @@ def split_flags(splits: dict) -> str:
 
 
 def refine_flag(wc) -> str:
-    """`--refine ` with the experiment's `refine_cost` and `refine_candidates`, for evaluate and show where it
-    says `refine: true`; else nothing."""
+    """`--refine ` with the experiment's `refine_cost`, `refine_candidates` and box refinement, for evaluate
+    and show where it says `refine: true`; else nothing."""
     exp = config["experiments"][wc.experiment]
     if not exp.get("refine"):
         return ""
@@ -144,6 +144,10 @@ def refine_flag(wc) -> str:
         flags += f"--refine-cost {float(exp['refine_cost'])} "
     if "refine_candidates" in exp:
         flags += f"--refine-candidates {float(exp['refine_candidates'])} "
+    if "refine_box_steps" in exp:
+        flags += f"--refine-box-steps {int(exp['refine_box_steps'])} "
+    if "refine_box_lr" in exp:
+        flags += f"--refine-box-lr {float(exp['refine_box_lr'])} "
     return flags
 
 
