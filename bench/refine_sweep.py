@@ -29,37 +29,41 @@ SCORES = ("ap50", "count_error", "count_accuracy", "detections", "refine_flips",
 
 
 def folder_name(split: str, cost: float, candidates: float, checkpoint: str = "best", box_steps: int = 0,
-                box_lr: float = 0.1) -> str:
+                box_lr: float = 0.1, box_rounds: int = 1) -> str:
     """Where one setting's scores go; the checkpoint is in the name, so that a sweep of another checkpoint
     never reads back the best's scores as its own."""
     name = f"{split}_refined_c{cost:g}_p{candidates:g}"
     if box_steps:
-        name += f"_b{box_steps}_lr{box_lr:g}"
+        name += f"_b{box_steps}" + (f"x{box_rounds}" if box_rounds != 1 else "") + f"_lr{box_lr:g}"
     return name if checkpoint == "best" else f"{name}_{Path(checkpoint).stem}"
 
 
 def _setting(r: dict) -> tuple:
-    """A row's setting: (candidates, cost, box steps, box lr); rows from before the box steps had none."""
+    """A row's setting: (candidates, cost, box steps, box lr, box rounds); rows from before the box steps had
+    none."""
     steps = r.get("box_steps", 0)
-    return r["candidates"], r["cost"], steps, r.get("box_lr", 0.1) if steps else 0.0
+    return (r["candidates"], r["cost"], steps, r.get("box_lr", 0.1) if steps else 0.0,
+            r.get("box_rounds", 1) if steps else 0)
 
 
 def sweep(experiment: Path, data: str, split: str, costs, candidates, checkpoint: str, box_steps=(0,),
-          box_lrs=(0.1,)) -> dict:
+          box_lrs=(0.1,), box_rounds=(1,)) -> dict:
     folder = experiment / "seeds"
     seeds = sorted((p.name for p in folder.iterdir() if (p / "checkpoints").is_dir()), key=int) if folder.is_dir() else []
     if not seeds:
         raise SystemExit(f"error: {experiment}/seeds has no trained seed (seeds/SEED/checkpoints); run the "
                          "pipeline's train_all first")
     rows = []
-    boxes = [(0, 0.0)] * (0 in box_steps) + [(n, lr) for n in box_steps if n for lr in box_lrs]
+    boxes = [(0, 0.0, 0)] * (0 in box_steps) + [(n, lr, r) for n in box_steps if n for lr in box_lrs
+                                                 for r in box_rounds]
     for p in candidates:
         for c in costs:
-            for n, lr in boxes:
+            for n, lr, rounds in boxes:
                 for seed in seeds:
-                    out = experiment / "eval" / "seeds" / seed / folder_name(split, c, p, checkpoint, n, lr)
+                    out = experiment / "eval" / "seeds" / seed / folder_name(split, c, p, checkpoint, n, lr, rounds)
                     if not (out / "metrics.json").exists():
-                        more = ["--refine-box-steps", str(n), "--refine-box-lr", str(lr)] if n else []
+                        more = ["--refine-box-steps", str(n), "--refine-box-lr", str(lr),
+                                "--refine-box-rounds", str(rounds)] if n else []
                         subprocess.run([sys.executable, "-m", "space", "evaluate", "--run",
                                         str(experiment / "seeds" / seed), "--checkpoint", checkpoint, "--data", data,
                                         "--split", split, "--out", str(out), "--refine", "--refine-cost", str(c),
@@ -67,7 +71,7 @@ def sweep(experiment: Path, data: str, split: str, costs, candidates, checkpoint
                                        check=True, stdout=subprocess.DEVNULL)
                     m = json.loads((out / "metrics.json").read_text())
                     rows.append({"seed": int(seed), "cost": c, "candidates": p, "box_steps": n, "box_lr": lr,
-                                 **{k: m[k] for k in SCORES}})
+                                 "box_rounds": rounds, **{k: m[k] for k in SCORES}})
     return {"machine": machine(), "experiment": str(experiment), "split": split, "checkpoint": checkpoint,
             "command": " ".join(sys.argv), "rows": rows}
 
@@ -75,10 +79,10 @@ def sweep(experiment: Path, data: str, split: str, costs, candidates, checkpoint
 def table(results: dict) -> str:
     settings = sorted({_setting(r) for r in results["rows"]}, key=lambda s: (-s[0], *s[1:]))
     seeds = sorted({r["seed"] for r in results["rows"]})
-    lines = ["| candidates | cost (nats) | box steps (lr) | AP50 mean | count error mean | count error per seed "
+    lines = ["| candidates | cost (nats) | box steps (lr) x rounds | AP50 mean | count error mean | count error per seed "
              "| count accuracy | detections | flips |", "|---|---|---|---|---|---|---|---|---|"]
     for setting in settings:
-        p, c, n, lr = setting
+        p, c, n, lr, rounds = setting
         rs = sorted((r for r in results["rows"] if _setting(r) == setting), key=lambda r: r["seed"])
         if [r["seed"] for r in rs] != seeds:
             continue  # a setting not scored on every seed has no mean to compare
@@ -87,7 +91,7 @@ def table(results: dict) -> str:
             return sum(r[k] for r in rs) / len(rs)
 
         per_seed = ", ".join(f"{r['count_error']:.3f}" for r in rs)
-        box = f"{n} ({lr:g})" if n else "0"
+        box = f"{n} ({lr:g}) x {rounds}" if n else "0"
         lines.append(f"| {p:g} | {c:g} | {box} | {mean('ap50'):.3f} | {mean('count_error'):.3f} | {per_seed} | "
                      f"{mean('count_accuracy'):.3f} | {sum(r['detections'] for r in rs)} | "
                      f"{sum(r['refine_flips'] for r in rs)} |")
@@ -107,6 +111,8 @@ def main() -> None:
                     help="Adam steps on the boxes after the search (default: 0, the encoder's boxes)")
     ap.add_argument("--box-lr", type=float, nargs="+", default=[0.1],
                     help="Adam's step sizes for the box steps above 0 (default: 0.1)")
+    ap.add_argument("--box-rounds", type=int, nargs="+", default=[1],
+                    help="how many times the box steps and the search run (default: 1)")
     ap.add_argument("--checkpoint", default="best", help="best (default), best_count, last or a path")
     ap.add_argument("--out", help="also write the results here (JSON)")
     add_from_flags(ap)
@@ -117,10 +123,10 @@ def main() -> None:
         ap.error("--experiment and --data, or --from")
     if any(c < 0 for c in ns.costs) or any(not 0 <= p <= 1 for p in ns.candidates):
         ap.error("--costs are 0 or more nats; --candidates are probabilities in [0, 1]")
-    if any(n < 0 for n in ns.box_steps) or any(not lr > 0 for lr in ns.box_lr):
-        ap.error("--box-steps are 0 or more; --box-lr are above 0")
+    if any(n < 0 for n in ns.box_steps) or any(not lr > 0 for lr in ns.box_lr) or any(r < 1 for r in ns.box_rounds):
+        ap.error("--box-steps are 0 or more; --box-lr are above 0; --box-rounds are 1 or more")
     results = sweep(Path(ns.experiment), ns.data, ns.split, ns.costs, ns.candidates, ns.checkpoint, ns.box_steps,
-                    ns.box_lr)
+                    ns.box_lr, ns.box_rounds)
     emit(results, table(results), ns.out, ns.markdown)
 
 

@@ -187,7 +187,8 @@ def cmd_show(ns) -> int:
 
             # z_pres of the refined cells 1, the others 0
             out = refined_output(model, x, step, candidates=ns.refine_candidates, cell_cost=ns.refine_cost,
-                                 box_steps=ns.refine_box_steps, box_lr=ns.refine_box_lr)[0]
+                                 box_steps=ns.refine_box_steps, box_lr=ns.refine_box_lr,
+                                 box_rounds=ns.refine_box_rounds)[0]
         else:
             out = model(x, step)
     _write_png(Image.fromarray(decomposition_grid(x, out, rows=len(frames))), ns.out)
@@ -208,6 +209,8 @@ def _add_refine_flags(parser) -> None:
                              "search, lowering the same objective, then the search again (default: 0, boxes as encoded)")
     parser.add_argument("--refine-box-lr", type=float, default=0.1, metavar="LR",
                         help="with --refine-box-steps, Adam's step size on the boxes' latents (default: 0.1)")
+    parser.add_argument("--refine-box-rounds", type=int, default=1, metavar="R",
+                        help="with --refine-box-steps, how many times the box steps and the search run (default: 1)")
 
 
 def _check_refine_flags(ns) -> None:
@@ -219,8 +222,13 @@ def _check_refine_flags(ns) -> None:
         raise ConfigError(f"--refine-box-steps: 0 or more Adam steps, got {ns.refine_box_steps}")
     if not ns.refine_box_lr > 0:
         raise ConfigError(f"--refine-box-lr: a step size above 0, got {ns.refine_box_lr}")
+    if ns.refine_box_rounds < 1:
+        raise ConfigError(f"--refine-box-rounds: 1 or more rounds, got {ns.refine_box_rounds}")
+    if ns.refine_box_rounds != 1 and not ns.refine_box_steps:
+        raise ConfigError("--refine-box-rounds: rounds of box steps; add --refine-box-steps N")
     for flag, given in (("--refine-candidates", ns.refine_candidates is not None), ("--refine-cost", ns.refine_cost),
-                        ("--refine-box-steps", ns.refine_box_steps)):
+                        ("--refine-box-steps", ns.refine_box_steps),
+                        ("--refine-box-rounds", ns.refine_box_rounds != 1)):
         if given and not ns.refine:
             raise ConfigError(f"{flag}: applies to the refined decisions only; add --refine")
 
@@ -250,7 +258,8 @@ def cmd_evaluate(ns) -> int:
     metrics = evaluate(str(run), ns.data, ns.split, ns.out, ns.threshold, ns.batch_size, ns.frames, device,
                        progress=not ns.quiet, checkpoint=path, refine=ns.refine,
                        refine_candidates=ns.refine_candidates, refine_cost=ns.refine_cost,
-                       refine_box_steps=ns.refine_box_steps, refine_box_lr=ns.refine_box_lr)
+                       refine_box_steps=ns.refine_box_steps, refine_box_lr=ns.refine_box_lr,
+                       refine_box_rounds=ns.refine_box_rounds)
     if ns.out is None:
         mirror.push(f"eval/{ns.split}")  # into the object-store run too, when the run lives there
     print(json.dumps(metrics, indent=2))

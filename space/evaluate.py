@@ -146,13 +146,15 @@ def coco_files(gt_boxes, dets, image_size: int, split: str):
 def evaluate(run: str, data: str, split: str = "test", out: str | None = None, threshold: float = 0.5,
              batch_size: int = 32, frames: int | None = None, device: str = "cpu", progress: bool = True,
              checkpoint: str | Path | None = None, refine: bool = False, refine_candidates: float | None = None,
-             refine_cost: float = 0.0, refine_box_steps: int = 0, refine_box_lr: float = 0.1) -> dict:
+             refine_cost: float = 0.0, refine_box_steps: int = 0, refine_box_lr: float = 0.1,
+             refine_box_rounds: int = 1) -> dict:
     """Score `checkpoint` (default: the run's last) on a split; writes and returns metrics.json's scores.
     refine: score the z_pres decisions refined by the model's own objective (space/refine.py) instead of
     the amortised ones; refine_candidates: the smallest amortised probability of a cell the search may
     flip (default `threshold`: it only switches cells off; lower also lets it switch cells on);
     refine_cost: nats the search charges for each cell on, over the objective (0: none); refine_box_steps:
-    Adam steps (at refine_box_lr) on the boxes of the cells on after the search, which then runs again."""
+    Adam steps (at refine_box_lr) on the boxes of the cells on after the search, which then runs again;
+    refine_box_rounds: how many times boxes-then-search runs."""
     from tqdm import tqdm
 
     from .checkpoints import load_model
@@ -187,7 +189,7 @@ def evaluate(run: str, data: str, split: str = "test", out: str | None = None, t
             x = dataset.__getitems__(idx).to(device)
             if refine:  # the decisions the search settles on, scored by the amortised probability
                 o, present, prob, f = refined_output(model, x, step, threshold, refine_candidates, refine_cost,
-                                                    refine_box_steps, refine_box_lr)
+                                                    refine_box_steps, refine_box_lr, refine_box_rounds)
                 dets += detect(o, size, threshold, present=present, scores=prob)
                 flips += int(f.sum())
             else:
@@ -238,6 +240,7 @@ def evaluate(run: str, data: str, split: str = "test", out: str | None = None, t
         metrics["refine_box_steps"] = refine_box_steps
         if refine_box_steps:
             metrics["refine_box_lr"] = refine_box_lr
+            metrics["refine_box_rounds"] = refine_box_rounds
         metrics["refine_flips"] = flips  # cells whose decision the search changed, over all frames
     # z_what's use beyond the paper: each found object's category read back from its z_what
     gt_labels = dataset.store.read(split, "labels", slice(0, n))  # (N, K), boxes first, -1 padding

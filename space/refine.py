@@ -26,6 +26,8 @@ The encoder's boxes are amortised too, and a glimpse often sits on part of an ob
 z_shift of the cells on, z_pres held, each glimpse read and encoded anew at its moved box (semi-amortised
 inference: the encoder's guess, then a few steps on the same objective), and the search runs again from
 its decisions: a box grown over its whole object leaves the cell on the rest of it nothing to explain.
+`box_rounds` (`--refine-box-rounds`) repeats boxes-then-search, so that the boxes left after one round's
+switches move again.
 """
 
 from __future__ import annotations
@@ -55,13 +57,14 @@ def _rows(d: dict | None, which):
 
 @torch.no_grad()
 def refined_output(model, x, step: int, threshold: float = 0.5, candidates: float | None = None,
-                   cell_cost: float = 0.0, box_steps: int = 0, box_lr: float = 0.1):
+                   cell_cost: float = 0.0, box_steps: int = 0, box_lr: float = 0.1, box_rounds: int = 1):
     """The search below, then the model's output on x with z_pres at the decisions it settled on (1 or 0;
     the background reused): (out, present (B, G, G) bool, prob (B, G, G) amortised, flips (B,)).
-    box_steps > 0: then the boxes of the cells on are refined (`refine_boxes`) and the search runs again
-    from its decisions with the new boxes."""
+    box_steps > 0: then, `box_rounds` times, the boxes of the cells on are refined (`refine_boxes`) and the
+    search runs again from its decisions with the new boxes (a cell switched on in one round has its box
+    refined in the next)."""
     present, prob, flips, bg, cells = _search(model, x, step, threshold, candidates, cell_cost)
-    if box_steps > 0 and cells is not None:
+    for _ in range(box_rounds if box_steps > 0 and cells is not None else 0):
         cells = refine_boxes(model, x, step, present, cells, bg, box_steps, box_lr)
         present, _, more, bg, cells = _search(model, x, step, threshold, candidates, cell_cost,
                                               cells=cells, bg=bg, start=present, prob=prob)

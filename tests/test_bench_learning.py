@@ -302,12 +302,13 @@ def test_refine_sweep_reads_scored_settings_back_and_averages_over_every_seed(tm
     on = refine_sweep.sweep(exp, "store.zarr", "val", [60.0], [0.05], "best", [0, 40], [0.3])
     lines = refine_sweep.table({"rows": off["rows"] + on["rows"]}).splitlines()
     assert refine_sweep.folder_name("val", 60.0, 0.05, "best", 40, 0.3) == "val_refined_c60_p0.05_b40_lr0.3"
+    assert refine_sweep.folder_name("val", 60.0, 0.05, "best", 40, 0.3, 2) == "val_refined_c60_p0.05_b40x2_lr0.3"
     # another checkpoint's sweep has folders of its own, never the best's
     assert refine_sweep.folder_name("val", 30.0, 0.5, "last") == "val_refined_c30_p0.5_last"
     assert refine_sweep.folder_name("val", 30.0, 0.5, "runs/x/checkpoints/step.pt") == "val_refined_c30_p0.5_step"
     assert lines[2] == "| 0.5 | 30 | 0 | 0.750 | 0.130 | 0.120, 0.140 | 0.500 | 201 | 14 |"
     assert lines[3] == "| 0.05 | 60 | 0 | 0.750 | 0.150 | 0.100, 0.200 | 0.500 | 201 | 14 |"
-    assert lines[4] == "| 0.05 | 60 | 40 (0.3) | 0.820 | 0.090 | 0.080, 0.100 | 0.500 | 201 | 14 |"
+    assert lines[4] == "| 0.05 | 60 | 40 (0.3) x 1 | 0.820 | 0.090 | 0.080, 0.100 | 0.500 | 201 | 14 |"
     (tmp_path / "empty" / "seeds").mkdir(parents=True)
     for folder in (tmp_path / "empty", tmp_path / "nowhere"):
         with pytest.raises(SystemExit, match="no trained seed"):

@@ -167,6 +167,8 @@ def test_show_refine_draws_the_refined_decisions(trained, tmp_path):
     (["--refine-box-steps", "5"], ["--refine-box-steps", "add --refine"]),
     (["--refine", "--refine-box-steps", "-1"], ["--refine-box-steps", "0 or more"]),
     (["--refine", "--refine-box-steps", "5", "--refine-box-lr", "0"], ["--refine-box-lr", "above 0"]),
+    (["--refine", "--refine-box-steps", "5", "--refine-box-rounds", "0"], ["--refine-box-rounds", "1 or more"]),
+    (["--refine", "--refine-box-rounds", "2"], ["--refine-box-rounds", "add --refine-box-steps"]),
 ])
 def test_evaluate_bad_input_is_named(trained, tmp_path, capsys, argv, words):
     store, run = trained

@@ -129,7 +129,7 @@ def test_the_reference_overlay_trains_the_demo_preset_longer_on_three_seeds_and_
         assert "--preset demo" in c and "train.steps=2500" in c
         assert "model.z_pres_prior=" in c and "\"end\": 0.001" in c and "model.tau=" in c
     scoring = [line for line in p.stdout.splitlines() if "python -m space evaluate" in line]
-    refined = "--refine --refine-cost 60.0 --refine-candidates 0.0 --refine-box-steps 40 --refine-box-lr 0.3 "
+    refined = "--refine --refine-cost 60.0 --refine-candidates 0.0 --refine-box-steps 40 --refine-box-lr 0.3 --refine-box-rounds 2 "
     assert len(scoring) == 3 and all(refined in c for c in scoring)
     figures = [line for line in p.stdout.splitlines() if "python -m space show" in line]
     assert len(figures) == 3 and all(refined in c for c in figures)

@@ -185,3 +185,13 @@ def test_refined_output_with_box_steps_searches_again_with_the_moved_boxes():
     assert torch.equal(prob, plain[2])  # the candidates and scores stay the amortised ones
     assert (out["objective"] <= plain[0]["objective"] + 1e-4).all()
     assert torch.equal(out["fg"]["z_pres_prob"] > 0.5, present)
+
+
+def test_each_round_of_boxes_and_search_leaves_the_objective_plus_the_cost_no_higher():
+    model = _model()
+    x = torch.rand(3, 3, 32, 32)
+    totals = []
+    for rounds in (1, 2):
+        out, present, _, _ = refined_output(model, x, 0, candidates=0.05, cell_cost=5.0, box_steps=6, box_rounds=rounds)
+        totals.append(out["objective"] + 5.0 * present.flatten(1).sum(1))
+    assert (totals[1] <= totals[0] + 1e-3).all()

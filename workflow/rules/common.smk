@@ -92,7 +92,7 @@ def _check_experiments() -> dict:
             raise ValueError(
                 f"params: experiments.{name}: both seeds and set: train.seed; list the seeds in seeds alone"
             )
-        for key in ("refine_cost", "refine_candidates", "refine_box_steps", "refine_box_lr"):
+        for key in ("refine_cost", "refine_candidates", "refine_box_steps", "refine_box_lr", "refine_box_rounds"):
             if key in exp and not exp.get("refine"):
                 raise ValueError(
                     f"params: experiments.{name}: {key} applies to refined scores only; set refine: true "
@@ -148,6 +148,8 @@ def refine_flag(wc) -> str:
         flags += f"--refine-box-steps {int(exp['refine_box_steps'])} "
     if "refine_box_lr" in exp:
         flags += f"--refine-box-lr {float(exp['refine_box_lr'])} "
+    if "refine_box_rounds" in exp:
+        flags += f"--refine-box-rounds {int(exp['refine_box_rounds'])} "
     return flags
 
 
