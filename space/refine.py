@@ -98,9 +98,9 @@ def refine_boxes(model, x, step: int, present, cells: dict, bg: dict, steps: int
         return {**cells, "scale_mu": scale_mu, "shift_mu": shift_mu, "centre": centre, "size": size,
                 "maps": maps, "kl_what": kl_what}
 
-    d_scale = torch.zeros(on.numel(), 2, requires_grad=True)
-    d_shift = torch.zeros(on.numel(), 2, requires_grad=True)
-    best = torch.full((b,), float("inf"))
+    d_scale = torch.zeros(on.numel(), 2, device=x.device, requires_grad=True)
+    d_shift = torch.zeros(on.numel(), 2, device=x.device, requires_grad=True)
+    best = torch.full((b,), float("inf"), device=x.device)
     best_scale, best_shift = d_scale.detach().clone(), d_shift.detach().clone()
     opt = torch.optim.Adam([d_scale, d_shift], lr=lr)
     for i in range(steps + 1):
