@@ -157,15 +157,15 @@ def _search(model, x, step: int, threshold: float, candidates: float | None, cel
 
     best = objective_with(model, x, step, state, bg, cells)["objective"] + cost(state)  # (B,)
     open_ = prob > candidates  # (B, G, G) cells that may still flip
-    flips = torch.zeros(b, dtype=torch.long)
-    active = torch.ones(b, dtype=torch.bool)
+    flips = torch.zeros(b, dtype=torch.long, device=x.device)
+    active = torch.ones(b, dtype=torch.bool, device=x.device)
     while active.any():
         # Every (image, cell) flip to try this round, one forward pass each.
         img, cell = torch.nonzero(open_.flatten(1) & active[:, None], as_tuple=True)  # (T,), (T,)
         if img.numel() == 0:
             break
         tried = state[img].flatten(1).clone()  # (T, G*G)
-        rows = torch.arange(img.numel())
+        rows = torch.arange(img.numel(), device=x.device)
         tried[rows, cell] = 1 - tried[rows, cell]
         tried = tried.view(-1, g, g)
         value = []
@@ -175,7 +175,7 @@ def _search(model, x, step: int, threshold: float, candidates: float | None, cel
                                         _rows(cells, which))["objective"])
         value = torch.cat(value) + cost(tried)  # (T,)
         # Per image, the flip with the lowest objective, if it is below the image's current one.
-        gain = torch.full((b,), float("inf"))
+        gain = torch.full((b,), float("inf"), device=x.device)
         gain.scatter_reduce_(0, img, value, reduce="amin")
         improved = gain < best
         for i in torch.nonzero(improved)[:, 0].tolist():
