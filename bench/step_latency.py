@@ -37,7 +37,7 @@ from space.config import resolve_config  # noqa: E402
 from space.config import PRESETS, Config, TrainConfig  # noqa: E402
 from space.memory import HOST_ALLOCATORS, set_host_allocator  # noqa: E402
 from space.model import SPACE  # noqa: E402
-from space.devices import checkpoint_images  # noqa: E402
+from space.devices import checkpoint_images, use_amp  # noqa: E402
 from space.train import optimisers, train_step  # noqa: E402
 
 
@@ -60,6 +60,9 @@ def table(results: dict) -> str:
     head = ["preset", "grid, K", "batch", "checkpointing", "allocator", "steps (warm-up)",
             "s/step (median, min-max)", "GFLOP/step", "GFLOP/s", "peak RSS"]
     gpu = any(r.get("peak_gpu_mib") is not None for r in results["runs"])
+    cpu_bf16 = not gpu and any(r.get("amp") for r in results["runs"])
+    if cpu_bf16:  # CPU runs under bf16 autocast beside float32 ones
+        head.insert(5, "arithmetic")
     if gpu:  # runs on a GPU: what ran there, and its memory
         head += ["device", "bf16", "torch.compile", "steps/s", "peak GPU memory"]
     if port_s:
@@ -71,7 +74,7 @@ def table(results: dict) -> str:
         ckpt = r["checkpoint_images"]
         cells = [r["preset"], f"{r['grid']}x{r['grid']}, K={r['K']}", str(r["batch"]),
                  f"{ckpt} images" if ckpt else "off",
-                 allocator(r),
+                 allocator(r), *(["bf16" if r.get("amp") else "float32"] if cpu_bf16 else []),
                  f"{r['steps']} ({r['warmup']})", fmt_range(r), f"{r['gflop_step']:.0f}",
                  f"{r['gflop_step'] / r['median_s']:.0f}", f"{r['peak_rss_mib']:,.0f} MiB"]
         if gpu:
@@ -98,7 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-channels-last", action="store_true", help="NCHW instead of channels_last")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast on a GPU, as train.amp (ignored on CPU)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast, as train.amp (GPU and CPU)")
     p.add_argument("--compile", choices=("default", "reduce-overhead", "max-autotune"), default=None,
                    help="torch.compile the model with this mode (reduce-overhead also replays CUDA graphs); "
                         "the warm-up steps include the compilation")
@@ -154,7 +157,7 @@ def main(argv=None) -> int:
     net = torch.compile(model, mode=ns.compile) if ns.compile else model
 
     def step():  # the trainer's own step
-        return train_step(net, x, 0, opt_fg, opt_bg, cfg.train, amp=ns.amp and device.type == "cuda")[0]
+        return train_step(net, x, 0, opt_fg, opt_bg, cfg.train, amp=use_amp(ns.amp, device))[0]
 
     def sync():
         if device.type == "cuda":
@@ -197,7 +200,7 @@ def main(argv=None) -> int:
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),
         "channels_last": not ns.no_channels_last,
-        "amp": bool(ns.amp and device.type == "cuda"),
+        "amp": use_amp(ns.amp, device),
         "compile": ns.compile,
         "sparse_threshold": ns.sparse_threshold,
         "checkpoint_images": ns.checkpoint_images,

@@ -240,7 +240,9 @@ class TrainConfig:
     seed: int = 0
     workers: int = 0  # DataLoader processes
     device: str = "auto"  # auto: CUDA when present, else CPU
-    amp: bool = False  # bf16/fp16 autocast on GPU
+    # bf16 autocast (the networks in bf16, latents, likelihood and KLs in float32), on GPU and CPU. Off: on a
+    # CPU it pays only with native bf16 (AMX, AVX512-BF16), and it learns other weights than float32.
+    amp: bool = False
     threads: int = 0  # CPU threads for torch (0: all cores)
     channels_last: bool = True  # NHWC convolutions: measured 1.1-1.4x faster on this CPU (bench/step_latency.py)
     # Activation checkpointing: the foreground runs in chunks of this many images and recomputes their

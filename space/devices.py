@@ -61,6 +61,27 @@ def checkpoint_images(setting: int, device: torch.device) -> int:
     return 0 if device.type == "cuda" else 2
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU does bf16 arithmetic natively (AVX512-BF16 or AMX), where oneDNN's bf16 convolutions
+    beat float32; elsewhere they are emulated and slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def use_amp(setting: bool, device: torch.device) -> bool:
+    """train.amp resolved for a device: bf16 autocast on CUDA and on the CPU (the networks in bf16, the
+    latents, likelihood and KL terms in float32; space/model.py), off elsewhere. On a CPU without native
+    bf16 it still runs, with a warning that it will be slower."""
+    if not setting or device.type not in ("cuda", "cpu"):
+        return False
+    if device.type == "cpu" and not cpu_has_fast_bf16():
+        print("warning: train.amp on a CPU without native bf16 (AVX512-BF16 or AMX): bf16 is emulated here "
+              "and slower than float32; set train.amp=false")
+    return True
+
+
 def distributed_context():
     """(rank, world, local_rank) from torchrun's environment; (0, 1, 0) without it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .recompute import BatchNorm2d, broadcast_decode, in_chunks, leaf_layers, run_keeping_conv_outputs
+from .recompute import (BatchNorm2d, broadcast_decode, full_precision, in_chunks, leaf_layers,
+                        run_keeping_conv_outputs)
 from .sparse import sparse_cells
 from .windows import composite_windowed
 
@@ -76,8 +77,9 @@ def bernoulli_kl(q, p):
 
 
 def normal_params(h, dim):
-    """Split a head's output into mean and softplus standard deviation (appendix D.3)."""
-    mu, s = h.split(dim, dim=-1)
+    """Split a head's output into mean and softplus standard deviation (appendix D.3), in float32: under
+    bf16 autocast (train.amp) the latents and their KL terms stay in full precision."""
+    mu, s = full_precision(h).split(dim, dim=-1)
     return mu, F.softplus(s) + 1e-4
 
 
@@ -349,7 +351,7 @@ class Foreground(nn.Module):
         e = self.encoder(x)  # (B, 128, G, G)
         cells = lambda t: t.permute(0, 2, 3, 1)  # noqa: E731  (B, ch, G, G) -> (B, G, G, ch)
 
-        pres_logit = cells(self.z_pres_net(e))[..., 0]  # (B, G, G)
+        pres_logit = full_precision(cells(self.z_pres_net(e))[..., 0])  # (B, G, G), float32 as normal_params
         if cfg.z_pres_logit_bound:
             pres_logit = cfg.z_pres_logit_bound * torch.tanh(pres_logit)
         # z_pres's logistic noise, drawn here, before the other latents' noise (the order of the draws)
@@ -547,6 +549,7 @@ class Background(nn.Module):
     @staticmethod
     def stick_breaking(logits):
         """Mask logits (B, K, 1, N, N) -> log pi (B, K, 1, N, N); the last component takes the rest."""
+        logits = full_precision(logits)  # float32 under bf16 autocast, as the latents (normal_params)
         log_m = F.logsigmoid(logits)
         log_not_m = F.logsigmoid(-logits)
         scope = torch.cumsum(log_not_m, 1) - log_not_m  # log prod_{j<k} (1 - m_j)
@@ -673,7 +676,7 @@ class SPACE(nn.Module):
         bg_image = (pi * bg["mu_bg"]).sum(1)  # (B, 3, N, N)
         fg = self.fg(x, cfg.z_scale_prior_mean.at(step), cfg.z_scale_prior_std.at(step), cfg.z_pres_prior.at(step),
                      cfg.tau.at(step), fg_cells)
-        alpha = fg["alpha"].clamp(EPS, 1 - EPS)  # (B, 1, N, N)
+        alpha = full_precision(fg["alpha"]).clamp(EPS, 1 - EPS)  # (B, 1, N, N), float32 under bf16 autocast
         if step < cfg.fix_alpha_steps:  # appendix D.2: a fixed alpha lets both modules start learning
             alpha = torch.full_like(alpha, cfg.fix_alpha_value)
 
@@ -682,7 +685,7 @@ class SPACE(nn.Module):
         per_channel = cfg.mixture == "channel"
 
         def log_normal(mu, sigma):  # (B, ., 3, N, N) -> (B, ., 1 or 3, N, N)
-            v = -0.5 * ((x.unsqueeze(1) - mu) / sigma) ** 2 - math.log(sigma) - 0.5 * LOG_2PI
+            v = -0.5 * ((x.unsqueeze(1) - full_precision(mu)) / sigma) ** 2 - math.log(sigma) - 0.5 * LOG_2PI
             return v if per_channel else v.sum(2, keepdim=True)
 
         log_fg = torch.log(alpha)[:, None] + log_normal(fg["mu_fg"][:, None], cfg.fg_sigma)  # (B, 1, 1|3, N, N)

@@ -23,6 +23,11 @@ from torch.utils.checkpoint import checkpoint
 _recomputing = [0]
 
 
+def full_precision(t):
+    """t in float32 if autocast made it bf16 or fp16 (train.amp), else as it is (float64 tests stay float64)."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 @contextlib.contextmanager
 def _recompute_context():
     _recomputing[0] += 1
@@ -176,7 +181,9 @@ class _ChunkStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h):
-        var, mean = torch.var_mean(h, dim=(0, 2, 3), correction=0)
+        # In float32 whatever h's dtype: bf16 statistics would lose the variance to rounding, and
+        # BatchNorm's mixed-dtype kernels want float32 statistics beside a bf16 input (train.amp).
+        var, mean = torch.var_mean(full_precision(h), dim=(0, 2, 3), correction=0)
         ctx.save_for_backward(h, mean)
         return mean, var
 
@@ -190,7 +197,7 @@ class _ChunkStats(torch.autograd.Function):
             dvar = torch.zeros_like(mean)
         slope = 2 * dvar / n  # (C,)
         shape = (1, -1, 1, 1)
-        return torch.addcmul((dmean / n - slope * mean).view(shape), h, slope.view(shape))
+        return torch.addcmul((dmean / n - slope * mean).view(shape), h, slope.view(shape)).to(h.dtype)
 
 
 def combine_stats(parts: list, bn: nn.BatchNorm2d):
@@ -256,8 +263,8 @@ def broadcast_decode_in_chunks(net, z_part, coord_part, rows: int):
 
     # The first layer's input zp_i + cp_p over rows i and pixels p is never built whole: its mean is
     # mean(zp) + mean(cp) and its variance var(zp) + var(cp), exactly.
-    var_z, mean_z = torch.var_mean(z_part, dim=0, correction=0)  # (32,) each
-    var_c, mean_c = torch.var_mean(coord_part, dim=(0, 2, 3), correction=0)
+    var_z, mean_z = torch.var_mean(full_precision(z_part), dim=0, correction=0)  # (32,) each, float32 (_ChunkStats)
+    var_c, mean_c = torch.var_mean(full_precision(coord_part), dim=(0, 2, 3), correction=0)
     count = z_part.shape[0] * coord_part.shape[2] * coord_part.shape[3]
     mean, var = combine_stats([(count, mean_z + mean_c, var_z + var_c)], bn0)
 

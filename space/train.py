@@ -32,7 +32,7 @@ from .checkpoints import (CHECKPOINT_FORMAT, RESUME_KEYS, TrainingDiverged, load
                           save_checkpoint)
 from .config import Config, ConfigError
 from .data import StepBatchSampler, StoreDataset, collate_batch
-from .devices import checkpoint_images, distributed_context, pick_device, start_device
+from .devices import checkpoint_images, distributed_context, pick_device, start_device, use_amp
 from .memory import set_host_allocator
 from .model import SPACE
 from .rundir import RECORD_FILE, CsvLog, RunError, last_logged, make_record, open_run, write_json
@@ -347,7 +347,7 @@ def _train(cfg: Config, record: dict, state: dict | None, dataset, val_set, mirr
     log = CsvLog(run / "metrics.csv", CSV_FIELDS, start) if is_main else None
     val_log = CsvLog(run / "val.csv", VAL_FIELDS, start) if is_main else None
     tb = _tensorboard(run / "tb") if is_main else None
-    amp = t_cfg.amp and device.type == "cuda"
+    amp = use_amp(t_cfg.amp, device)
     latest = {"steps": steps}  # the step and scores `live` holds, updated as the run goes
     if live is not None and is_main:
         live.parent.mkdir(parents=True, exist_ok=True)
