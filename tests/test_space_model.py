@@ -26,6 +26,7 @@ from space.model import (
     FgImageEncoder,
     GlimpseDecoder,
     GlimpseEncoder,
+    GroupNorm,
     MaskDecoder,
     bernoulli_kl,
     boundary_band,
@@ -1215,9 +1216,9 @@ def test_the_codes_fg_encoder_orders_celu_before_groupnorm_and_adds_a_lateral_br
     x = torch.rand(2, 3, n, n)
     assert code(x).shape == paper(x).shape == (2, 128, g, g)
     for block in [*code.net, *code.lateral, code.merge]:
-        assert [type(m) for m in block] == [torch.nn.Conv2d, torch.nn.CELU, torch.nn.GroupNorm]
+        assert [type(m) for m in block] == [torch.nn.Conv2d, torch.nn.CELU, GroupNorm]
     for block in paper.net:
-        assert [type(m) for m in block] == [torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.CELU]
+        assert [type(m) for m in block] == [torch.nn.Conv2d, GroupNorm, torch.nn.CELU]
 
     # The lateral branch works at the cells' resolution, 3x3 with a one-cell border, and its output is used.
     lateral_convs = [block[0] for block in [*code.lateral, code.merge]]
