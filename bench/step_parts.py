@@ -31,7 +31,7 @@ from benchlib import emit, machine  # noqa: E402
 
 import space.model as space_model  # noqa: E402
 from space.config import PRESETS, Config, merge  # noqa: E402
-from space.devices import checkpoint_images  # noqa: E402
+from space.devices import checkpoint_images, use_amp  # noqa: E402
 from space.memory import set_host_allocator  # noqa: E402
 from space.train import optimisers, train_step  # noqa: E402
 
@@ -73,7 +73,7 @@ def _tensors(out) -> list:
     return []
 
 
-def capture(model, x) -> tuple[dict, dict]:
+def capture(model, x, amp: bool = False) -> tuple[dict, dict]:
     """One forward pass with hooks: {label: (callable, args, kwargs)} for each part's first call, and
     {label: calls} (the LSTMs step once per background component)."""
     seen: dict = {}
@@ -98,7 +98,8 @@ def capture(model, x) -> tuple[dict, dict]:
 
         setattr(space_model, name, wrapper)
     try:
-        out = model(x, 0)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(x, 0)
         out["terms"]["loss"].backward()
     finally:
         for h in hooks:
@@ -109,14 +110,15 @@ def capture(model, x) -> tuple[dict, dict]:
     return seen, calls
 
 
-def time_part(fn, args, kwargs, repeats: int, sync) -> float:
-    """Median seconds of fn's forward and backward on these inputs."""
+def time_part(fn, args, kwargs, repeats: int, sync, amp: bool = False, device: str = "cpu") -> float:
+    """Median seconds of fn's forward (under bf16 autocast with amp) and backward on these inputs."""
     times = []
     for i in range(repeats + 1):  # the first is a warm-up
         a, k = _detach(args), _detach(kwargs)
         sync()
         t = time.perf_counter()
-        outs = [o for o in _tensors(fn(*a, **k)) if o.requires_grad]
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+            outs = [o for o in _tensors(fn(*a, **k)) if o.requires_grad]
         if outs:
             weights = [torch.randn_like(o) for o in outs]
             torch.autograd.backward(outs, weights)
@@ -133,6 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each part and of the step (median)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast, as train.amp")
     p.add_argument("--markdown", action="store_true", help="print the table alone")
     p.add_argument("--out", help="also write the results here (JSON), e.g. bench/results/step_parts_large.json")
     p.add_argument("--from", dest="source", metavar="JSON", help="print the table of a results file instead")
@@ -157,13 +160,15 @@ def main(argv=None) -> int:
     ckpt = checkpoint_images(cfg.train.checkpoint_images, device)
     model.set_checkpoint_images(ckpt)
     opt_fg, opt_bg = optimisers(model, cfg.train)
-    step_s = time_part(lambda: train_step(model, x, 0, opt_fg, opt_bg, cfg.train)[0]["terms"]["loss"].detach(),
+    amp = use_amp(ns.amp, device)
+    step_s = time_part(lambda: train_step(model, x, 0, opt_fg, opt_bg, cfg.train, amp)[0]["terms"]["loss"].detach(),
                        (), {}, ns.repeats, sync)
     model.set_checkpoint_images(0)
-    seen, calls = capture(model, x)
-    parts = {label: calls[label] * time_part(fn, args, kwargs, ns.repeats, sync) for label, (fn, args, kwargs) in seen.items()}
+    seen, calls = capture(model, x, amp)
+    parts = {label: calls[label] * time_part(fn, args, kwargs, ns.repeats, sync, amp, device.type)
+             for label, (fn, args, kwargs) in seen.items()}
     result = {"preset": ns.preset, "batch": ns.batch, "threads": torch.get_num_threads(), "device": str(device),
-              "checkpoint_images": ckpt, "host_allocator": cfg.train.host_allocator, "step_s": round(step_s, 4), "parts_s": {k: round(v, 4) for k, v in parts.items()},
+              "checkpoint_images": ckpt, "amp": amp, "host_allocator": cfg.train.host_allocator, "step_s": round(step_s, 4), "parts_s": {k: round(v, 4) for k, v in parts.items()},
               "rest_s": round(step_s - sum(parts.values()), 4), "machine": machine(),
               "date": time.strftime("%Y-%m-%d %H:%M"),
               "command": " ".join(["bench/step_parts.py", *(sys.argv[1:] if argv is None else argv)])}
@@ -178,7 +183,8 @@ def table(result: dict) -> str:
     rows.append(("the rest (losses, glue, clipping, optimisers)", result["rest_s"]))
     lines = ["| part | s (forward + backward) | share of the step |", "|---|---|---|"]
     lines += [f"| {label} | {s:.3f} | {s / step_s:.0%} |" for label, s in rows]
-    lines.append(f"| **the training step** (checkpointing {result['checkpoint_images'] or 'off'}) | **{step_s:.3f}** | 100% |")
+    bf16 = ", bf16" if result.get("amp") else ""
+    lines.append(f"| **the training step** (checkpointing {result['checkpoint_images'] or 'off'}{bf16}) | **{step_s:.3f}** | 100% |")
     return "\n".join(lines)
 
 
