@@ -231,6 +231,36 @@ def chunk_stats(h):
     return h.shape[0] * h.shape[2] * h.shape[3], mean, var
 
 
+def sum_over_rows(t):
+    """t (M, C, H, W) summed over its rows M -> (1, C, H, W). On channels_last maps torch's sum over dim 0
+    took 40x a flat reduction here (508 ms against 12 ms for 80x32x134x134 float32), so each layout is
+    summed as the flat rows it is stored as."""
+    m, c, h, w = t.shape
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(m, -1).sum(0).view(1, h, w, c).permute(0, 3, 1, 2)
+    if t.is_contiguous():
+        return t.reshape(m, -1).sum(0).view(1, c, h, w)
+    return t.sum(0, keepdim=True)
+
+
+class _BroadcastAdd(torch.autograd.Function):
+    """z_part (M, C) at every pixel plus coord_part (1, C, H, W) -> (M, C, H, W): the spatial broadcast's
+    first layer. Autograd's own backward sums the gradient over M with torch's slow path (`sum_over_rows`)."""
+
+    @staticmethod
+    def forward(ctx, z_part, coord_part):
+        return z_part[:, :, None, None] + coord_part
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy.sum((2, 3)), sum_over_rows(dy)
+
+
+def broadcast_add(z_part, coord_part):
+    """z_part (M, C), coord_part (1, C, H, W) -> z_part[:, :, None, None] + coord_part, (M, C, H, W)."""
+    return _BroadcastAdd.apply(z_part, coord_part)
+
+
 def broadcast_decode(net, coords, z, rows: int = 0):
     """space.model.CompDecoder's spatial broadcast, net(z tiled beside coords), without the tiled input.
     net's first convolution is unpadded, so z's part of its output is the same at every pixel: (its weights
@@ -242,7 +272,7 @@ def broadcast_decode(net, coords, z, rows: int = 0):
     coord_part = F.conv2d(coords, conv.weight[:, d:], conv.bias)  # (1, 32, N+6, N+6)
     if rows:
         return broadcast_decode_in_chunks(net, z_part, coord_part, rows)  # the same, in less memory
-    h = z_part[:, :, None, None] + coord_part  # (M, 32, N+6, N+6)
+    h = broadcast_add(z_part, coord_part)  # (M, 32, N+6, N+6)
     for layer in leaf_layers(net)[1:]:  # BatchNorm, ELU, then the other convolutions
         h = layer(h)
     return torch.sigmoid(h)
@@ -271,7 +301,7 @@ def broadcast_decode_in_chunks(net, z_part, coord_part, rows: int):
     mean, var = combine_stats([(count, mean_z + mean_c, var_z + var_c)], bn0)
 
     def first(zp, cp, mean, var):
-        return conv1(F.elu(bn_apply(zp[:, :, None, None] + cp, mean, var, bn0)))
+        return conv1(F.elu(bn_apply(broadcast_add(zp, cp), mean, var, bn0)))
 
     def block(conv, bn):
         return lambda h, mean, var: conv(F.elu(bn_apply(h, mean, var, bn)))

@@ -981,6 +981,27 @@ def test_model_config_refusals_name_the_setting(kw, word):
         ModelConfig(**kw).validate()
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_broadcast_add_has_autograds_gradients(layout):
+    """The spatial broadcast's first layer with its own backward (sums over rows as stored): the same values
+    and gradients as autograd of z[:, :, None, None] + c, and gradcheck's numerical ones."""
+    from space.recompute import broadcast_add, sum_over_rows
+
+    torch.manual_seed(0)
+    z = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(1, 4, 6, 7, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+    dy = torch.randn(5, 4, 6, 7, dtype=torch.float64).contiguous(memory_format=layout)
+    out = broadcast_add(z, c)
+    ref = z[:, :, None, None] + c
+    assert torch.equal(out, ref)
+    got = torch.autograd.grad(out, (z, c), dy)
+    want = torch.autograd.grad(ref, (z, c), dy)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(broadcast_add, (z, c))
+    assert torch.allclose(sum_over_rows(dy[:, :, ::2]), dy[:, :, ::2].sum(0, keepdim=True))  # neither layout
+
+
 def test_normalise_with_given_statistics_has_autograds_gradients():
     """The fused BatchNorm-with-given-statistics (gradients to mean and var from dweight and dbias) and the
     fused per-chunk statistics, against torch's numerical gradients (gradcheck, float64)."""
