@@ -156,8 +156,10 @@ def main(argv=None) -> int:
 
     net = torch.compile(model, mode=ns.compile) if ns.compile else model
 
+    amp = use_amp(ns.amp, device)  # once: it may warn
+
     def step():  # the trainer's own step
-        return train_step(net, x, 0, opt_fg, opt_bg, cfg.train, amp=use_amp(ns.amp, device))[0]
+        return train_step(net, x, 0, opt_fg, opt_bg, cfg.train, amp=amp)[0]
 
     def sync():
         if device.type == "cuda":
@@ -200,7 +202,7 @@ def main(argv=None) -> int:
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),
         "channels_last": not ns.no_channels_last,
-        "amp": use_amp(ns.amp, device),
+        "amp": amp,
         "compile": ns.compile,
         "sparse_threshold": ns.sparse_threshold,
         "checkpoint_images": ns.checkpoint_images,
