@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from .config import PRESETS, ConfigError, resolve_config
+from .select import SELECT_BY
 
 
 def output_file(path: str, flag: str, formats=None) -> Path:
@@ -78,7 +79,8 @@ def _run_dir(location: str, only=("checkpoints/last.pt",)):
 
 CHECKPOINT_HELP = ("best (default): the checkpoint with the best validation AP50, or the last one when the run "
                    "never validated; best_count: the one with the lowest validation count error (the paper's code "
-                   "kept both), or the last; last; or the path of a checkpoint file")
+                   "kept both), or the last; last; the path of a checkpoint file; or the selected.json that "
+                   "`python -m space select` wrote for this run")
 CHECKPOINTS = {"best": "checkpoints/best.pt", "best_count": "checkpoints/best_count.pt", "last": "checkpoints/last.pt"}
 
 
@@ -87,6 +89,15 @@ def _run_checkpoint(location: str, which: str):
     from .runs import RunMirror
     from .checkpoints import CheckpointError
 
+    if which.endswith(".json"):  # a choice made by `space select`, which names one of CHECKPOINTS
+        from .select import read_selection
+
+        chosen = read_selection(which, location)
+        if chosen not in CHECKPOINTS:
+            raise CheckpointError(f"--checkpoint {which}: it chose {chosen!r}, not one of {', '.join(CHECKPOINTS)}; "
+                                  "write it again with `python -m space select`")
+        mirror, run, path, _ = _run_checkpoint(location, chosen)
+        return mirror, run, path, which
     if which not in CHECKPOINTS:
         path = Path(which)
         if not path.is_file():
@@ -266,6 +277,40 @@ def cmd_evaluate(ns) -> int:
     return 0
 
 
+def cmd_select(ns) -> int:
+    """Choose which of a run's checkpoints to score: each candidate is scored on a split (validation by
+    default; with --refine refined, as the test scores will be) and the one with the lowest count error or
+    the highest AP50 is chosen, the earlier candidate on a tie. Writes each candidate's evaluate files to
+    OUT/NAME/ and the choice to OUT/selected.json, which evaluate, show, encode and sample take as
+    --checkpoint. Not in the paper: its code scores the checkpoint with the best amortised validation AP
+    (`best`)."""
+    from .devices import pick_device
+    from .select import select_checkpoint
+
+    if not 0 <= ns.threshold < 1:
+        raise ConfigError(f"--threshold: a z_pres probability in [0, 1), got {ns.threshold}")
+    _check_refine_flags(ns)
+    if len(set(ns.candidates)) != len(ns.candidates):
+        raise ConfigError(f"--candidates {' '.join(ns.candidates)}: each checkpoint once")
+    if ns.frames is not None and ns.frames < 1:
+        raise ConfigError(f"--frames: at least 1, got {ns.frames}")
+    if ns.batch_size < 1:
+        raise ConfigError(f"--batch-size: at least 1, got {ns.batch_size}")
+    device = str(pick_device(ns.device, "--device"))
+    output_dir(ns.out, "--out")
+    candidates = {}
+    for name in ns.candidates:
+        _, run, candidates[name], _ = _run_checkpoint(ns.run, name)
+    selection = select_checkpoint(str(run) if "://" not in ns.run else ns.run, ns.data, ns.split, ns.out,
+                                  candidates, ns.by, threshold=ns.threshold, batch_size=ns.batch_size,
+                                  frames=ns.frames, device=device, progress=not ns.quiet, refine=ns.refine,
+                                  refine_candidates=ns.refine_candidates, refine_cost=ns.refine_cost,
+                                  refine_box_steps=ns.refine_box_steps, refine_box_lr=ns.refine_box_lr,
+                                  refine_box_rounds=ns.refine_box_rounds)
+    print(json.dumps(selection, indent=2))
+    return 0
+
+
 def cmd_encode(ns) -> int:
     """Encode every frame of a store split with a trained run (eval mode: the means) and write the latents as
     a new Zarr store whose arrays name their dimensions, for xarray: per frame and cell z_pres_prob, box
@@ -349,10 +394,11 @@ def _add_settings_flags(parser) -> None:
                         help="override one setting, e.g. --set model.grid_size=8 --set train.batch_size=12")
 
 
-def _add_run_flags(parser, data: bool = False) -> None:
+def _add_run_flags(parser, data: bool = False, checkpoint: bool = True) -> None:
     """The flags of a command that reads a trained run: --run, --checkpoint, and with `data` a store split."""
     parser.add_argument("--run", required=True, help="run directory (or s3:// URL) written by train")
-    parser.add_argument("--checkpoint", default="best", help=CHECKPOINT_HELP)
+    if checkpoint:
+        parser.add_argument("--checkpoint", default="best", help=CHECKPOINT_HELP)
     if data:
         parser.add_argument("--data", required=True, help="scene store, e.g. results/data/room3d_small.zarr")
         parser.add_argument("--split", default="test", help="default: %(default)s")
@@ -424,6 +470,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "then score those (1.5-4 times the time of amortised scoring)")
     _add_refine_flags(e)
     _add_pass_flags(e)
+
+    q = _command(sub, cmd_select, "choose a run's checkpoint by its score on a split (validation by default)")
+    _add_run_flags(q, data=True, checkpoint=False)
+    q.set_defaults(split="val")
+    q.add_argument("--candidates", nargs="+", choices=list(CHECKPOINTS), default=["best", "last"],
+                   help="the checkpoints to choose from, the first preferred on a tie (default: best last)")
+    q.add_argument("--by", choices=list(SELECT_BY), default="ap50",
+                   help="the score that chooses: the highest ap50 (default) or the lowest count_error")
+    q.add_argument("--out", required=True, help="output folder: NAME/ per candidate scored, and selected.json")
+    q.add_argument("--threshold", type=float, default=0.5, help="z_pres probability of a detection (default: 0.5)")
+    q.add_argument("--refine", action="store_true", help="score the refined z_pres decisions (see evaluate --help)")
+    _add_refine_flags(q)
+    _add_pass_flags(q)
 
     n = _command(sub, cmd_encode, "a trained run's latents (z_pres, z_where, z_depth, z_what, z^m, z^c) per "
                                   "frame of a store split, as a Zarr store")

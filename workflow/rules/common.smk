@@ -92,6 +92,11 @@ def _check_experiments() -> dict:
             raise ValueError(
                 f"params: experiments.{name}: both seeds and set: train.seed; list the seeds in seeds alone"
             )
+        if "checkpoint_by" in exp and len(exp.get("checkpoints", ["best"])) < 2:
+            raise ValueError(
+                f"params: experiments.{name}: checkpoint_by chooses among two or more checkpoints; list them in "
+                "checkpoints (e.g. [best, last]) or remove checkpoint_by"
+            )
         for key in ("refine_cost", "refine_candidates", "refine_box_steps", "refine_box_lr", "refine_box_rounds"):
             if key in exp and not exp.get("refine"):
                 raise ValueError(
@@ -152,6 +157,26 @@ def refine_flag(wc) -> str:
         flags += f"--refine-box-rounds {int(exp['refine_box_rounds'])} "
     return flags
 
+
+
+# Which checkpoint each seed's test scores, figure and latents are of: the experiment's one `checkpoints`
+# entry (default best), or with several the one its validation scores choose (rule select_checkpoint).
+SELECTION = "results/runs/{experiment}/eval/seeds/{seed}/val/selected.json"
+
+
+def checkpoint_candidates(wc) -> list:
+    return config["experiments"][wc.experiment].get("checkpoints", ["best"])
+
+
+def checkpoint_selection(wc) -> list:
+    """The seed's selection file as an input, where the experiment chooses among checkpoints; else none."""
+    return [SELECTION.format(experiment=wc.experiment, seed=wc.seed)] if len(checkpoint_candidates(wc)) > 1 else []
+
+
+def checkpoint_flag(wc) -> str:
+    """`--checkpoint NAME ` of the experiment's one checkpoint, or of the seed's selection file."""
+    names = checkpoint_candidates(wc)
+    return f"--checkpoint {names[0] if len(names) == 1 else SELECTION.format(experiment=wc.experiment, seed=wc.seed)} "
 
 # Dataset jobs (datagen.smk): with datagen.parts = N > 1 a generator job writes part {part} of a store.
 PARTS = config["datagen"].get("parts", 1)

@@ -1,16 +1,49 @@
 # Evaluation: every trained run (each seed of each experiment) scored on its dataset's test split (python -m
-# space evaluate) and its decomposition figure (python -m space show); per experiment, the scores combined
+# space evaluate) and its decomposition figure (python -m space show), of the checkpoint the experiment names
+# or, with several, of the one chosen on validation (python -m space select); per experiment, the scores combined
 # over seeds (python -m space seeds) and the seeds' curves in one figure (python -m space curves); and one
 # table over all experiments (python -m space summary).
 
 
-rule evaluate:
-    """Scores of table 1 (AP, count error, MSE) with a baseline, and the COCO files behind them, of one
-    seed's best checkpoint (by validation AP; the last where the run never validated); with the
-    experiment's `refine: true`, of the z_pres decisions refined by the model's own objective."""
+rule select_checkpoint:
+    """Where an experiment lists two or more `checkpoints`: each scored on the seed's validation split
+    (refined where the experiment says `refine: true`, as its test scores will be), and the one with the
+    best `checkpoint_by` score chosen; the test scores, figure and latents are of that one."""
     input:
         summary="results/runs/{experiment}/seeds/{seed}/train.json",
         data=lambda wc: f"results/data/{config['experiments'][wc.experiment]['dataset']}.zarr",
+    output:
+        SELECTION,
+    wildcard_constraints:
+        experiment="|".join(EXPERIMENTS) or "^$",
+        seed=r"\d+",
+    params:
+        run=lambda wc, input: os.path.dirname(input.summary),
+        folder=lambda wc, output: os.path.dirname(output[0]),
+        candidates=lambda wc: " ".join(checkpoint_candidates(wc)),
+        by=lambda wc: config["experiments"][wc.experiment].get("checkpoint_by", "ap50"),
+        refine=refine_flag,
+    threads: lambda wc: workflow.cores  # a function: --report, --lint and -n need no --cores
+    log:
+        "logs/evaluate/{experiment}.seed{seed}.select.log",
+    benchmark:
+        "benchmarks/evaluate/{experiment}.seed{seed}.select.tsv"
+    conda:
+        "../../envs/space.yaml"
+    shell:
+        "python -m space select --run {params.run} --data {input.data} --split val --candidates {params.candidates} "
+        "--by {params.by} --out {params.folder} {params.refine}--quiet > /dev/null 2> {log}"
+
+
+rule evaluate:
+    """Scores of table 1 (AP, count error, MSE) with a baseline, and the COCO files behind them, of one
+    seed's checkpoint: by default the best (by validation AP; the last where the run never validated), or
+    the experiment's `checkpoints` choice; with the experiment's `refine: true`, of the z_pres decisions
+    refined by the model's own objective."""
+    input:
+        summary="results/runs/{experiment}/seeds/{seed}/train.json",
+        data=lambda wc: f"results/data/{config['experiments'][wc.experiment]['dataset']}.zarr",
+        selection=checkpoint_selection,
     output:
         metrics="results/runs/{experiment}/eval/seeds/{seed}/test/metrics.json",
         detections="results/runs/{experiment}/eval/seeds/{seed}/test/detections.json",
@@ -21,6 +54,7 @@ rule evaluate:
     params:
         run=lambda wc, input: os.path.dirname(input.summary),
         folder=lambda wc, output: os.path.dirname(output.metrics),
+        checkpoint=checkpoint_flag,
         refine=refine_flag,
     threads: lambda wc: workflow.cores  # a function: --report, --lint and -n need no --cores
     log:
@@ -31,15 +65,16 @@ rule evaluate:
         "../../envs/space.yaml"
     shell:
         "python -m space evaluate --run {params.run} --data {input.data} --split test --out {params.folder} "
-        "{params.refine}--quiet > /dev/null 2> {log}"
+        "{params.checkpoint}{params.refine}--quiet > /dev/null 2> {log}"
 
 
 rule decomposition_figure:
-    """Input, reconstruction, boxes, foreground, alpha, background and its components, 8 test frames (with
-    the experiment's `refine: true`, of the refined z_pres decisions, as the scores)."""
+    """Input, reconstruction, boxes, foreground, alpha, background and its components, 8 test frames, of the
+    checkpoint the scores are of (with the experiment's `refine: true`, of the refined z_pres decisions)."""
     input:
         summary="results/runs/{experiment}/seeds/{seed}/train.json",
         data=lambda wc: f"results/data/{config['experiments'][wc.experiment]['dataset']}.zarr",
+        selection=checkpoint_selection,
     output:
         report("results/runs/{experiment}/eval/seeds/{seed}/test/decomposition.png", caption="../report/decomposition.rst",
                category="3. Decompositions", labels={"experiment": "{experiment}", "seed": "{seed}"}),
@@ -48,21 +83,25 @@ rule decomposition_figure:
         seed=r"\d+",
     params:
         run=lambda wc, input: os.path.dirname(input.summary),
+        checkpoint=checkpoint_flag,
         refine=refine_flag,
     log:
         "logs/evaluate/{experiment}.seed{seed}.figure.log",
     conda:
         "../../envs/space.yaml"
     shell:
-        "python -m space show --run {params.run} --data {input.data} --split test --out {output} {params.refine}2> {log}"
+        "python -m space show --run {params.run} --data {input.data} --split test --out {output} {params.checkpoint}"
+        "{params.refine}2> {log}"
 
 
 rule encode:
-    """The run's latents on the test split (python -m space encode): per frame and cell z_pres, box,
-    z_depth, z_what, per background component z^m and z^c, a Zarr store for xarray and RL work."""
+    """The run's latents on the test split (python -m space encode), of the checkpoint the scores are of:
+    per frame and cell z_pres, box, z_depth, z_what, per background component z^m and z^c, a Zarr store
+    for xarray and RL work."""
     input:
         summary="results/runs/{experiment}/seeds/{seed}/train.json",
         data=lambda wc: f"results/data/{config['experiments'][wc.experiment]['dataset']}.zarr",
+        selection=checkpoint_selection,
     output:
         directory("results/runs/{experiment}/latents/seeds/{seed}/test.zarr"),
     wildcard_constraints:
@@ -70,6 +109,7 @@ rule encode:
         seed=r"\d+",
     params:
         run=lambda wc, input: os.path.dirname(input.summary),
+        checkpoint=checkpoint_flag,
     threads: lambda wc: workflow.cores  # a function: --report, --lint and -n need no --cores
     log:
         "logs/evaluate/{experiment}.seed{seed}.encode.log",
@@ -79,7 +119,7 @@ rule encode:
         "../../envs/space.yaml"
     shell:
         "python -m space encode --run {params.run} --data {input.data} --split test --out {output} "
-        "--quiet > /dev/null 2> {log}"
+        "{params.checkpoint}--quiet > /dev/null 2> {log}"
 
 
 rule combine_seeds_scores:
