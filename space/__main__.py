@@ -11,7 +11,6 @@ from pathlib import Path
 import yaml
 
 from .config import PRESETS, ConfigError, resolve_config
-from .select import SELECT_BY
 
 
 def output_file(path: str, flag: str, formats=None) -> Path:
@@ -420,6 +419,9 @@ def _command(sub, func, help: str) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # not at the top: training imports this module, and its DVC fingerprint leaves select.py out
+    from .select import SELECT_BY
+
     p = argparse.ArgumentParser(prog="python -m space", description="Train, score and look at SPACE (ICLR 2020) "
                                 "on scene stores. `python -m space COMMAND --help` gives each command's flags.")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")

@@ -86,7 +86,7 @@ def test_each_fingerprint_covers_every_module_its_stage_imports():
         "results/code/train.txt": "import space.__main__, space.train, space.evaluate, space.metrics",
         # scoring also reads the latents for the z_what probe (space.encode, space.probe, imported lazily)
         "results/code/evaluate.txt": "import space.__main__, space.evaluate, space.encode, space.probe, space.viz, "
-                                     "space.curves, datagen.coco",
+                                     "space.curves, space.select, datagen.coco",
         "results/code/datagen.txt": "import datagen.__main__, datagen.room3d, datagen.atari, datagen.show",
     }
     for target, code in needs.items():

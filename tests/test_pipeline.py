@@ -133,6 +133,13 @@ def test_the_reference_overlay_trains_the_demo_preset_longer_on_three_seeds_and_
     assert len(scoring) == 3 and all(refined in c for c in scoring)
     figures = [line for line in p.stdout.splitlines() if "python -m space show" in line]
     assert len(figures) == 3 and all(refined in c for c in figures)
+    # each seed's scores and figure are of the checkpoint (best or last) its refined validation scores choose
+    choices = [line for line in p.stdout.splitlines() if "python -m space select" in line]
+    assert len(choices) == 3 and all("--split val --candidates best last --by count_error" in c and refined in c
+                                     for c in choices)
+    for c in scoring + figures:
+        seed = c.split("results/runs/space_room3d_reference/seeds/")[1].split()[0]
+        assert f"--checkpoint results/runs/space_room3d_reference/eval/seeds/{seed}/val/selected.json" in c
 
 
 def test_the_small128_overlay_renders_and_trains_3d_room_small_alone_at_batch_4():
@@ -202,6 +209,10 @@ def test_latents_all_encodes_each_seeds_run_on_its_test_split():
                                                "refine_box_steps": 10}}), "set refine: true"),
         (lambda p: p.update(experiments={"x": {"dataset": "room3d_small", "preset": "demo", "refine": True,
                                                "refine_box_lr": 0}}), "refine_box_lr"),
+        (lambda p: p.update(experiments={"x": {"dataset": "room3d_small", "preset": "demo",
+                                               "checkpoint_by": "count_error"}}), "list them in checkpoints"),
+        (lambda p: p.update(experiments={"x": {"dataset": "room3d_small", "preset": "demo",
+                                               "checkpoints": ["best", "worst"]}}), "worst"),
     ],
 )
 def test_bad_params_are_refused_before_any_job(tmp_path, mutate, named):
@@ -246,6 +257,9 @@ def test_snakemake_train_runs_then_eval_all_scores_each_experiment(tmp_path):
             "preset": "demo",
             "seeds": [0, 5],
             "set": {"train.steps": 2, "train.batch_size": 2, "train.log_every": 1, "train.val_every": 0},
+            # chosen on validation: with no validation during training, best is the last checkpoint too
+            "checkpoints": ["best", "last"],
+            "checkpoint_by": "count_error",
         }
     }
     proj = project_copy(tmp_path, params)
@@ -271,6 +285,9 @@ def test_snakemake_train_runs_then_eval_all_scores_each_experiment(tmp_path):
     for seed in (0, 5):
         for name in ("detections.json", "ground_truth.json", "decomposition.png"):
             assert (proj / f"results/runs/tiny/eval/seeds/{seed}/test" / name).exists(), name
+        selection = json.loads((proj / f"results/runs/tiny/eval/seeds/{seed}/val/selected.json").read_text())
+        assert selection["split"] == "val" and selection["by"] == "count_error" and selection["step"] == 2
+        assert selection["same_weights"] == {"last": "best"}  # one checkpoint file, scored once
     assert "| tiny | test | 2 |" in (proj / "results/summary.md").read_text()
     assert (proj / "results/runs/tiny/eval/curves.png").exists()
     # The report as the results page: the figures and the summary table, with captions; and the jobs' times.

@@ -306,6 +306,57 @@ def test_validation_scores_agree_with_evaluate_and_the_best_checkpoint_is_scored
     assert rc == 2 and "nope.pt: no such file" in err
 
 
+def test_select_chooses_the_checkpoint_with_the_best_validation_score_and_evaluate_scores_it(store, tmp_path,
+                                                                                            capsys):
+    """`space select` scores each candidate on the validation split once per distinct step and chooses the
+    lowest count error (or highest AP50), the earlier candidate on a tie; val.csv, written by training,
+    holds the same scores (validation covers the whole split here). `evaluate --checkpoint selected.json`
+    then scores that checkpoint, and refuses the file for another run."""
+    run = tmp_path / "run"
+    train(tiny("train.val_batches=20"), str(store), str(run), progress=False)
+    val = {int(r["step"]): r for r in read_csv(run / "val.csv")}
+    steps = {name: int(torch.load(run / "checkpoints" / f"{name}.pt", weights_only=True)["step"])
+             for name in ("best", "best_count", "last")}
+    names = ["best", "best_count", "last"]
+    for by, column, lower in (("count_error", "val_count_error", True), ("ap50", "val_ap50", False)):
+        out = tmp_path / f"select-{by}"
+        rc = space_main(["select", "--run", str(run), "--data", str(store), "--candidates", *names, "--by", by,
+                         "--out", str(out), "--quiet", "--device", "cpu"])
+        assert rc == 0
+        selection = json.loads((out / "selected.json").read_text())
+        assert json.loads(capsys.readouterr().out) == selection
+        scores = [float(val[steps[n]][column]) for n in names]
+        goal = min(scores) if lower else max(scores)
+        expected = names[next(i for i, v in enumerate(scores) if v == pytest.approx(goal, abs=1e-9))]
+        assert selection["checkpoint"] == expected and selection["step"] == steps[expected]
+        for n in names:
+            assert selection["candidates"][n]["step"] == steps[n]
+            assert selection["candidates"][n][by] == pytest.approx(float(val[steps[n]][column]), abs=1e-9)
+        # three candidates from two validation steps: each step scored once, the others named as its twins
+        firsts = {steps[n]: n for n in reversed(names)}
+        assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(firsts.values())
+        assert selection["same_weights"] == {n: firsts[steps[n]] for n in names if firsts[steps[n]] != n}
+
+    rc = space_main(["evaluate", "--run", str(run), "--data", str(store), "--split", "val", "--out",
+                     str(tmp_path / "scored"), "--checkpoint", str(out / "selected.json"), "--quiet", "--device", "cpu"])
+    assert rc == 0
+    scored = json.loads((tmp_path / "scored" / "metrics.json").read_text())
+    assert scored["step"] == selection["step"] and scored["checkpoint"] == f"{selection['checkpoint']}.pt"
+    capsys.readouterr()
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    rc, err = run_main(capsys, "evaluate", "--run", str(other), "--data", str(store), "--checkpoint",
+                       str(out / "selected.json"), "--quiet", "--device", "cpu")
+    assert rc == 2 and "chosen among the checkpoints of" in err and "not of --run" in err
+    (tmp_path / "bad.json").write_text("{}")
+    rc, err = run_main(capsys, "evaluate", "--run", str(run), "--data", str(store), "--checkpoint",
+                       str(tmp_path / "bad.json"), "--quiet", "--device", "cpu")
+    assert rc == 2 and "not a selection written by `python -m space select`" in err
+    rc, err = run_main(capsys, "select", "--run", str(run), "--data", str(store), "--candidates", "last", "last",
+                       "--out", str(tmp_path / "twice"), "--quiet", "--device", "cpu")
+    assert rc == 2 and "each checkpoint once" in err and not (tmp_path / "twice").exists()
+
+
 def test_validation_scores_a_small_split_once_over(store):
     """More validation batches than the split holds score each frame once, not some of them twice."""
     from space.data import StoreDataset
