@@ -158,7 +158,6 @@ def refine_flag(wc) -> str:
     return flags
 
 
-
 # Which checkpoint each seed's test scores, figure and latents are of: the experiment's one `checkpoints`
 # entry (default best), or with several the one its validation scores choose (rule select_checkpoint).
 SELECTION = "results/runs/{experiment}/eval/seeds/{seed}/val/selected.json"
@@ -176,7 +175,9 @@ def checkpoint_selection(wc) -> list:
 def checkpoint_flag(wc) -> str:
     """`--checkpoint NAME ` of the experiment's one checkpoint, or of the seed's selection file."""
     names = checkpoint_candidates(wc)
-    return f"--checkpoint {names[0] if len(names) == 1 else SELECTION.format(experiment=wc.experiment, seed=wc.seed)} "
+    which = names[0] if len(names) == 1 else SELECTION.format(experiment=wc.experiment, seed=wc.seed)
+    return f"--checkpoint {which} "
+
 
 # Dataset jobs (datagen.smk): with datagen.parts = N > 1 a generator job writes part {part} of a store.
 PARTS = config["datagen"].get("parts", 1)
