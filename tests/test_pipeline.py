@@ -118,24 +118,24 @@ def test_demo_config_and_full_default_dry_runs_resolve():
         assert f"--objects {lo} {hi}" in command and f"--split train={small['splits']['train']}" in command
 
 
-def test_the_reference_overlay_trains_the_demo_preset_longer_on_three_seeds_and_scores_refined():
+def test_the_reference_overlay_trains_the_demo_preset_longer_on_four_seeds_and_scores_refined():
     p = run(["snakemake", "-n", "--forceall", "eval_all", "--configfile", "config/demo.yaml", "config/reference.yaml"],
             REPO)
-    assert _job_counts(p.stdout)["train"] == 3
+    assert _job_counts(p.stdout)["train"] == 4
     commands = [line for line in p.stdout.splitlines() if "python -m space train" in line]
-    assert len(commands) == 3 and all("results/runs/space_room3d_reference/seeds/" in c for c in commands)
-    assert {c.split("--set train.seed=")[1].split()[0] for c in commands} == {"0", "1", "2"}
+    assert len(commands) == 4 and all("results/runs/space_room3d_reference/seeds/" in c for c in commands)
+    assert {c.split("--set train.seed=")[1].split()[0] for c in commands} == {"0", "1", "2", "3"}
     for c in commands:
         assert "--preset demo" in c and "train.steps=2500" in c
         assert "model.z_pres_prior=" in c and "\"end\": 0.001" in c and "model.tau=" in c
     scoring = [line for line in p.stdout.splitlines() if "python -m space evaluate" in line]
     refined = "--refine --refine-cost 60.0 --refine-candidates 0.0 --refine-box-steps 40 --refine-box-lr 0.3 --refine-box-rounds 2 "
-    assert len(scoring) == 3 and all(refined in c for c in scoring)
+    assert len(scoring) == 4 and all(refined in c for c in scoring)
     figures = [line for line in p.stdout.splitlines() if "python -m space show" in line]
-    assert len(figures) == 3 and all(refined in c for c in figures)
+    assert len(figures) == 4 and all(refined in c for c in figures)
     # each seed's scores and figure are of the checkpoint (best or last) its refined validation scores choose
     choices = [line for line in p.stdout.splitlines() if "python -m space select" in line]
-    assert len(choices) == 3 and all("--split val --candidates best last --by count_error" in c and refined in c
+    assert len(choices) == 4 and all("--split val --candidates best last --by count_error" in c and refined in c
                                      for c in choices)
     for c in scoring + figures:
         seed = c.split("results/runs/space_room3d_reference/seeds/")[1].split()[0]
@@ -158,12 +158,14 @@ def test_the_small128_overlay_renders_and_trains_3d_room_small_alone_at_batch_4(
 def test_latents_all_encodes_each_seeds_run_on_its_test_split():
     p = run(["snakemake", "-n", "--forceall", "latents_all", "--configfile", "config/demo.yaml",
              "config/reference.yaml"], REPO)
-    assert _job_counts(p.stdout)["encode"] == 3
+    assert _job_counts(p.stdout)["encode"] == 4
     commands = sorted(line.strip() for line in p.stdout.splitlines() if "python -m space encode" in line)
     for seed, c in enumerate(commands):
         assert f"--run results/runs/space_room3d_reference/seeds/{seed} " in c
         assert "--data results/data/room3d_small.zarr --split test" in c
         assert f"--out results/runs/space_room3d_reference/latents/seeds/{seed}/test.zarr" in c
+        # the latents are of the checkpoint the scores are of
+        assert f"--checkpoint results/runs/space_room3d_reference/eval/seeds/{seed}/val/selected.json" in c
 
 
 @pytest.mark.parametrize(
