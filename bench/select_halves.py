@@ -23,19 +23,22 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import emit, machine  # noqa: E402
 
+from space.metrics import frame_count_errors  # noqa: E402
 
-def frame_count_errors(folder: Path) -> np.ndarray:
-    """Per frame of a scored split (evaluate's files in `folder`), |detections - objects| / max(objects, 1)."""
+
+def scored_count_errors(folder: Path) -> np.ndarray:
+    """Each frame's count error (table 1's, per frame) of a scored split: evaluate's files in `folder`."""
     gt = json.loads((folder / "ground_truth.json").read_text())
     dets = json.loads((folder / "detections.json").read_text())
     row = {image["id"]: i for i, image in enumerate(gt["images"])}
     true, found = np.zeros(len(row)), np.zeros(len(row))
     np.add.at(true, [row[a["image_id"]] for a in gt["annotations"]], 1)
     np.add.at(found, [row[d["image_id"]] for d in dets], 1)
-    return np.abs(found - true) / np.maximum(true, 1)
+    return frame_count_errors(true, found)
 
 
 def collect(experiment: Path) -> dict:
@@ -52,7 +55,7 @@ def collect(experiment: Path) -> dict:
                              "frames, and AP50 is not one")
         names = list(selection["candidates"])
         twins = selection["same_weights"]
-        errors = {n: frame_count_errors(f.parent / twins.get(n, n)).tolist() for n in names}
+        errors = {n: scored_count_errors(f.parent / twins.get(n, n)).tolist() for n in names}
         seeds[f.parts[-3]] = {"chosen": selection["checkpoint"], "candidates": names, "frame_errors": errors,
                               "steps": {n: selection["candidates"][n]["step"] for n in names}}
     return seeds

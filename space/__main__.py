@@ -243,6 +243,30 @@ def _check_refine_flags(ns) -> None:
             raise ConfigError(f"{flag}: applies to the refined decisions only; add --refine")
 
 
+def _check_pass_flags(ns) -> None:
+    """--frames and --batch-size of a command that runs a trained model over a split's frames."""
+    if ns.frames is not None and ns.frames < 1:
+        raise ConfigError(f"--frames: at least 1, got {ns.frames}")
+    if ns.batch_size < 1:
+        raise ConfigError(f"--batch-size: at least 1, got {ns.batch_size}")
+
+
+def _check_scoring_flags(ns) -> None:
+    """--threshold, the refine flags, --frames and --batch-size of a command that scores a split."""
+    if not 0 <= ns.threshold < 1:
+        raise ConfigError(f"--threshold: a z_pres probability in [0, 1), got {ns.threshold}")
+    _check_refine_flags(ns)
+    _check_pass_flags(ns)
+
+
+def _scoring_settings(ns, device: str) -> dict:
+    """`evaluate`'s settings from a scoring command's flags (evaluate and select take the same ones)."""
+    return dict(threshold=ns.threshold, batch_size=ns.batch_size, frames=ns.frames, device=device,
+                progress=not ns.quiet, refine=ns.refine, refine_candidates=ns.refine_candidates,
+                refine_cost=ns.refine_cost, refine_box_steps=ns.refine_box_steps, refine_box_lr=ns.refine_box_lr,
+                refine_box_rounds=ns.refine_box_rounds)
+
+
 def cmd_evaluate(ns) -> int:
     """Score a trained run: COCO AP and the paper's AP at IoU 0.5 and 0.5:0.95, object-count error and
     accuracy, reconstruction MSE, with a trivial baseline beside each. Writes metrics.json, detections.json
@@ -252,24 +276,14 @@ def cmd_evaluate(ns) -> int:
     from .evaluate import evaluate
     from .devices import pick_device
 
-    if not 0 <= ns.threshold < 1:
-        raise ConfigError(f"--threshold: a z_pres probability in [0, 1), got {ns.threshold}")
-    _check_refine_flags(ns)
-    if ns.frames is not None and ns.frames < 1:
-        raise ConfigError(f"--frames: at least 1, got {ns.frames}")
-    if ns.batch_size < 1:
-        raise ConfigError(f"--batch-size: at least 1, got {ns.batch_size}")
+    _check_scoring_flags(ns)
     device = str(pick_device(ns.device, "--device"))
     if ns.out is not None:
         output_dir(ns.out, "--out")
     mirror, run, path, _ = _run_checkpoint(ns.run, ns.checkpoint)
     if ns.out is None:
         output_dir(str(run / "eval" / ns.split), "the output folder (default of --out)")
-    metrics = evaluate(str(run), ns.data, ns.split, ns.out, ns.threshold, ns.batch_size, ns.frames, device,
-                       progress=not ns.quiet, checkpoint=path, refine=ns.refine,
-                       refine_candidates=ns.refine_candidates, refine_cost=ns.refine_cost,
-                       refine_box_steps=ns.refine_box_steps, refine_box_lr=ns.refine_box_lr,
-                       refine_box_rounds=ns.refine_box_rounds)
+    metrics = evaluate(str(run), ns.data, ns.split, ns.out, checkpoint=path, **_scoring_settings(ns, device))
     if ns.out is None:
         mirror.push(f"eval/{ns.split}")  # into the object-store run too, when the run lives there
     print(json.dumps(metrics, indent=2))
@@ -286,26 +300,16 @@ def cmd_select(ns) -> int:
     from .devices import pick_device
     from .select import select_checkpoint
 
-    if not 0 <= ns.threshold < 1:
-        raise ConfigError(f"--threshold: a z_pres probability in [0, 1), got {ns.threshold}")
-    _check_refine_flags(ns)
+    _check_scoring_flags(ns)
     if len(set(ns.candidates)) != len(ns.candidates):
         raise ConfigError(f"--candidates {' '.join(ns.candidates)}: each checkpoint once")
-    if ns.frames is not None and ns.frames < 1:
-        raise ConfigError(f"--frames: at least 1, got {ns.frames}")
-    if ns.batch_size < 1:
-        raise ConfigError(f"--batch-size: at least 1, got {ns.batch_size}")
     device = str(pick_device(ns.device, "--device"))
     output_dir(ns.out, "--out")
     candidates = {}
     for name in ns.candidates:
         _, run, candidates[name], _ = _run_checkpoint(ns.run, name)
     selection = select_checkpoint(str(run) if "://" not in ns.run else ns.run, ns.data, ns.split, ns.out,
-                                  candidates, ns.by, threshold=ns.threshold, batch_size=ns.batch_size,
-                                  frames=ns.frames, device=device, progress=not ns.quiet, refine=ns.refine,
-                                  refine_candidates=ns.refine_candidates, refine_cost=ns.refine_cost,
-                                  refine_box_steps=ns.refine_box_steps, refine_box_lr=ns.refine_box_lr,
-                                  refine_box_rounds=ns.refine_box_rounds)
+                                  candidates, ns.by, **_scoring_settings(ns, device))
     print(json.dumps(selection, indent=2))
     return 0
 
@@ -319,10 +323,7 @@ def cmd_encode(ns) -> int:
     from .devices import pick_device
     from .encode import encode
 
-    if ns.frames is not None and ns.frames < 1:
-        raise ConfigError(f"--frames: at least 1, got {ns.frames}")
-    if ns.batch_size < 1:
-        raise ConfigError(f"--batch-size: at least 1, got {ns.batch_size}")
+    _check_pass_flags(ns)
     if Path(ns.out).exists():
         raise ConfigError(f"--out {ns.out} exists; remove it or give another path (latents are never overwritten)")
     _check_creatable(Path(ns.out).parent, f"--out {ns.out}")

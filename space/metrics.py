@@ -135,14 +135,19 @@ def paper_ap(gt_boxes, det_boxes, det_scores, threshold: float | None = None) ->
     return float(np.mean([_ap(gt_boxes, det_boxes, det_scores, t, "paper") for t in ts]))
 
 
-def count_scores(true_counts, predicted_counts) -> dict:
-    """Table 1's object-count error rate, mean |predicted - true| / true over images, and the share of
-    images counted exactly. An image with no objects divides by 1 instead of 0 (its error is the number
-    of objects predicted)."""
+def frame_count_errors(true_counts, predicted_counts) -> np.ndarray:
+    """Each image's |predicted - true| / true; an image with no objects divides by 1 instead of 0 (its
+    error is the number of objects predicted)."""
     t = np.asarray(true_counts, dtype=np.float64)
     p = np.asarray(predicted_counts, dtype=np.float64)
-    return {"count_error": float(np.mean(np.abs(p - t) / np.maximum(t, 1))),
-            "count_accuracy": float(np.mean(p == t))}
+    return np.abs(p - t) / np.maximum(t, 1)
+
+
+def count_scores(true_counts, predicted_counts) -> dict:
+    """Table 1's object-count error rate, the mean of `frame_count_errors` over images, and the share of
+    images counted exactly."""
+    return {"count_error": float(np.mean(frame_count_errors(true_counts, predicted_counts))),
+            "count_accuracy": float(np.mean(np.asarray(predicted_counts) == np.asarray(true_counts)))}
 
 
 def adjusted_rand_index(a, b) -> float:

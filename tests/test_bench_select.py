@@ -45,7 +45,7 @@ def _experiment(root: Path, frames: int) -> Path:
 
 def test_frame_count_errors_are_the_mean_that_evaluate_reports(tmp_path):
     _scored(tmp_path / "s", [2, 4, 0, 1], [3, 4, 2, 0])
-    errors = select_halves.frame_count_errors(tmp_path / "s")
+    errors = select_halves.scored_count_errors(tmp_path / "s")
     assert errors.tolist() == [0.5, 0.0, 2.0, 1.0]  # a frame without objects divides by 1
 
 
