@@ -52,10 +52,10 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, [s for s in [*parts, cur] if s]
 
 
-def _run(cmd: list[str], log: Path, env: dict) -> float:
+def _run(cmd: list[str], log: Path, env: dict, repo: Path = REPO) -> float:
     t = time.perf_counter()
     with open(log, "a") as fh:
-        r = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        r = subprocess.run(cmd, cwd=repo, stdout=fh, stderr=subprocess.STDOUT, env=env)
     if r.returncode != 0:
         raise SystemExit(f"error: {' '.join(cmd)} failed ({r.returncode}); see {log}")
     return time.perf_counter() - t
@@ -67,8 +67,17 @@ def train_and_score(ns) -> dict:
     results.update(data=ns.data, preset=ns.preset, split=ns.split, threads=ns.threads, machine=machine(),
                    command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
     done = {(p["variant"], p["seed"], p["step"]) for p in results["points"]}
-    runs = Path(ns.runs or out.with_suffix(""))
+    runs = REPO / Path(ns.runs or out.with_suffix(""))  # paths are this checkout's, whichever one runs
+    data = ns.data if "://" in ns.data else str(REPO / ns.data)
     env = {**os.environ, "OMP_NUM_THREADS": str(ns.threads)}
+    repo = Path(ns.repo).resolve() if ns.repo else REPO
+    if repo != REPO:
+        results["repo"] = {"path": str(repo), "commit": subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()}
+    # A checkout from before evaluate's --checkpoint had only last.pt, which is what it scores by default.
+    evaluate_help = subprocess.run([sys.executable, "-m", "space", "evaluate", "--help"], cwd=repo,
+                                   capture_output=True, text=True, env=env).stdout
+    which = ["--checkpoint", "last"] if "--checkpoint" in evaluate_help else []
     for spec in ns.variant:
         name, sets = parse_variant(spec)
         for seed in ns.seeds:
@@ -82,11 +91,11 @@ def train_and_score(ns) -> dict:
             for step in ns.steps or (200, 400, 600, 800):
                 if (name, seed, step) in done:
                     continue
-                wall += _run([sys.executable, "-m", "space", "train", "--data", ns.data, "--out", str(run),
-                              "--preset", ns.preset, *flags, "--steps", str(step), "--quiet"], log, env)
+                wall += _run([sys.executable, "-m", "space", "train", "--data", data, "--out", str(run),
+                              "--preset", ns.preset, *flags, "--steps", str(step), "--quiet"], log, env, repo)
                 folder = run / f"eval-{step}"
-                _run([sys.executable, "-m", "space", "evaluate", "--run", str(run), "--data", ns.data, "--split",
-                      ns.split, "--checkpoint", "last", "--out", str(folder), "--quiet", "--device", "cpu"], log, env)
+                _run([sys.executable, "-m", "space", "evaluate", "--run", str(run), "--data", data, "--split",
+                      ns.split, *which, "--out", str(folder), "--quiet", "--device", "cpu"], log, env, repo)
                 m = json.loads((folder / "metrics.json").read_text())
                 point = {"variant": name, "sets": sets, "seed": seed, "step": step, "train_s": round(wall, 1),
                          **{k: m.get(k) for k in SCORES}, "baseline_fg_ari": m.get("baseline_fg_ari")}
@@ -112,6 +121,31 @@ def table(results: dict) -> str:
             return f"{np.nanmean(v):.3f} ({np.nanmin(v):.3f}-{np.nanmax(v):.3f})"
         lines.append(f"| {name} | {step} | {len(ps)} | {col('ap50')} | {col('fg_ari')} | "
                      f"{np.mean([p['count_error'] for p in ps]):.2f} | {np.mean([p['train_s'] for p in ps]):.0f} |")
+    return "\n".join(lines)
+
+
+def target_table(results: dict, target: float) -> str:
+    """Per variant and seed, the first scored step whose AP50 reaches `target` and the training wall time to it,
+    Markdown. The scoring steps bound it from above; a seed that never reaches it shows its last step and
+    score, with ">" before its time."""
+    import numpy as np
+
+    lines = [f"| variant | seed | first scored step with AP50 >= {target} | AP50 there | train s to it |",
+             "|---|---|---|---|---|"]
+    means = {}
+    for name in sorted({p["variant"] for p in results["points"]}):
+        for seed in sorted({p["seed"] for p in results["points"] if p["variant"] == name}):
+            ps = sorted((p for p in results["points"] if p["variant"] == name and p["seed"] == seed),
+                        key=lambda p: p["step"])
+            hit = next((p for p in ps if (p["ap50"] or 0.0) >= target), None)
+            p = hit or ps[-1]
+            when = f"{p['train_s']:.0f}" if hit else f"> {p['train_s']:.0f}"
+            lines.append(f"| {name} | {seed} | {p['step'] if hit else 'not by ' + str(p['step'])} | "
+                         f"{p['ap50']:.3f} | {when} |")
+            means.setdefault(name, []).append((p["train_s"], hit is not None))
+        times = means[name]
+        bound = "" if all(h for _, h in times) else "> "
+        lines.append(f"| {name} | mean | | | {bound}{np.mean([t for t, _ in times]):.0f} |")
     return "\n".join(lines)
 
 
@@ -170,9 +204,14 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="val", help="split to score on (default: val; keep test for the end)")
     p.add_argument("--threads", type=int, default=2, help="torch threads per training (default: 2)")
     p.add_argument("--runs", help="folder for the runs (default: beside --out, named after it)")
+    p.add_argument("--repo", help="the checkout whose `python -m space` trains and scores, e.g. a git worktree of "
+                                  "an earlier commit to compare with side by side (default: this one)")
     p.add_argument("--plot", help="draw the figure here (PNG) from --out, and print the table")
     p.add_argument("--markdown", action="store_true",
                    help="print the table alone (BENCHMARKS.md's tables are this output: bench/tables.py)")
+    p.add_argument("--target", type=float, metavar="AP50",
+                   help="print, instead of the table, each seed's first scored step at this validation AP50 "
+                        "and the training time to it (the demo's target is 0.5)")
     p.add_argument("--with", dest="also", nargs="+", default=[], metavar="JSON",
                    help="more results files to draw and tabulate with --out (variants run as separate processes)")
     ns = p.parse_args(argv)
@@ -189,6 +228,9 @@ def main(argv=None) -> int:
             p.error(f"--with {extra}: no such results file")
         results["points"] = results["points"] + json.loads(Path(extra).read_text())["points"]
     shown = dict(results, points=[p for p in results["points"] if not ns.steps or p["step"] in ns.steps])
+    if ns.target is not None:
+        print(target_table(results, ns.target))
+        return 0
     print(table(shown))
     if ns.markdown:
         return 0

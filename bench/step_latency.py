@@ -41,6 +41,18 @@ from space.devices import checkpoint_images, use_amp  # noqa: E402
 from space.train import optimisers, train_step  # noqa: E402
 
 
+def straightforward(model: SPACE) -> None:
+    """Swap the model's optimised computations for the plain ones they are tested against: full-canvas
+    compositing for the windowed one, the tiled spatial broadcast for `broadcast_decode`."""
+    import space.model
+
+    def composite_full(maps, z_pres, depth_weight, centre, size, n, premultiplied=True, eps=None):
+        return space.model.composite(maps, z_pres, depth_weight, centre, size, n, premultiplied)
+
+    space.model.composite_windowed = composite_full  # what Foreground.render calls
+    model.bg.comp_decoder.forward = model.bg.comp_decoder.tiled
+
+
 def fmt_range(r: dict) -> str:
     return f"{r['median_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f})"
 
@@ -120,12 +132,18 @@ def main(argv=None) -> int:
     p.add_argument("--present-share", type=float, default=None,
                    help="force z_pres on in this random share of cells (and off elsewhere), as in a trained "
                         "model, so that --sparse-threshold has cells to skip")
+    p.add_argument("--straightforward", action="store_true",
+                   help="the paper's computation as space/model.py writes it plainly, without this project's "
+                        "optimisations: every glimpse composited on the whole canvas (composite), the spatial "
+                        "broadcast tiled (CompDecoder.tiled), no activation checkpointing, glibc's allocator")
     p.add_argument("--out", metavar="JSON", help="also add this run to a results file's runs (made if missing)")
     add_from_flags(p)
     ns = p.parse_args(argv)
     if print_from(ns, table):
         return 0
     preset_train = Config.from_dict(PRESETS[ns.preset]).train
+    if ns.straightforward:
+        ns.host_allocator, ns.checkpoint_images = "glibc", 0
     ns.host_allocator = ns.host_allocator or preset_train.host_allocator
     if ns.malloc_mmap_threshold_mib is None:
         ns.malloc_mmap_threshold_mib = preset_train.malloc_mmap_threshold_mib
@@ -143,6 +161,8 @@ def main(argv=None) -> int:
     model = model.to(memory_format=fmt)
     ns.checkpoint_images = checkpoint_images(ns.checkpoint_images, device)
     model.set_checkpoint_images(ns.checkpoint_images)
+    if ns.straightforward:
+        straightforward(model)
     if ns.present_share is not None:
         # The global RNG, which activation checkpointing restores, so a recomputed chunk gets the same cells.
         def present(module, inputs, logits):  # (B, 1, G, G): +6 in a random share of cells, -6 elsewhere
@@ -210,6 +230,7 @@ def main(argv=None) -> int:
         "malloc_mmap_threshold_mib": ns.malloc_mmap_threshold_mib if taken and ns.host_allocator == "lean" else 0,
         "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
         "present_share": ns.present_share,
+        "straightforward": ns.straightforward,
         "glimpses_decoded": glimpses,
         "median_s": round(med, 3),
         "min_s": round(min(times), 3),

@@ -313,3 +313,47 @@ def test_refine_sweep_reads_scored_settings_back_and_averages_over_every_seed(tm
     for folder in (tmp_path / "empty", tmp_path / "nowhere"):
         with pytest.raises(SystemExit, match="no trained seed"):
             refine_sweep.sweep(folder, "store.zarr", "val", [0.0], [0.5], "best")
+
+
+def test_learning_trains_and_scores_with_another_checkout_and_reports_time_to_target(tmp_path, capsys):
+    """--repo: the checkout named runs `python -m space` (a stub here that records its command lines), with
+    this checkout's store and run paths made absolute; a checkout whose evaluate has no --checkpoint (before
+    best.pt existed) is not given one. --target then lists each seed's first scored step at the AP50 asked
+    and the training time to it, or that it was not reached."""
+    repo = tmp_path / "old"
+    (repo / "space").mkdir(parents=True)
+    (repo / "space" / "__init__.py").write_text("")
+    (repo / "space" / "__main__.py").write_text(
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "args = sys.argv[1:]\n"
+        "with open(Path(__file__).parent / 'calls.txt', 'a') as fh:\n"
+        "    fh.write(' '.join(args) + '\\n')\n"
+        "if '--help' in args:\n"
+        "    print('usage: python -m space evaluate --run RUN --data DATA --out OUT')\n"
+        "elif args[0] == 'evaluate':\n"
+        "    out = Path(args[args.index('--out') + 1])\n"
+        "    step = int(out.name.split('-')[1])\n"
+        "    out.mkdir(parents=True)\n"
+        "    (out / 'metrics.json').write_text(json.dumps({'ap50': step / 1000, 'fg_ari': 0.1, 'count_error': 0.5,\n"
+        "                                                  'mse': 0.01, 'baseline_fg_ari': 0.3}))\n")
+    out = tmp_path / "res.json"
+    assert learning.main(["--repo", str(repo), "--data", "store.zarr", "--out", str(out), "--variant", "old:",
+                          "--seeds", "0", "--steps", "400", "600", "--threads", "1"]) == 0
+    calls = (repo / "space" / "calls.txt").read_text().splitlines()
+    trains = [c for c in calls if c.startswith("train")]
+    evaluates = [c for c in calls if c.startswith("evaluate") and "--help" not in c]
+    assert len(trains) == len(evaluates) == 2
+    store = str(learning.REPO / "store.zarr")
+    assert all(f"--data {store} " in c for c in trains + evaluates)
+    assert all("--checkpoint" not in c for c in evaluates)
+    results = json.loads(out.read_text())
+    assert results["repo"]["path"] == str(repo.resolve())
+    assert [p["ap50"] for p in results["points"]] == [0.4, 0.6]
+    capsys.readouterr()
+    assert learning.main(["--out", str(out), "--target", "0.5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith("| old | 0 | 600 | 0.600 |")
+    assert learning.main(["--out", str(out), "--target", "0.9"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith("| old | 0 | not by 600 | 0.600 | > ") and lines[3].startswith("| old | mean | | | > ")

@@ -175,3 +175,63 @@ def test_room3d_speed_prints_breakdown_e2e_and_projection(capsys):
     for r, row in zip(run["projection"], tables["projection"]):
         assert float(row[4].split()[0]) == pytest.approx(77000 / r["frames_per_s_largest_n"] / 60, abs=0.06)
         assert row[5] == ("pass" if r["pass_20_min"] else "fail")
+
+
+def test_straightforward_step_computes_what_the_optimised_step_does(monkeypatch):
+    """step_latency --straightforward swaps in full-canvas compositing and the tiled spatial broadcast: on the
+    same weights, images and noise, the loss and every gradient agree with the optimised model's. (Chunks
+    draw the noise in another order; their own tests compare them with the plain pass.)"""
+    import space.model
+    import step_latency
+    import torch
+
+    from space.config import resolve_config
+
+    monkeypatch.setattr(space.model, "composite_windowed", space.model.composite_windowed)  # restored after
+    cfg = resolve_config("demo", None, ["model.image_size=32", "model.grid_size=4"])
+    torch.manual_seed(0)
+    fast = space.model.SPACE(cfg.model).double().train()
+    plain = space.model.SPACE(cfg.model).double().train()
+    plain.load_state_dict(fast.state_dict())
+    fast.set_checkpoint_images(0)
+    step_latency.straightforward(plain)
+    x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
+    grads = []
+    for model in (fast, plain):
+        torch.manual_seed(1)
+        loss = model(x, 0)["terms"]["loss"]
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert float(grads[0][0]) == pytest.approx(float(grads[1][0]), rel=1e-9)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+    assert plain.bg.comp_decoder.forward == plain.bg.comp_decoder.tiled
+
+
+def test_step_ratios_times_the_variants_taking_turns_against_current(tmp_path, capsys):
+    """bench/step_ratios.py: each round runs current, straightforward and the release (a stand-in checkout
+    whose step_latency prints a fixed step) in that order; the table gives each one's time as a multiple of
+    current's, and --from prints it again. A --release that is no checkout is refused."""
+    import step_ratios
+
+    release = tmp_path / "old"
+    (release / "bench").mkdir(parents=True)
+    (release / "bench" / "step_latency.py").write_text(
+        "import json\nprint('old step')\n"
+        "print(json.dumps({'median_s': 100.0, 'min_s': 99.0, 'max_s': 101.0, 'peak_rss_mib': 9000}))\n")
+    out = tmp_path / "ratios.json"
+    assert step_ratios.main(["--preset", "demo", "--batch", "1", "--steps", "1", "--warmup", "0", "--threads", "1",
+                             "--rounds", "1", "--release", str(release), "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert [r["variant"] for r in results["runs"]] == ["current", "straightforward", "release"]
+    assert results["runs"][1]["straightforward"] and not results["runs"][0]["straightforward"]
+    assert results["runs"][1]["checkpoint_images"] == 0
+    capsys.readouterr()
+    assert step_ratios.main(["--from", str(out), "--markdown"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert [r[0] for r in rows] == ["current", "straightforward", "release"] and rows[0][-1] == "1.00x"
+    current = results["runs"][0]["median_s"]
+    assert rows[2][-1] == f"{100.0 / current:.2f}x" and rows[2][4] == "9,000 MiB"
+    with pytest.raises(SystemExit):
+        step_ratios.main(["--release", str(tmp_path), "--preset", "demo"])
+    assert "no bench/step_latency.py there" in capsys.readouterr().err
