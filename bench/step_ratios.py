@@ -51,8 +51,8 @@ def table(results: dict) -> str:
     for r in results["runs"]:
         rows.setdefault(r["variant"], []).append(r)
     base = statistics.median(r["median_s"] for r in rows["current"])
-    lines = ["| variant | code | rounds | s/step (median of rounds, min-max) | peak RSS | time against current |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| preset | variant | code | rounds | s/step (median of rounds, min-max) | peak RSS "
+             "| time against current |", "|---|---|---|---|---|---|---|"]
     for name in VARIANTS:
         if name not in rows:
             continue
@@ -60,7 +60,7 @@ def table(results: dict) -> str:
         med = statistics.median(r["median_s"] for r in rs)
         lo, hi = min(r["median_s"] for r in rs), max(r["median_s"] for r in rs)
         code = results["commits"][name]
-        lines.append(f"| {name} | {code} | {len(rs)} | {med:.2f} ({lo:.2f}-{hi:.2f}) | "
+        lines.append(f"| {results['preset']} | {name} | {code} | {len(rs)} | {med:.2f} ({lo:.2f}-{hi:.2f}) | "
                      f"{max(r['peak_rss_mib'] for r in rs):,.0f} MiB | {med / base:.2f}x |")
     return "\n".join(lines)
 

@@ -356,4 +356,5 @@ def test_learning_trains_and_scores_with_another_checkout_and_reports_time_to_ta
     assert lines[2].startswith("| old | 0 | 600 | 0.600 |")
     assert learning.main(["--out", str(out), "--target", "0.9"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[2].startswith("| old | 0 | not by 600 | 0.600 | > ") and lines[3].startswith("| old | mean | | | > ")
+    assert lines[2].startswith("| old | 0 | not by 600 | 0.600 | > ")
+    assert lines[3].startswith("| old | mean | | | > ")

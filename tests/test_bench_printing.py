@@ -229,9 +229,10 @@ def test_step_ratios_times_the_variants_taking_turns_against_current(tmp_path, c
     capsys.readouterr()
     assert step_ratios.main(["--from", str(out), "--markdown"]) == 0
     rows = _rows(capsys.readouterr().out)
-    assert [r[0] for r in rows] == ["current", "straightforward", "release"] and rows[0][-1] == "1.00x"
+    assert [r[1] for r in rows] == ["current", "straightforward", "release"] and rows[0][-1] == "1.00x"
+    assert rows[0][0] == "demo"
     current = results["runs"][0]["median_s"]
-    assert rows[2][-1] == f"{100.0 / current:.2f}x" and rows[2][4] == "9,000 MiB"
+    assert rows[2][-1] == f"{100.0 / current:.2f}x" and rows[2][5] == "9,000 MiB"
     with pytest.raises(SystemExit):
         step_ratios.main(["--release", str(tmp_path), "--preset", "demo"])
     assert "no bench/step_latency.py there" in capsys.readouterr().err
