@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -67,17 +68,22 @@ def train_and_score(ns) -> dict:
     results.update(data=ns.data, preset=ns.preset, split=ns.split, threads=ns.threads, machine=machine(),
                    command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
     done = {(p["variant"], p["seed"], p["step"]) for p in results["points"]}
-    runs = REPO / Path(ns.runs or out.with_suffix(""))  # paths are this checkout's, whichever one runs
-    data = ns.data if "://" in ns.data else str(REPO / ns.data)
+    # Absolute paths: the commands run in the checkout (--repo), wherever this one is started from.
+    runs = Path(ns.runs or out.with_suffix("")).resolve()
+    data = ns.data if "://" in ns.data else str(Path(ns.data).resolve())
     env = {**os.environ, "OMP_NUM_THREADS": str(ns.threads)}
     repo = Path(ns.repo).resolve() if ns.repo else REPO
+    before = (results.get("repo") or {}).get("path")
+    if results["points"] and before != (str(repo) if repo != REPO else None):
+        raise SystemExit(f"error: {out} holds runs of {before or 'this checkout'}; give it --repo "
+                         f"{before or '(none)'}, or start another results file")
     if repo != REPO:
         results["repo"] = {"path": str(repo), "commit": subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()}
     # A checkout from before evaluate's --checkpoint had only last.pt, which is what it scores by default.
     evaluate_help = subprocess.run([sys.executable, "-m", "space", "evaluate", "--help"], cwd=repo,
                                    capture_output=True, text=True, env=env).stdout
-    which = ["--checkpoint", "last"] if "--checkpoint" in evaluate_help else []
+    which = ["--checkpoint", "last"] if re.search(r"--checkpoint[\s=,]", evaluate_help) else []
     for spec in ns.variant:
         name, sets = parse_variant(spec)
         for seed in ns.seeds:
@@ -137,11 +143,11 @@ def target_table(results: dict, target: float) -> str:
         for seed in sorted({p["seed"] for p in results["points"] if p["variant"] == name}):
             ps = sorted((p for p in results["points"] if p["variant"] == name and p["seed"] == seed),
                         key=lambda p: p["step"])
-            hit = next((p for p in ps if (p["ap50"] or 0.0) >= target), None)
+            hit = next((p for p in ps if p["ap50"] is not None and p["ap50"] >= target), None)
             p = hit or ps[-1]
             when = f"{p['train_s']:.0f}" if hit else f"> {p['train_s']:.0f}"
-            lines.append(f"| {name} | {seed} | {p['step'] if hit else 'not by ' + str(p['step'])} | "
-                         f"{p['ap50']:.3f} | {when} |")
+            ap = "-" if p["ap50"] is None else f"{p['ap50']:.3f}"
+            lines.append(f"| {name} | {seed} | {p['step'] if hit else 'not by ' + str(p['step'])} | {ap} | {when} |")
             means.setdefault(name, []).append((p["train_s"], hit is not None))
         times = means[name]
         bound = "" if all(h for _, h in times) else "> "
@@ -229,10 +235,7 @@ def main(argv=None) -> int:
             p.error(f"--with {extra}: no such results file")
         results["points"] = results["points"] + json.loads(Path(extra).read_text())["points"]
     shown = dict(results, points=[p for p in results["points"] if not ns.steps or p["step"] in ns.steps])
-    if ns.target is not None:
-        print(target_table(results, ns.target))
-        return 0
-    print(table(shown))
+    print(target_table(results, ns.target) if ns.target is not None else table(shown))
     if ns.markdown:
         return 0
     if ns.plot:

@@ -42,14 +42,25 @@ from space.train import optimisers, train_step  # noqa: E402
 
 
 def straightforward(model: SPACE) -> None:
-    """Swap the model's optimised computations for the plain ones they are tested against: full-canvas
-    compositing for the windowed one, the tiled spatial broadcast for `broadcast_decode`."""
+    """Swap this model's optimised computations for the plain ones they are tested against: full-canvas
+    compositing for the windowed one, the tiled spatial broadcast for `broadcast_decode`. Other models in
+    the process keep theirs."""
     import space.model
 
     def composite_full(maps, z_pres, depth_weight, centre, size, n, premultiplied=True, eps=None):
         return space.model.composite(maps, z_pres, depth_weight, centre, size, n, premultiplied)
 
-    space.model.composite_windowed = composite_full  # what Foreground.render calls
+    render = model.fg.render
+
+    def render_full(*args, **kwargs):  # Foreground.render, with space.model.composite for its compositing
+        windowed = space.model.composite_windowed
+        space.model.composite_windowed = composite_full
+        try:
+            return render(*args, **kwargs)
+        finally:
+            space.model.composite_windowed = windowed
+
+    model.fg.render = render_full
     model.bg.comp_decoder.forward = model.bg.comp_decoder.tiled
 
 

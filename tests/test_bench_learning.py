@@ -344,7 +344,7 @@ def test_learning_trains_and_scores_with_another_checkout_and_reports_time_to_ta
     trains = [c for c in calls if c.startswith("train")]
     evaluates = [c for c in calls if c.startswith("evaluate") and "--help" not in c]
     assert len(trains) == len(evaluates) == 2
-    store = str(learning.REPO / "store.zarr")
+    store = str(Path("store.zarr").resolve())
     assert all(f"--data {store} " in c for c in trains + evaluates)
     assert all("--checkpoint" not in c for c in evaluates)
     results = json.loads(out.read_text())
@@ -358,3 +358,14 @@ def test_learning_trains_and_scores_with_another_checkout_and_reports_time_to_ta
     lines = capsys.readouterr().out.splitlines()
     assert lines[2].startswith("| old | 0 | not by 600 | 0.600 | > ")
     assert lines[3].startswith("| old | mean | | | > ")
+    # a point scored without AP (None) is never a hit, and prints as "-"
+    results["points"].append(dict(results["points"][-1], step=800, ap50=None))
+    out.write_text(json.dumps(results))
+    assert learning.main(["--out", str(out), "--target", "0.5"]) == 0
+    assert capsys.readouterr().out.splitlines()[2].startswith("| old | 0 | 600 | 0.600 |")
+    assert learning.main(["--out", str(out), "--target", "0.9"]) == 0
+    assert capsys.readouterr().out.splitlines()[2].startswith("| old | 0 | not by 800 | - | > ")
+    # the file holds the other checkout's runs: resuming it with this checkout's code is refused
+    with pytest.raises(SystemExit, match="holds runs of"):
+        learning.main(["--data", "store.zarr", "--out", str(out), "--variant", "old:", "--seeds", "0",
+                       "--steps", "1000", "--threads", "1"])

@@ -187,7 +187,12 @@ def test_straightforward_step_computes_what_the_optimised_step_does(monkeypatch)
 
     from space.config import resolve_config
 
-    monkeypatch.setattr(space.model, "composite_windowed", space.model.composite_windowed)  # restored after
+    calls = {"windowed": 0, "full": 0}
+    for name, key in (("composite_windowed", "windowed"), ("composite", "full")):
+        def counted(*args, _f=getattr(space.model, name), _k=key, **kwargs):
+            calls[_k] += 1
+            return _f(*args, **kwargs)
+        monkeypatch.setattr(space.model, name, counted)  # restored after the test
     cfg = resolve_config("demo", None, ["model.image_size=32", "model.grid_size=4"])
     torch.manual_seed(0)
     fast = space.model.SPACE(cfg.model).double().train()
@@ -197,15 +202,16 @@ def test_straightforward_step_computes_what_the_optimised_step_does(monkeypatch)
     step_latency.straightforward(plain)
     x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
     grads = []
-    for model in (fast, plain):
+    for model, used in ((fast, {"windowed": 1, "full": 0}), (plain, {"windowed": 0, "full": 1})):
         torch.manual_seed(1)
+        before = dict(calls)
         loss = model(x, 0)["terms"]["loss"]
         loss.backward()
+        assert {k: calls[k] - before[k] for k in calls} == used  # each model composites its own way
         grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     assert float(grads[0][0]) == pytest.approx(float(grads[1][0]), rel=1e-9)
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
-    assert plain.bg.comp_decoder.forward == plain.bg.comp_decoder.tiled
 
 
 def test_step_ratios_times_the_variants_taking_turns_against_current(tmp_path, capsys):
