@@ -20,6 +20,15 @@ def machine() -> dict:
             "loadavg_1m": os.getloadavg()[0]}
 
 
+def commit(repo, short: bool = False) -> str:
+    """The git commit checked out in `repo` (a checkout's folder), or "" outside a git checkout."""
+    import subprocess
+
+    flags = ["--short"] if short else []
+    return subprocess.run(["git", "rev-parse", *flags, "HEAD"], cwd=repo, capture_output=True,
+                          text=True).stdout.strip()
+
+
 def emit(results: dict, table: str, out: str | None = None, markdown: bool = False) -> None:
     """A benchmark's ending: the results written to `out` (JSON) when given, the table printed, then the
     results as one JSON line unless `markdown` (the table alone, as bench/tables.py reads it)."""

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import machine  # noqa: E402
+from benchlib import commit, machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCORES = ("ap50", "fg_ari", "count_error", "mse")
@@ -78,8 +78,7 @@ def train_and_score(ns) -> dict:
         raise SystemExit(f"error: {out} holds runs of {before or 'this checkout'}; give it --repo "
                          f"{before or '(none)'}, or start another results file")
     if repo != REPO:
-        results["repo"] = {"path": str(repo), "commit": subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()}
+        results["repo"] = {"path": str(repo), "commit": commit(repo)}
     # A checkout from before evaluate's --checkpoint had only last.pt, which is what it scores by default.
     evaluate_help = subprocess.run([sys.executable, "-m", "space", "evaluate", "--help"], cwd=repo,
                                    capture_output=True, text=True, env=env).stdout

@@ -26,15 +26,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import add_from_flags, emit, machine, print_from  # noqa: E402
+from benchlib import add_from_flags, commit, emit, machine, print_from  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("current", "straightforward", "release")
-
-
-def commit(repo: Path) -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
-                          text=True).stdout.strip()
 
 
 def run_variant(repo: Path, flags: list[str]) -> dict:
@@ -90,7 +85,7 @@ def main(argv=None) -> int:
         plan.append(("release", release, common))
     results = {"preset": ns.preset, "batch": ns.batch, "machine": machine(),
                "date": time.strftime("%Y-%m-%d %H:%M"),
-               "commits": {name: commit(repo) for name, repo, _ in plan},
+               "commits": {name: commit(repo, short=True) for name, repo, _ in plan},
                "command": " ".join(["python bench/step_ratios.py", *(sys.argv[1:] if argv is None else argv)]),
                "runs": []}
     for i in range(ns.rounds):
