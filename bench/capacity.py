@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.benchlib import machine  # noqa: E402
 from space.config import Config, merge, PRESETS  # noqa: E402
-from space.memory import set_host_allocator  # noqa: E402
+from space.memory import exec_with_tcmalloc, set_host_allocator  # noqa: E402
 from space.model import SPACE, Foreground, extract_glimpses, normal_params  # noqa: E402
 from space.devices import checkpoint_images  # noqa: E402
 from space.train import optimisers, train_step  # noqa: E402
@@ -166,6 +166,7 @@ def main() -> None:
                  f"{rows[0]['preset']}, batch {rows[0]['batch']}, {rows[0]['threads']} CPU threads")
         return
     t = Config.from_dict(PRESETS[ns.preset]).train
+    exec_with_tcmalloc(t.host_allocator)  # preloaded as `python -m space train` does
     set_host_allocator(t.host_allocator, t.malloc_mmap_threshold_mib)  # as training
     if ns.threads:
         torch.set_num_threads(ns.threads)

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import add_from_flags, print_from  # noqa: E402
 from space.config import resolve_config  # noqa: E402
 from space.config import PRESETS, Config, TrainConfig  # noqa: E402
-from space.memory import HOST_ALLOCATORS, set_host_allocator  # noqa: E402
+from space.memory import HOST_ALLOCATORS, exec_with_tcmalloc, set_host_allocator  # noqa: E402
 from space.model import SPACE  # noqa: E402
 from space.devices import checkpoint_images, use_amp  # noqa: E402
 from space.train import optimisers, train_step  # noqa: E402
@@ -72,7 +72,8 @@ def allocator(r: dict) -> str:
     """A run's host allocator (train.host_allocator) as the table names it; runs recorded before the
     setting existed give the mmap threshold alone (0: glibc's own)."""
     mode = r.get("host_allocator") or ("lean" if r["malloc_mmap_threshold_mib"] else "glibc")
-    return {"heap": "heap", "glibc": "glibc's"}.get(mode) or f"lean ({r['malloc_mmap_threshold_mib']} MiB)"
+    return {"heap": "heap", "glibc": "glibc's", "tcmalloc": "tcmalloc"}.get(mode) or \
+        f"lean ({r['malloc_mmap_threshold_mib']} MiB)"
 
 
 def table(results: dict) -> str:
@@ -158,8 +159,10 @@ def main(argv=None) -> int:
     ns.host_allocator = ns.host_allocator or preset_train.host_allocator
     if ns.malloc_mmap_threshold_mib is None:
         ns.malloc_mmap_threshold_mib = preset_train.malloc_mmap_threshold_mib
+    if argv is None:  # run from the shell: preload tcmalloc as `python -m space train` does
+        exec_with_tcmalloc(ns.host_allocator)
     # before the first tensor, as training does
-    taken = set_host_allocator(ns.host_allocator, ns.malloc_mmap_threshold_mib)
+    in_effect = set_host_allocator(ns.host_allocator, ns.malloc_mmap_threshold_mib)
 
     if ns.threads:
         torch.set_num_threads(ns.threads)
@@ -237,8 +240,8 @@ def main(argv=None) -> int:
         "compile": ns.compile,
         "sparse_threshold": ns.sparse_threshold,
         "checkpoint_images": ns.checkpoint_images,
-        "host_allocator": ns.host_allocator if taken else "glibc",
-        "malloc_mmap_threshold_mib": ns.malloc_mmap_threshold_mib if taken and ns.host_allocator == "lean" else 0,
+        "host_allocator": in_effect,
+        "malloc_mmap_threshold_mib": ns.malloc_mmap_threshold_mib if in_effect == "lean" else 0,
         "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
         "present_share": ns.present_share,
         "straightforward": ns.straightforward,

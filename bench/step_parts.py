@@ -32,7 +32,7 @@ from benchlib import emit, machine  # noqa: E402
 import space.model as space_model  # noqa: E402
 from space.config import PRESETS, Config, merge  # noqa: E402
 from space.devices import checkpoint_images, use_amp  # noqa: E402
-from space.memory import set_host_allocator  # noqa: E402
+from space.memory import exec_with_tcmalloc, set_host_allocator  # noqa: E402
 from space.train import optimisers, train_step  # noqa: E402
 
 # Each part: a label and where it lives (a submodule, or a function of space.model called by the model).
@@ -145,7 +145,9 @@ def main(argv=None) -> int:
         emit(result, table(result), markdown=ns.markdown)
         return 0
     cfg = Config.from_dict(merge(PRESETS[ns.preset], {})).validate()
-    set_host_allocator(cfg.train.host_allocator, cfg.train.malloc_mmap_threshold_mib)  # as training does
+    if argv is None:  # run from the shell: preload tcmalloc as `python -m space train` does
+        exec_with_tcmalloc(cfg.train.host_allocator)
+    in_effect = set_host_allocator(cfg.train.host_allocator, cfg.train.malloc_mmap_threshold_mib)  # as training does
     if ns.threads:
         torch.set_num_threads(ns.threads)
     device = torch.device("cuda" if ns.device == "auto" and torch.cuda.is_available() else
@@ -168,7 +170,7 @@ def main(argv=None) -> int:
     parts = {label: calls[label] * time_part(fn, args, kwargs, ns.repeats, sync, amp, device.type)
              for label, (fn, args, kwargs) in seen.items()}
     result = {"preset": ns.preset, "batch": ns.batch, "threads": torch.get_num_threads(), "device": str(device),
-              "checkpoint_images": ckpt, "amp": amp, "host_allocator": cfg.train.host_allocator, "step_s": round(step_s, 4), "parts_s": {k: round(v, 4) for k, v in parts.items()},
+              "checkpoint_images": ckpt, "amp": amp, "host_allocator": in_effect, "step_s": round(step_s, 4), "parts_s": {k: round(v, 4) for k, v in parts.items()},
               "rest_s": round(step_s - sum(parts.values()), 4), "machine": machine(),
               "date": time.strftime("%Y-%m-%d %H:%M"),
               "command": " ".join(["bench/step_parts.py", *(sys.argv[1:] if argv is None else argv)])}

@@ -114,7 +114,7 @@ def _run_checkpoint(location: str, which: str):
 
 def cmd_train(ns) -> int:
     """Train SPACE. Settings: a preset (the paper's), then --config YAML, then --set."""
-    from .memory import set_host_allocator
+    from .memory import exec_with_tcmalloc, set_host_allocator
 
     cfg = resolve_config(ns.preset, ns.config, ns.set)
     if ns.steps is not None:
@@ -124,6 +124,8 @@ def cmd_train(ns) -> int:
     cfg.validate()
     summary = output_file(ns.summary, "--summary") if ns.summary else None  # before training, not after
     live = output_file(ns.live, "--live") if ns.live else None
+    if ns.from_shell:  # tcmalloc is loaded at start-up: this command runs again with it, nothing done yet
+        exec_with_tcmalloc(cfg.train.host_allocator)
     set_host_allocator(cfg.train.host_allocator, cfg.train.malloc_mmap_threshold_mib)  # before torch allocates
     from .train import train
 
@@ -515,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
+    ns.from_shell = argv is None  # the process is this command (python -m space ...), not a caller's
     from datagen.store import StoreError
 
     from .rundir import RunError

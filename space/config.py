@@ -16,7 +16,7 @@ import yaml
 
 
 # train.host_allocator's choices (space/memory.py sets them)
-HOST_ALLOCATORS = ("heap", "lean", "glibc")
+HOST_ALLOCATORS = ("auto", "tcmalloc", "heap", "lean", "glibc")
 
 
 class ConfigError(ValueError):
@@ -247,15 +247,17 @@ class TrainConfig:
     channels_last: bool = True  # NHWC convolutions: measured 1.1-1.4x faster on this CPU (bench/step_latency.py)
     # Activation checkpointing: the foreground runs in chunks of this many images and recomputes their
     # activations in the backward pass instead of storing them, the background keeps only its convolutions'
-    # outputs (exact either way; 0 = off). -1: 2 on CPU, where it keeps the paper presets' peaks near a
-    # fifth of the public port's with the "heap" allocator below, at about the speed of 4 (BENCHMARKS.md,
+    # outputs (exact either way; 0 = off). -1: 2 on CPU, where it keeps the paper presets' peaks under a
+    # fifth of the public port's with the allocator below, at about the speed of 4 (BENCHMARKS.md,
     # "Host memory"), off on CUDA, where memory is rarely the limit.
     checkpoint_images: int = -1
-    # How glibc serves the step's large activations on Linux (space/memory.py; BENCHMARKS.md, "Host memory"):
-    # "heap" reuses freed blocks, so no step pays the kernel for fresh pages (the fastest on every preset
-    # measured), "lean" hands every block of malloc_mmap_threshold_mib or more back to the system when
-    # freed, with huge pages (the lowest resident peak), "glibc" leaves the C library's own choice.
-    host_allocator: str = "heap"
+    # Who serves the step's large activations on Linux (space/memory.py; BENCHMARKS.md, "Host memory"):
+    # "tcmalloc" keeps freed blocks for reuse without glibc's heap fragmentation (the fastest and leanest
+    # measured on the paper presets; preloaded at start-up), "heap" reuses freed blocks from glibc's heap,
+    # so no step pays the kernel for fresh pages, "lean" hands every block of malloc_mmap_threshold_mib or
+    # more back to the system when freed, with huge pages, "glibc" leaves the C library's own choice;
+    # "auto": tcmalloc where it is installed, else heap.
+    host_allocator: str = "auto"
     malloc_mmap_threshold_mib: int = 1  # "lean" only (0: the C library's own threshold)
 
     def validate(self) -> "TrainConfig":

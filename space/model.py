@@ -679,12 +679,21 @@ class SPACE(nn.Module):
         """x (B, 3, N, N) in [0, 1] -> the loss and everything needed to look at the decomposition.
         bg, fg_cells: the background's output on x and the foreground's `infer_cells`, when already computed
         (space/refine.py reuses them in eval mode; neither depends on z_pres)."""
-        cfg = self.cfg
         bg = self.bg(x) if bg is None else bg
+        fg = self.fg(x, *self.fg_schedules(step), fg_cells)
+        return self.assemble(x, bg, fg, step)
+
+    def fg_schedules(self, step: int) -> tuple:
+        """The foreground's annealed settings at `step`: z_scale's prior mean and std, z_pres's prior, tau."""
+        cfg = self.cfg
+        return cfg.z_scale_prior_mean.at(step), cfg.z_scale_prior_std.at(step), cfg.z_pres_prior.at(step), cfg.tau.at(step)
+
+    def assemble(self, x, bg: dict, fg: dict, step: int) -> dict:
+        """The background's and foreground's outputs on x (B, 3, N, N) -> the loss and its terms (equations 1
+        and 6, appendix C), each image's alone in "per_image" ((B,) each) and their means in "terms"."""
+        cfg = self.cfg
         pi = bg["log_pi"].exp()
         bg_image = (pi * bg["mu_bg"]).sum(1)  # (B, 3, N, N)
-        fg = self.fg(x, cfg.z_scale_prior_mean.at(step), cfg.z_scale_prior_std.at(step), cfg.z_pres_prior.at(step),
-                     cfg.tau.at(step), fg_cells)
         alpha = full_precision(fg["alpha"]).clamp(EPS, 1 - EPS)  # (B, 1, N, N), float32 under bf16 autocast
         if step < cfg.fix_alpha_steps:  # appendix D.2: a fixed alpha lets both modules start learning
             alpha = torch.full_like(alpha, cfg.fix_alpha_value)
@@ -710,23 +719,23 @@ class SPACE(nn.Module):
         kl_what_weight = cfg.kl_what_weight.at(step)
         if kl_what_weight != 1.0:  # model.kl_what_weight (not in the paper): z_what's KL reweighted in the loss only
             loss = loss + (kl_what_weight - 1.0) * fg["kl_what"]
-        loss = loss.mean()
 
         recon = fg["alpha"] * fg["mu_fg"] + (1 - fg["alpha"]) * bg_image
-        terms = {
+        per_image = {  # (B,) each; training minimises the mean of "loss"
             "loss": loss,
-            "elbo": elbo.mean(),
-            "log_lik": log_lik.mean(),
-            "kl_pres": fg["kl_pres"].mean(),
-            "kl_where": fg["kl_where"].mean(),
-            "kl_depth": fg["kl_depth"].mean(),
-            "kl_what": fg["kl_what"].mean(),
-            "kl_bg_mask": bg["kl_bg_mask"].mean(),
-            "kl_bg_comp": bg["kl_bg_comp"].mean(),
-            "boundary_loss": boundary.mean(),
+            "elbo": elbo,
+            "log_lik": log_lik,
+            "kl_pres": fg["kl_pres"],
+            "kl_where": fg["kl_where"],
+            "kl_depth": fg["kl_depth"],
+            "kl_what": fg["kl_what"],
+            "kl_bg_mask": bg["kl_bg_mask"],
+            "kl_bg_comp": bg["kl_bg_comp"],
+            "boundary_loss": boundary,
         }
         return {
-            "terms": terms,
+            "terms": {k: v.mean() for k, v in per_image.items()},
+            "per_image": per_image,
             "recon": recon,
             "mse": ((recon - x) ** 2).mean((1, 2, 3)),  # (B,) per pixel and channel
             "objective": objective.detach(),  # (B,)
@@ -739,8 +748,9 @@ class SPACE(nn.Module):
     def set_checkpoint_images(self, images: int) -> None:
         """Activation checkpointing (train.checkpoint_images): recompute instead of storing activations.
 
-        The foreground runs in chunks of this many images whose activations are recomputed in the backward
-        pass. The background's encoders keep only their convolutions' outputs and recompute the
+        The foreground runs in chunks of this many images. Training's step takes each chunk backward as
+        soon as it has gone forward (space/recompute.py, `forward_backward_in_chunks`); a plain model(x)
+        drops the chunks' activations and recomputes them in the backward pass (`in_chunks`). The background's encoders keep only their convolutions' outputs and recompute the
         normalisations and activations between them (`run_keeping_conv_outputs`); its mask decoder runs in
         recomputed chunks of rows, and its component decoder goes layer by layer in chunks of rows with
         BatchNorm statistics over the whole batch (space/recompute.py, `broadcast_decode`).

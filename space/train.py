@@ -35,6 +35,7 @@ from .data import StepBatchSampler, StoreDataset, collate_batch
 from .devices import checkpoint_images, distributed_context, pick_device, start_device, use_amp
 from .memory import set_host_allocator
 from .model import SPACE
+from .recompute import forward_backward_in_chunks
 from .rundir import RECORD_FILE, CsvLog, RunError, last_logged, make_record, open_run, write_json
 from .runs import RunMirror
 
@@ -129,8 +130,8 @@ def learning_rates(t_cfg, step: int) -> tuple[float, float]:
 
 
 def train_step(net, x, step: int, opt_fg, opt_bg, t_cfg, amp: bool = False):
-    """One training step on the batch x (B, 3, N, N): forward (bf16 autocast with `amp`), the loss checked
-    finite, backward, gradients clipped to train.clip_norm, both optimisers stepped, the background's
+    """One training step on the batch x (B, 3, N, N): forward (bf16 autocast with `amp`) and backward, the
+    loss checked finite, gradients clipped to train.clip_norm, both optimisers stepped, the background's
     learning rate 0 from train.bg_lr_zero_step (appendix D.2, 3D-Room), the foreground's warmed up over
     train.fg_lr_warmup. Training and every benchmark time this function. Returns the model's output, the
     gradient norm and the background learning rate used."""
@@ -138,9 +139,20 @@ def train_step(net, x, step: int, opt_fg, opt_bg, t_cfg, amp: bool = False):
     for opt, lr in ((opt_fg, fg_lr), (opt_bg, bg_lr)):
         for g in opt.param_groups:
             g["lr"] = lr
+    opt_fg.zero_grad(set_to_none=True)
+    opt_bg.zero_grad(set_to_none=True)
+    # A plain model whose foreground runs in chunks goes backward chunk by chunk (space/recompute.py), which
+    # computes the chunks' activations once instead of twice; DDP and torch.compile wrappers take the whole
+    # loss at once.
+    chunks = net.fg.checkpoint_images if isinstance(net, SPACE) and torch.is_grad_enabled() else 0
+    chunked = 0 < chunks < x.shape[0]
+    autocast = lambda: torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp)  # noqa: E731
     try:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            out = net(x, step)
+        if chunked:
+            out = forward_backward_in_chunks(net, x, step, chunks, autocast)
+        else:
+            with autocast():
+                out = net(x, step)
     except ValueError as e:
         # Finite but huge weights can still overflow inside the model, and a NaN then fails an integer
         # conversion (the compositing window's size): that is divergence too.
@@ -150,9 +162,8 @@ def train_step(net, x, step: int, opt_fg, opt_bg, t_cfg, amp: bool = False):
                                "checkpoint (the last good one is kept). Lower the learning rates.") from None
     terms = out["terms"]
     check_finite(terms, step)
-    opt_fg.zero_grad(set_to_none=True)
-    opt_bg.zero_grad(set_to_none=True)
-    terms["loss"].backward()
+    if not chunked:
+        terms["loss"].backward()
     params = [p for opt in (opt_fg, opt_bg) for group in opt.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, t_cfg.clip_norm)
     if not torch.isfinite(grad_norm):

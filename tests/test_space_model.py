@@ -449,6 +449,79 @@ def test_activation_checkpointing_recomputes_with_the_forward_pass_draws(monkeyp
         assert torch.allclose(a[name], b[name], rtol=1e-7, atol=1e-10), name
 
 
+def _state(model, out):
+    return ({k: v.detach().clone() for k, v in out["terms"].items()},
+            {n: p.grad.clone() for n, p in model.named_parameters()},
+            {n: b.clone() for n, b in model.named_buffers()})
+
+
+@pytest.mark.parametrize("images", [2, 5], ids=["chunks", "one chunk"])
+def test_backward_in_chunks_computes_the_same_loss_gradients_and_outputs(images):
+    """space/recompute.py's forward_backward_in_chunks (training's step when the foreground runs in chunks):
+    each chunk's foreground goes backward as soon as it has gone forward, the background last. In training
+    mode, with the same random draws, it gives what the model's forward and backward give: the same terms,
+    per-image outputs, gradients of every parameter and BatchNorm running statistics; with one chunk, the
+    plain model's own, and with chunks of 2, the recomputed chunks' (whose draws come in the same order)."""
+    from space.recompute import forward_backward_in_chunks
+
+    torch.manual_seed(0)
+    model = SPACE(tiny_cfg(**CODE_BACKGROUND)).double().train()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(5, 3, 32, 32, dtype=torch.float64)
+
+    def plain():
+        model.load_state_dict(start)
+        model.set_checkpoint_images(images if images < x.shape[0] else 0)
+        model.zero_grad()
+        torch.manual_seed(1)
+        out = model(x, step=0)
+        out["terms"]["loss"].backward()
+        return out, _state(model, out)
+
+    def chunked():
+        model.load_state_dict(start)
+        model.set_checkpoint_images(0)  # the background's own savings are tested elsewhere
+        model.zero_grad()
+        torch.manual_seed(1)
+        out = forward_backward_in_chunks(model, x, 0, images)
+        return out, _state(model, out)
+
+    (ref, (t0, g0, b0)), (got, (t1, g1, b1)) = plain(), chunked()
+    for name in t0:
+        assert torch.allclose(t0[name], t1[name], rtol=1e-10), name
+    for name in g0:
+        assert (g0[name] != 0).any() or name.endswith("bias"), name
+        assert torch.allclose(g0[name], g1[name], rtol=1e-7, atol=1e-10), name
+    for name in b0:
+        assert torch.allclose(b0[name], b1[name], rtol=1e-12, atol=1e-15), name
+    for key in ("recon", "mse", "objective", "bg_image", "pi"):
+        assert torch.allclose(ref[key].detach(), got[key], rtol=1e-10, atol=1e-12), key
+        assert not got[key].requires_grad, key
+    for key in ref["fg"]:
+        assert torch.allclose(torch.as_tensor(ref["fg"][key]).detach().double(),
+                              torch.as_tensor(got["fg"][key]).double(), rtol=1e-10, atol=1e-12), key
+
+
+def test_training_step_computes_each_chunk_once(monkeypatch):
+    """train_step on a model whose foreground runs in chunks: each chunk's glimpse encoder runs once
+    (backward in chunks), not twice as when the chunks are recomputed in the backward pass."""
+    from space.config import TrainConfig
+    from space.train import optimisers, train_step
+
+    torch.manual_seed(0)
+    model = SPACE(tiny_cfg()).train()
+    model.set_checkpoint_images(2)
+    calls = []
+    model.fg.glimpse_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    opt_fg, opt_bg = optimisers(model, TrainConfig())
+    x = torch.rand(5, 3, 32, 32)
+    out, grad_norm, _ = train_step(model, x, 0, opt_fg, opt_bg, TrainConfig())
+    cells = model.cfg.grid_size ** 2
+    assert calls == [2 * cells, 2 * cells, cells]
+    assert torch.isfinite(grad_norm) and float(grad_norm) > 0
+    assert out["recon"].shape == x.shape and out["fg"]["z_pres"].shape[0] == 5
+
+
 def _background_grads(model, x):
     torch.manual_seed(1)  # the same latent draws in both passes
     model.zero_grad()
@@ -1330,20 +1403,26 @@ def test_decomposition_grid_has_a_titled_column_per_map_and_a_row_per_image():
         assert (span > 200).any(), titles[c]
 
 
-@pytest.mark.parametrize("chunk", [0, 2], ids=["whole", "checkpointed"])
+@pytest.mark.parametrize("chunk", [0, 2, -2], ids=["whole", "checkpointed", "backward in chunks"])
 def test_bf16_autocast_keeps_latents_and_losses_in_float32(chunk):
     """train.amp on the CPU: the networks run in bf16, but every latent's parameters, the likelihood and
     the KL terms are float32 (bf16 KLs drifted by 14% at initialisation), and the loss and its gradients
     stay near float32's. With checkpointing, BatchNorm's chunk statistics are float32 beside bf16 maps."""
+    from space.recompute import forward_backward_in_chunks
+
     torch.manual_seed(0)
     model = SPACE(tiny_cfg(**CODE_BACKGROUND)).train()
-    model.set_checkpoint_images(chunk)
+    model.set_checkpoint_images(abs(chunk))
     x = torch.rand(4, 3, 32, 32)
 
     def run(amp):
         torch.manual_seed(1)  # the same latent draws in both passes
         model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp)  # noqa: E731
+        if chunk < 0:  # as train_step: autocast around the forward pieces, the backward passes outside it
+            return forward_backward_in_chunks(model, x, 0, -chunk, autocast), \
+                {n: p.grad.clone() for n, p in model.named_parameters()}
+        with autocast():
             out = model(x)
         out["terms"]["loss"].backward()
         return out, {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -1024,7 +1024,7 @@ def test_checkpoint_images_auto_stores_far_fewer_activations_on_cpu_and_all_of_t
 LEAN_PROBE = """
 import sys
 from space.memory import set_host_allocator
-assert set_host_allocator("lean", 1)
+assert set_host_allocator("lean", 1) == "lean"
 import torch
 x = torch.ones(64 << 18)  # 64 MiB, allocated by PyTorch after the switch
 x += 1
@@ -1079,8 +1079,83 @@ def test_heap_host_allocator_reuses_freed_blocks_without_page_faults():
 def test_host_allocator_setting_is_checked():
     from space.config import ConfigError, TrainConfig
 
-    with pytest.raises(ConfigError, match="train.host_allocator: one of heap, lean, glibc"):
+    with pytest.raises(ConfigError, match="train.host_allocator: one of auto, tcmalloc, heap, lean, glibc"):
         TrainConfig(host_allocator="jemalloc").validate()
+
+
+# What the process that `exec_with_tcmalloc` leaves running sees: tcmalloc mapped, LD_PRELOAD as it was
+# (so that the processes it starts are not preloaded), and the page faults of REUSE_PROBE's reuse.
+TCMALLOC_PROBE = """
+import os, resource, sys
+from space.memory import PRELOAD_MARK, exec_with_tcmalloc, set_host_allocator, tcmalloc_loaded
+exec_with_tcmalloc(sys.argv[1])
+print("in effect", set_host_allocator(sys.argv[1]), "pid", os.getpid())
+print("LD_PRELOAD", repr(os.environ.get("LD_PRELOAD")), "mark", PRELOAD_MARK in os.environ)
+import torch
+x = torch.ones(64 << 18)
+pin = torch.ones(1 << 18)
+del x
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+y = torch.ones(60 << 18)
+print("faults", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and /proc are Linux's")
+def test_tcmalloc_is_preloaded_by_running_the_command_again():
+    """train.host_allocator=tcmalloc (and auto, where it is installed): the command runs itself again with
+    tcmalloc preloaded, in the same process, with LD_PRELOAD put back; tcmalloc then reuses a freed 64 MiB
+    block without faulting its pages in again."""
+    from space.memory import find_tcmalloc
+
+    if find_tcmalloc() is None:
+        pytest.skip("tcmalloc is not installed (apt install libtcmalloc-minimal4)")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")}
+    for mode in ("tcmalloc", "auto"):
+        p = subprocess.Popen([sys.executable, "-c", TCMALLOC_PROBE, mode], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        assert f"in effect tcmalloc pid {p.pid}" in out, out  # the same process, run again
+        assert "LD_PRELOAD None mark False" in out, out
+        assert int(out.split("faults")[-1]) < 1_000, out
+
+
+def test_tcmalloc_where_it_is_not_installed(monkeypatch):
+    """Without the library, "auto" stays in the process (and takes heap); "tcmalloc" is refused before
+    anything is done, with the packages that install it and the setting that does without."""
+    import space.memory as memory
+    from space.config import ConfigError
+
+    monkeypatch.setattr(memory, "find_tcmalloc", lambda: None)
+    monkeypatch.setattr(memory, "tcmalloc_loaded", lambda: False)
+    monkeypatch.delenv(memory.PRELOAD_MARK, raising=False)
+    monkeypatch.setattr(memory.os, "execve", lambda *a: pytest.fail("ran the command again"))
+    memory.exec_with_tcmalloc("auto")
+    memory.exec_with_tcmalloc("heap")
+    with pytest.raises(ConfigError, match="apt install libtcmalloc-minimal4.*gperftools.*host_allocator=auto"):
+        memory.exec_with_tcmalloc("tcmalloc")
+
+
+HEAP_FALLBACK_PROBE = """
+import warnings
+import space.memory as memory
+memory.tcmalloc_loaded = lambda: False
+print(memory.set_host_allocator("auto"))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    print(memory.set_host_allocator("tcmalloc"), caught[0].message if caught else "no warning")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_tcmalloc_not_loaded_falls_back_to_heap():
+    """Training started from Python (not preloaded): "auto" takes heap quietly, "tcmalloc" says so."""
+    p = subprocess.run([sys.executable, "-c", HEAP_FALLBACK_PROBE], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    auto, asked = p.stdout.splitlines()
+    assert auto == "heap"
+    assert asked.startswith("heap train.host_allocator=tcmalloc: tcmalloc is not loaded")
 
 
 def test_concurrent_runs_claim_different_gpus(tmp_path):
