@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import add_from_flags, print_from  # noqa: E402
 from space.config import resolve_config  # noqa: E402
-from space.config import PRESETS, Config, TrainConfig  # noqa: E402
+from space.config import PRESETS, Config  # noqa: E402
 from space.memory import HOST_ALLOCATORS, exec_with_tcmalloc, set_host_allocator  # noqa: E402
 from space.model import SPACE  # noqa: E402
 from space.devices import checkpoint_images, use_amp  # noqa: E402
@@ -133,8 +133,8 @@ def main(argv=None) -> int:
                    help="a setting over the preset, as `python -m space train --set` (repeatable), e.g. "
                         "model.grid_size=8")
     p.add_argument("--sparse-threshold", type=float, default=0.0, help="skip glimpses below this z_pres probability")
-    p.add_argument("--checkpoint-images", type=int, default=TrainConfig.checkpoint_images,
-                   help="activation checkpointing: images per recomputed foreground chunk (train.checkpoint_images; "
+    p.add_argument("--checkpoint-images", type=int, default=None,
+                   help="default: the preset's. Images per foreground chunk (train.checkpoint_images; "
                         "0 = off, -1 = as training: 2 on CPU, off on CUDA)")
     p.add_argument("--host-allocator", choices=HOST_ALLOCATORS, default=None,
                    help="train.host_allocator (space/memory.py; default: the preset's)")
@@ -157,6 +157,8 @@ def main(argv=None) -> int:
     if ns.straightforward:
         ns.host_allocator, ns.checkpoint_images = "glibc", 0
     ns.host_allocator = ns.host_allocator or preset_train.host_allocator
+    if ns.checkpoint_images is None:
+        ns.checkpoint_images = preset_train.checkpoint_images
     if ns.malloc_mmap_threshold_mib is None:
         ns.malloc_mmap_threshold_mib = preset_train.malloc_mmap_threshold_mib
     if argv is None:  # run from the shell: preload tcmalloc as `python -m space train` does

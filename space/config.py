@@ -457,10 +457,7 @@ PRESETS: dict[str, dict] = {
             "z_scale_prior_mean": -1.5,
         },
         "train": {"batch_size": 4, "steps": 950, "fg_lr": 4e-4, "bg_lr": 2.5e-4, "checkpoint_every": 200,
-                  "log_every": 25, "image_every": 200, "val_every": 200, "checkpoint_images": 0,
-                  # its activations are small, and glibc keeps them in its heap anyway: "heap" measured 1-5%
-                  # slower here (BENCHMARKS.md, "Host memory")
-                  "host_allocator": "glibc"},
+                  "log_every": 25, "image_every": 200, "val_every": 200, "checkpoint_images": 0},
     },
 }
 PRESETS = {k: merge({}, v) for k, v in PRESETS.items()}
