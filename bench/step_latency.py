@@ -180,7 +180,8 @@ def main(argv=None) -> int:
     if ns.straightforward:
         straightforward(model)
     if ns.present_share is not None:
-        # The global RNG, which activation checkpointing restores, so a recomputed chunk gets the same cells.
+        # The global RNG, which activation checkpointing restores, so a chunk recomputed by model(x) (DDP,
+        # --compile) gets the same cells as its forward pass.
         def present(module, inputs, logits):  # (B, 1, G, G): +6 in a random share of cells, -6 elsewhere
             on = torch.rand(logits.shape) < ns.present_share
             return torch.where(on.to(logits.device), 6.0, -6.0).to(logits.dtype) + 0 * logits

@@ -245,11 +245,11 @@ class TrainConfig:
     amp: bool = False
     threads: int = 0  # CPU threads for torch (0: all cores)
     channels_last: bool = True  # NHWC convolutions: measured 1.1-1.4x faster on this CPU (bench/step_latency.py)
-    # Activation checkpointing: the foreground runs in chunks of this many images and recomputes their
-    # activations in the backward pass instead of storing them, the background keeps only its convolutions'
-    # outputs (exact either way; 0 = off). -1: 2 on CPU, where it keeps the paper presets' peaks under a
-    # fifth of the public port's with the allocator below, at about the speed of 4 (BENCHMARKS.md,
-    # "Host memory"), off on CUDA, where memory is rarely the limit.
+    # Activation checkpointing: the foreground runs in chunks of this many images, each going backward right
+    # after its forward pass (training's step) so that one chunk's activations are held at a time, and the
+    # background keeps only its convolutions' outputs (exact either way; 0 = off). -1: 2 on CPU, where it
+    # keeps the paper presets' peaks under a fifth of the public port's with the allocator below
+    # (BENCHMARKS.md), off on CUDA, where memory is rarely the limit.
     checkpoint_images: int = -1
     # Who serves the step's large activations on Linux (space/memory.py; BENCHMARKS.md, "Host memory"):
     # "tcmalloc" keeps freed blocks for reuse without glibc's heap fragmentation (the fastest and leanest

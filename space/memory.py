@@ -71,8 +71,12 @@ def exec_with_tcmalloc(mode: str) -> None:
     """For a command started from the shell (`python -m space train`, a bench script), before it has done
     anything: if train.host_allocator `mode` wants tcmalloc and it is not loaded, run the same command
     again (os.execve: the same process id) with the library in LD_PRELOAD. Returns when there is nothing to
-    do; raises ConfigError for "tcmalloc" where it is not installed. In the command run again, LD_PRELOAD
-    is restored to what it was, so the processes it starts are not preloaded by this."""
+    do; raises ConfigError for "tcmalloc" where it cannot be preloaded. In the command run again,
+    LD_PRELOAD is restored to what it was, so the processes it starts are not preloaded by this.
+
+    "auto" leaves the process as it is where the user preloads something already (another allocator, a
+    sanitizer, which must come first), under a debugger or coverage (sys.gettrace: running again would
+    restart them), and where the library's path would not survive LD_PRELOAD's spaces and colons."""
     if PRELOAD_MARK in os.environ:  # this is the command run again (or preloading did not take): once only
         before = os.environ.pop(PRELOAD_MARK)
         if before:
@@ -82,6 +86,9 @@ def exec_with_tcmalloc(mode: str) -> None:
         return
     if mode not in ("tcmalloc", "auto") or tcmalloc_loaded():
         return
+    preloaded = os.environ.get("LD_PRELOAD", "").strip()
+    if mode == "auto" and (preloaded or sys.gettrace() is not None):
+        return
     library = find_tcmalloc() if sys.platform.startswith("linux") else None
     if library is None:
         if mode == "tcmalloc":
@@ -89,9 +96,15 @@ def exec_with_tcmalloc(mode: str) -> None:
                               "Ubuntu: apt install libtcmalloc-minimal4, conda: gperftools) or set "
                               "train.host_allocator=auto (tcmalloc where installed, else heap)")
         return
+    if any(c in library for c in " :\t"):
+        if mode == "tcmalloc":
+            raise ConfigError(f"train.host_allocator=tcmalloc: the library's path {library!r} has a space or a colon, "
+                              "which LD_PRELOAD cannot carry; install it where the path has neither, or set "
+                              "train.host_allocator=auto (tcmalloc where it can be preloaded, else heap)")
+        return
     env = dict(os.environ)
-    env[PRELOAD_MARK] = os.environ.get("LD_PRELOAD", "")
-    env["LD_PRELOAD"] = " ".join(filter(None, [library, os.environ.get("LD_PRELOAD", "")]))
+    env[PRELOAD_MARK] = preloaded
+    env["LD_PRELOAD"] = " ".join(filter(None, [library, preloaded]))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

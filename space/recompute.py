@@ -334,21 +334,26 @@ def forward_backward_in_chunks(model, x, step: int, images: int, forward_context
     b = x.shape[0]
     with forward_context():
         bg = model.bg(x)  # the whole batch
-    # The background's outputs as leaves: each chunk's backward stops there and leaves its gradient.
-    leaves = {k: v.detach().requires_grad_() if torch.is_tensor(v) and v.requires_grad else v for k, v in bg.items()}
+    # Each chunk's rows of the background's outputs as leaves of its own: the chunk's backward pass stops
+    # there and leaves its gradient, (images, ...) per output, gathered for the background's backward pass.
+    needs_grad = [k for k, v in bg.items() if torch.is_tensor(v) and v.requires_grad]
     priors = model.fg_schedules(step)
-    parts, start = [], 0
+    parts, leaves, start = [], [], 0
     for xc in x.split(images):
         stop = start + xc.shape[0]
+        bg_c = {k: v[start:stop].detach() if torch.is_tensor(v) else v for k, v in bg.items()}
+        for k in needs_grad:
+            bg_c[k].requires_grad_()
         with forward_context():
             fg = model.fg.infer(xc, *priors)  # this chunk's foreground forward, its activations kept
-            bg_c = {k: v[start:stop] if torch.is_tensor(v) else v for k, v in leaves.items()}
             out = model.assemble(xc, bg_c, fg, step)
         (out["per_image"]["loss"].sum() / b).backward()  # this chunk's share of the batch's mean loss
         parts.append(_detached(out))
+        leaves.append(bg_c)
         start = stop
-    grads = [(bg[k], leaf.grad) for k, leaf in leaves.items() if torch.is_tensor(leaf) and leaf.grad is not None]
-    torch.autograd.backward([t for t, _ in grads], [g for _, g in grads])  # the background's backward pass
+    used = [k for k in needs_grad if all(c[k].grad is not None for c in leaves)]
+    torch.autograd.backward([bg[k] for k in used],  # the background's backward pass
+                            [torch.cat([c[k].grad for c in leaves]) for k in used])
 
     cat = lambda key: torch.cat([p[key] for p in parts])  # noqa: E731
     per_image = {k: torch.cat([p["per_image"][k] for p in parts]) for k in parts[0]["per_image"]}

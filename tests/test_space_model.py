@@ -455,8 +455,9 @@ def _state(model, out):
             {n: b.clone() for n, b in model.named_buffers()})
 
 
-@pytest.mark.parametrize("images", [2, 5], ids=["chunks", "one chunk"])
-def test_backward_in_chunks_computes_the_same_loss_gradients_and_outputs(images):
+@pytest.mark.parametrize("images, as_training", [(2, False), (5, False), (2, True)],
+                         ids=["chunks", "one chunk", "as training: background checkpointed, sparse, alpha fixed"])
+def test_backward_in_chunks_computes_the_same_loss_gradients_and_outputs(images, as_training):
     """space/recompute.py's forward_backward_in_chunks (training's step when the foreground runs in chunks):
     each chunk's foreground goes backward as soon as it has gone forward, the background last. In training
     mode, with the same random draws, it gives what the model's forward and backward give: the same terms,
@@ -465,7 +466,8 @@ def test_backward_in_chunks_computes_the_same_loss_gradients_and_outputs(images)
     from space.recompute import forward_backward_in_chunks
 
     torch.manual_seed(0)
-    model = SPACE(tiny_cfg(**CODE_BACKGROUND)).double().train()
+    extra = dict(sparse_threshold=0.3, fix_alpha_steps=10) if as_training else {}
+    model = SPACE(tiny_cfg(**CODE_BACKGROUND, **extra)).double().train()
     start = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.rand(5, 3, 32, 32, dtype=torch.float64)
 
@@ -480,7 +482,8 @@ def test_backward_in_chunks_computes_the_same_loss_gradients_and_outputs(images)
 
     def chunked():
         model.load_state_dict(start)
-        model.set_checkpoint_images(0)  # the background's own savings are tested elsewhere
+        # training's settings, the background's own savings included, or those left out
+        model.set_checkpoint_images(images if as_training else 0)
         model.zero_grad()
         torch.manual_seed(1)
         out = forward_backward_in_chunks(model, x, 0, images)

@@ -1111,14 +1111,40 @@ def test_tcmalloc_is_preloaded_by_running_the_command_again():
     if find_tcmalloc() is None:
         pytest.skip("tcmalloc is not installed (apt install libtcmalloc-minimal4)")
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")}
-    for mode in ("tcmalloc", "auto"):
+
+    def probe(mode, preload=None):
         p = subprocess.Popen([sys.executable, "-c", TCMALLOC_PROBE, mode], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env)
+                             stderr=subprocess.PIPE, text=True,
+                             env={**env, **({"LD_PRELOAD": preload} if preload else {})})
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
-        assert f"in effect tcmalloc pid {p.pid}" in out, out  # the same process, run again
+        return p.pid, out
+
+    for mode in ("tcmalloc", "auto"):
+        pid, out = probe(mode)
+        assert f"in effect tcmalloc pid {pid}" in out, out  # the same process, run again
         assert "LD_PRELOAD None mark False" in out, out
         assert int(out.split("faults")[-1]) < 1_000, out
+    # A library the user preloads stays, after tcmalloc, and is what the processes started see again;
+    # "auto" leaves such a process alone (another allocator or a sanitizer may be what is preloaded).
+    pid, out = probe("tcmalloc", "libm.so.6")
+    assert f"in effect tcmalloc pid {pid}" in out and "LD_PRELOAD 'libm.so.6' mark False" in out, out
+    pid, out = probe("auto", "libm.so.6")
+    assert f"in effect heap pid {pid}" in out and "LD_PRELOAD 'libm.so.6' mark False" in out, out
+
+
+def test_training_called_from_python_is_not_run_again(monkeypatch, tmp_path, capsys):
+    """Only `python -m space train` from the shell runs itself again with tcmalloc: main() given its
+    arguments by a caller (a test, a notebook) never does, whatever the setting."""
+    import space.memory as memory
+    from space.__main__ import main
+
+    monkeypatch.setattr(memory.os, "execve", lambda *a: pytest.fail("ran the command again"))
+    monkeypatch.setattr(memory, "tcmalloc_loaded", lambda: False)
+    with pytest.warns(UserWarning, match="tcmalloc is not loaded in this process"):  # and it takes heap
+        code = main(["train", "--data", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "run"),
+                     "--set", "train.host_allocator=tcmalloc"])
+    assert code == 2 and "missing.zarr" in capsys.readouterr().err  # refused for the store, not run again
 
 
 def test_tcmalloc_where_it_is_not_installed(monkeypatch):
