@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .recompute import (BatchNorm2d, broadcast_decode, full_precision, in_chunks, leaf_layers,
+from .recompute import (BatchNorm2d, broadcast_decode, full_precision, in_chunks, join_chunks, leaf_layers,
                         run_keeping_conv_outputs)
 from .sparse import sparse_cells
 from .windows import composite_windowed
@@ -317,10 +317,7 @@ class Foreground(nn.Module):
         # Every foreground layer works per image, so a batch may run in recomputed chunks (space/recompute.py).
         parts = in_chunks(self.infer, x, self.checkpoint_images, z_scale_prior_mean, z_scale_prior_std,
                           z_pres_prior, tau)
-        if len(parts) == 1:
-            return parts[0]
-        return {k: sum(p[k] for p in parts) if k == "glimpses_decoded" else torch.cat([p[k] for p in parts])
-                for k in parts[0]}
+        return parts[0] if len(parts) == 1 else join_chunks(parts)
 
     def glimpse_maps(self, glimpses):
         """Glimpses (M, 3, S, S) -> maps (M, 5, S, S) (see `decode`) and z_what's KL (M,) against N(0, 1)."""
@@ -686,7 +683,8 @@ class SPACE(nn.Module):
     def fg_schedules(self, step: int) -> tuple:
         """The foreground's annealed settings at `step`: z_scale's prior mean and std, z_pres's prior, tau."""
         cfg = self.cfg
-        return cfg.z_scale_prior_mean.at(step), cfg.z_scale_prior_std.at(step), cfg.z_pres_prior.at(step), cfg.tau.at(step)
+        return (cfg.z_scale_prior_mean.at(step), cfg.z_scale_prior_std.at(step), cfg.z_pres_prior.at(step),
+                cfg.tau.at(step))
 
     def assemble(self, x, bg: dict, fg: dict, step: int) -> dict:
         """The background's and foreground's outputs on x (B, 3, N, N) -> the loss and its terms (equations 1
@@ -750,7 +748,8 @@ class SPACE(nn.Module):
 
         The foreground runs in chunks of this many images. Training's step takes each chunk backward as
         soon as it has gone forward (space/recompute.py, `forward_backward_in_chunks`); a plain model(x)
-        drops the chunks' activations and recomputes them in the backward pass (`in_chunks`). The background's encoders keep only their convolutions' outputs and recompute the
+        drops the chunks' activations and recomputes them in the backward pass (`in_chunks`). The
+        background's encoders keep only their convolutions' outputs and recompute the
         normalisations and activations between them (`run_keeping_conv_outputs`); its mask decoder runs in
         recomputed chunks of rows, and its component decoder goes layer by layer in chunks of rows with
         BatchNorm statistics over the whole batch (space/recompute.py, `broadcast_decode`).

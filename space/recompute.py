@@ -55,6 +55,13 @@ def in_chunks(fn, x, rows: int, *args) -> list:
     return [checkpointed(fn, xc, *args) for xc in x.split(rows)]
 
 
+def join_chunks(parts: list) -> dict:
+    """The outputs (dicts) of chunks of a batch, in order -> the batch's: tensors concatenated along the
+    batch, counts ("glimpses_decoded") summed."""
+    return {k: sum(p[k] for p in parts) if k == "glimpses_decoded" else torch.cat([p[k] for p in parts])
+            for k in parts[0]}
+
+
 def run_keeping_conv_outputs(layers, h):
     """Apply a chain of layers to h, keeping for the backward pass only the convolutions' outputs.
 
@@ -355,21 +362,13 @@ def forward_backward_in_chunks(model, x, step: int, images: int, forward_context
     torch.autograd.backward([bg[k] for k in used],  # the background's backward pass
                             [torch.cat([c[k].grad for c in leaves]) for k in used])
 
-    cat = lambda key: torch.cat([p[key] for p in parts])  # noqa: E731
-    per_image = {k: torch.cat([p["per_image"][k] for p in parts]) for k in parts[0]["per_image"]}
-    bg = _detached(bg)
-    pi = bg["log_pi"].exp()
+    per_image = join_chunks([p["per_image"] for p in parts])  # (B,) each
     return {
+        **{k: torch.cat([p[k] for p in parts]) for k in ("recon", "mse", "objective", "bg_image", "pi")},
         "terms": {k: v.mean() for k, v in per_image.items()},
         "per_image": per_image,
-        "recon": cat("recon"),
-        "mse": cat("mse"),
-        "objective": cat("objective"),
-        "fg": {k: sum(p["fg"][k] for p in parts) if k == "glimpses_decoded" else torch.cat([p["fg"][k] for p in parts])
-               for k in parts[0]["fg"]},
-        "bg": bg,
-        "bg_image": (pi * bg["mu_bg"]).sum(1),
-        "pi": pi,
+        "fg": join_chunks([p["fg"] for p in parts]),
+        "bg": _detached(bg),
     }
 
 
