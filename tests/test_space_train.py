@@ -1163,6 +1163,24 @@ def test_tcmalloc_where_it_is_not_installed(monkeypatch):
         memory.exec_with_tcmalloc("tcmalloc")
 
 
+def test_tcmalloc_on_a_path_ld_preload_cannot_carry(monkeypatch):
+    """A library path with a space or colon would be split by LD_PRELOAD: "tcmalloc" is refused with the
+    reason and the way out, "auto" stays in the process."""
+    import space.memory as memory
+    from space.config import ConfigError
+
+    monkeypatch.setattr(memory, "find_tcmalloc", lambda: "/opt/my libs/libtcmalloc_minimal.so.4")
+    monkeypatch.setattr(memory, "tcmalloc_loaded", lambda: False)
+    monkeypatch.setattr(memory.sys, "platform", "linux")
+    for name in (memory.PRELOAD_MARK, "LD_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(memory.os, "execve", lambda *a: pytest.fail("ran the command again"))
+    memory.exec_with_tcmalloc("auto")
+    with pytest.raises(ConfigError, match="'/opt/my libs/libtcmalloc_minimal.so.4' has a space or a colon.*"
+                                          "host_allocator=auto"):
+        memory.exec_with_tcmalloc("tcmalloc")
+
+
 HEAP_FALLBACK_PROBE = """
 import warnings
 import space.memory as memory
